@@ -1,0 +1,247 @@
+"""The ``patchatlas`` command: thin wrappers over the stages, each rerunnable alone.
+
+``extract`` → ``analyze`` → ``render``, and ``build`` runs all three. Every stage reads and
+writes under one output folder (``--out``, default ``./build``).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import click
+
+from generator.errors import PatchAtlasError
+
+DEFAULT_OUT = "build"
+
+
+def _set_offline(offline: bool | None) -> None:
+    """Honour --offline/--online before any Hub call; the default follows HF_HUB_OFFLINE."""
+    if offline is None:
+        return
+    os.environ["HF_HUB_OFFLINE"] = "1" if offline else "0"
+    try:
+        from huggingface_hub import constants
+
+        constants.HF_HUB_OFFLINE = offline  # read at import time; keep it in step with the env
+    except ImportError:
+        pass
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise PatchAtlasError(f"device {name!r}: CUDA is not available here; use --device cpu")
+    return name
+
+
+def _split(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+def _parse_weights(pairs: tuple[str, ...]) -> dict[str, str]:
+    weights = {}
+    for pair in pairs:
+        name, sep, path = pair.partition("=")
+        if not sep or not name or not path:
+            raise PatchAtlasError(f"--weights {pair!r}: expected MODEL=PATH, e.g. dino_vits16=~/ckpt/dino.pth")
+        weights[name.strip()] = str(Path(path).expanduser())
+    return weights
+
+
+def _parse_source_options(pairs: tuple[str, ...]) -> dict[str, int | str]:
+    options: dict[str, int | str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise PatchAtlasError(f"--source-option {pair!r}: expected KEY=VALUE, e.g. n_images=16")
+        options[key.strip()] = int(value) if value.strip().lstrip("-").isdigit() else value.strip()
+    return options
+
+
+def _out_option(f):
+    return click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_OUT,
+                        show_default=True, help="Output folder: datasets, results, docs and site.")(f)
+
+
+def _extract_options(f):
+    options = [
+        click.option("--source", "sources", default="synthetic-scenes", show_default=True,
+                     help="Comma-separated dataset names (see `patchatlas datasets`)."),
+        click.option("--source-option", "source_options", multiple=True, metavar="KEY=VALUE",
+                     help="Parameter of the source, e.g. n_images=32 (repeatable)."),
+        click.option("--models", default=None, help="Comma-separated model names (default: the default set)."),
+        click.option("--layers", default="quartiles", show_default=True,
+                     help="'all', 'last', 'quartiles' or block numbers like '4,8,12' (1-based)."),
+        click.option("--norms", default="prenorm,postnorm", show_default=True, help="Token views to write."),
+        click.option("--label-rule", type=click.Choice(["nearest", "majority"]), default="majority",
+                     show_default=True, help="How a patch's label is taken from the mask."),
+        click.option("--batch-size", type=int, default=8, show_default=True),
+        click.option("--weights", multiple=True, metavar="MODEL=PATH",
+                     help="Local checkpoint for a model (repeatable); otherwise the Hub or its cache."),
+        click.option("--offline/--online", default=None,
+                     help="Only use locally cached weights (default: follow HF_HUB_OFFLINE)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def _common(f):
+    f = click.option("--device", default="auto", show_default=True, help="'auto', 'cpu' or 'cuda[:N]'.")(f)
+    f = click.option("--quiet", is_flag=True, help="No progress bars.")(f)
+    return f
+
+
+def _analyze_options(f):
+    f = click.option("--k", "ks", default="4,8,16", show_default=True, help="Comma-separated k for k-means.")(f)
+    f = click.option("--seed", type=int, default=0, show_default=True)(f)
+    return f
+
+
+def _render_options(f):
+    f = click.option("--gallery-images", type=int, default=8, show_default=True,
+                     help="Images shown per gallery.")(f)
+    f = click.option("--gallery-k", type=int, default=8, show_default=True, help="k shown in galleries.")(f)
+    f = click.option("--no-html", is_flag=True, help="Write Markdown pages only; skip `mkdocs build`.")(f)
+    return f
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="patchatlas")
+def cli():
+    """PatchAtlas: what self-supervised vision transformers see, patch by patch."""
+
+
+def _do_extract(out, sources, source_options, models, layers, norms, label_rule, batch_size, weights,
+                offline, device, quiet):
+    _set_offline(offline)
+    from generator.extract import ExtractOptions, run_extract
+    from generator.models.registry import DEFAULT_MODELS
+    from generator.sources.registry import load_source
+
+    params = _parse_source_options(source_options)
+    loaded = [load_source(name, **params) for name in _split(sources)]
+    options = ExtractOptions(layers=layers, norms=_split(norms), label_rule=label_rule, batch_size=batch_size,
+                             device=_device(device), weights=_parse_weights(weights), progress=not quiet)
+    outcomes = run_extract(out, loaded, _split(models) if models else list(DEFAULT_MODELS), options)
+    for source, rows in outcomes.items():
+        for row in rows:
+            if row.status == "skipped":
+                click.echo(f"skipped {row.model} on {source}: {row.reason}", err=True)
+    return outcomes
+
+
+def _do_analyze(out, ks, seed, device, quiet):
+    from generator.analyze import AnalyzeOptions, run_analyze
+
+    try:
+        k_values = [int(k) for k in _split(ks)]
+    except ValueError:
+        raise PatchAtlasError(f"--k {ks!r}: expected comma-separated integers such as 4,8,16") from None
+    return run_analyze(out, AnalyzeOptions(ks=k_values, seed=seed, device=_device(device), progress=not quiet))
+
+
+def _do_render(out, gallery_images, gallery_k, no_html):
+    from generator.site import RenderOptions, run_render
+
+    return run_render(out, RenderOptions(gallery_images=gallery_images, gallery_k=gallery_k, build_html=not no_html))
+
+
+@cli.command()
+@_out_option
+@_extract_options
+@_common
+def extract(out, sources, source_options, models, layers, norms, label_rule, batch_size, weights, offline,
+            device, quiet):
+    """Run models over datasets; write patch-embedding dataset repos under OUT/datasets."""
+    _do_extract(out, sources, source_options, models, layers, norms, label_rule, batch_size, weights, offline,
+                device, quiet)
+    click.echo(f"datasets: {out / 'datasets'}")
+
+
+@cli.command()
+@_out_option
+@_analyze_options
+@_common
+def analyze(out, ks, seed, device, quiet):
+    """Run the analyses on what `extract` wrote; results go to OUT/results."""
+    done = _do_analyze(out, ks, seed, device, quiet)
+    click.echo(f"results: {out / 'results'} ({len(done)} configs analysed, the rest unchanged)")
+
+
+@cli.command()
+@_out_option
+@_render_options
+def render(out, gallery_images, gallery_k, no_html):
+    """Render figures and pages from OUT and build the static site into OUT/site."""
+    path = _do_render(out, gallery_images, gallery_k, no_html)
+    click.echo(f"site: {path}")
+
+
+@cli.command()
+@_out_option
+@_extract_options
+@_analyze_options
+@_render_options
+@_common
+def build(out, sources, source_options, models, layers, norms, label_rule, batch_size, weights, offline,
+          ks, seed, gallery_images, gallery_k, no_html, device, quiet):
+    """extract + analyze + render, resuming whatever is already done."""
+    outcomes = _do_extract(out, sources, source_options, models, layers, norms, label_rule, batch_size, weights,
+                           offline, device, quiet)
+    _do_analyze(out, ks, seed, device, quiet)
+    site = _do_render(out, gallery_images, gallery_k, no_html)
+    click.echo("")
+    click.echo("PatchAtlas build finished")
+    for source, rows in outcomes.items():
+        for row in rows:
+            state = {"done": "extracted", "reused": "up to date", "skipped": "SKIPPED"}[row.status]
+            detail = f": {row.reason}" if row.reason else f" ({len(row.configs)} configs)"
+            click.echo(f"  {source} × {row.model}: {state}{detail}")
+    click.echo(f"  datasets: {(out / 'datasets').resolve()}")
+    click.echo(f"  site:     {Path(site).resolve()}" + ("/index.html" if not no_html else ""))
+
+
+@cli.command("models")
+def models_cmd():
+    """List the model zoo."""
+    from generator.models.registry import MODELS
+
+    click.echo(f"{'name':<22} {'family':<11} {'patch':>5} {'input':>5}  {'licence':<16} timm id")
+    for entry in MODELS.values():
+        click.echo(f"{entry.name:<22} {entry.family:<11} {entry.patch_size:>5} {entry.input_size:>5}  "
+                   f"{entry.license:<16} {entry.timm_id if entry.pretrained else '(untrained)'}")
+
+
+@cli.command("datasets")
+def datasets_cmd():
+    """List the dataset sources."""
+    from generator.sources.registry import SOURCES
+
+    for entry in SOURCES.values():
+        click.echo(f"{entry.name:<22} {entry.description}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cli.main(args=argv, prog_name="patchatlas", standalone_mode=False)
+    except PatchAtlasError as err:
+        click.echo(f"error: {err}", err=True)
+        return 2
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return 130
+    except click.ClickException as err:
+        err.show()
+        return err.exit_code
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,18 @@
+"""The errors PatchAtlas raises on purpose: each names its input and says what to do."""
+
+
+class PatchAtlasError(Exception):
+    """A user-facing error; the CLI prints its message without a traceback."""
+
+
+class WeightsUnavailable(PatchAtlasError):
+    """Pretrained weights for a model cannot be had (offline, gated, or no such file)."""
+
+    def __init__(self, model: str, reason: str):
+        self.model = model
+        self.reason = reason
+        super().__init__(f"{model}: weights unavailable offline ({reason})")
+
+
+class UnknownName(PatchAtlasError):
+    """A model or dataset name that is not in its registry."""

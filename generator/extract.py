@@ -1,0 +1,286 @@
+"""The extract stage: images in, per-layer patch tokens out, written as a Hub dataset repository.
+
+Batches flow source → preprocess → encoder → one Parquet writer per (layer, norm). Each
+(source, model) unit is recorded in the manifest only after all its files are in place, so an
+interrupted run resumes by redoing only the units that are not recorded as done.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import io
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import datasets
+import numpy as np
+import torch
+from PIL import Image
+from tqdm.auto import tqdm
+
+from generator import __version__
+from generator.errors import PatchAtlasError, WeightsUnavailable
+from generator.models.encoder import NORMS, Encoder, load_encoder, resolve_layers
+from generator.models.registry import ModelEntry, get_model_entry
+from generator.sources.base import SegmentationSource
+from generator.sources.labels import LABEL_RULES, patch_labels, resize_mask
+from generator.store.manifest import Manifest, file_sha256, params_hash
+from generator.store.parquet import PatchTableWriter, PrefixTableWriter, write_images_table
+from generator.store.repo import (
+    IMAGES_CONFIG,
+    PREFIX_CONFIG_SUFFIX,
+    ConfigCardInfo,
+    config_data_dir,
+    config_name,
+    shard_name,
+    write_dataset_card,
+)
+
+# Bumped whenever extraction would produce different tokens or rows for the same inputs.
+EXTRACTOR_VERSION = "1"
+
+
+@dataclass
+class ExtractOptions:
+    layers: str | Sequence[int] = "quartiles"
+    norms: Sequence[str] = NORMS
+    label_rule: str = "majority"
+    batch_size: int = 8
+    device: str = "cpu"
+    weights: dict[str, str] = field(default_factory=dict)  # model name -> checkpoint path
+    cache_dir: str | None = None
+    progress: bool = True
+
+    def validate(self) -> None:
+        if self.label_rule not in LABEL_RULES:
+            raise PatchAtlasError(f"label rule {self.label_rule!r}: expected one of {', '.join(LABEL_RULES)}")
+        for norm in self.norms:
+            if norm not in NORMS:
+                raise PatchAtlasError(f"norm {norm!r}: expected one of {', '.join(NORMS)}")
+        if self.batch_size < 1:
+            raise PatchAtlasError(f"batch size {self.batch_size}: must be at least 1")
+
+
+@dataclass
+class ModelOutcome:
+    model: str
+    status: str  # "done" | "skipped" | "reused"
+    reason: str = ""
+    configs: list[str] = field(default_factory=list)
+
+
+def dataset_repo_dir(out: Path, source_name: str) -> Path:
+    return out / "datasets" / source_name
+
+
+def extract_key(source_name: str, model: str) -> str:
+    return f"extract/{source_name}/{model}"
+
+
+def images_key(source_name: str) -> str:
+    return f"extract/{source_name}/{IMAGES_CONFIG}"
+
+
+def iter_batches(dataset: datasets.Dataset, batch_size: int) -> Iterator[tuple[list[str], list[np.ndarray], list[np.ndarray]]]:
+    """(image ids, RGB uint8 arrays, mask arrays) in order, ``batch_size`` at a time."""
+    for start in range(0, len(dataset), batch_size):
+        rows = dataset[start:start + batch_size]
+        images = [np.asarray(img.convert("RGB")) for img in rows["image"]]
+        masks = [np.asarray(m) for m in rows["mask"]]
+        yield list(rows["image_id"]), images, masks
+
+
+def grid_labels(masks: Sequence[np.ndarray], encoder: Encoder, rule: str, ignore_index: int) -> np.ndarray:
+    """Per-patch labels [B, gh, gw]: the mask is resized to the model input, then reduced per patch."""
+    side = encoder.entry.input_size
+    return np.stack([
+        patch_labels(resize_mask(mask, (side, side)), encoder.grid, rule, ignore_index)
+        for mask in masks
+    ]).astype(np.int16)
+
+
+def _png_bytes(column_value: dict) -> bytes:
+    """The encoded bytes of a ``datasets.Image`` cell read with ``decode=False``."""
+    if column_value.get("bytes"):
+        return column_value["bytes"]
+    return Path(column_value["path"]).read_bytes()
+
+
+def record_source(source: SegmentationSource, manifest: Manifest) -> None:
+    """What later stages need to know of a source without reloading it."""
+    manifest.set(f"sources/{source.name}", {
+        "name": source.name, "revision": source.revision, "license": source.license,
+        "description": source.description, "params": source.params, "ignore_index": source.ignore_index,
+        "classes": [dataclasses.asdict(c) for c in source.classes], "num_images": len(source),
+    })
+
+
+def write_images(source: SegmentationSource, repo: Path, manifest: Manifest) -> None:
+    key = images_key(source.name)
+    params = {"source": source.name, "revision": source.revision, "extractor": EXTRACTOR_VERSION}
+    if manifest.is_done(key, params, repo):
+        return
+    raw = source.dataset.cast_column("image", datasets.Image(decode=False)).cast_column(
+        "mask", datasets.Image(decode=False))
+
+    def rows():
+        for row in raw:
+            image_png, mask_png = _png_bytes(row["image"]), _png_bytes(row["mask"])
+            width, height = Image.open(io.BytesIO(image_png)).size
+            yield {"image_id": row["image_id"], "image_png": image_png, "mask_png": mask_png,
+                   "width": width, "height": height}
+
+    relative = f"{IMAGES_CONFIG}/{shard_name()}"
+    write_images_table(repo / relative, rows())
+    manifest.set(key, {"status": "done", "params": params, "params_hash": params_hash(params),
+                       "files": {relative: file_sha256(repo / relative)}})
+    manifest.save()
+
+
+def model_params(entry: ModelEntry, source: SegmentationSource, layers: list[int] | str,
+                 options: ExtractOptions) -> dict:
+    """Everything that determines a (source, model) unit's output; its hash decides reuse."""
+    checkpoint = options.weights.get(entry.name)
+    return {
+        "model": dataclasses.asdict(entry),
+        "checkpoint": {"path": str(checkpoint), "sha256": file_sha256(Path(checkpoint))}
+        if checkpoint and Path(checkpoint).is_file() else None,
+        "source": {"name": source.name, "revision": source.revision},
+        "layers": layers,
+        "norms": list(options.norms),
+        "label_rule": options.label_rule,
+        "extractor": EXTRACTOR_VERSION,
+    }
+
+
+def extract_model(source: SegmentationSource, encoder: Encoder, layers: list[int],
+                  options: ExtractOptions, repo: Path) -> tuple[dict[str, str], list[dict], str | None]:
+    """Run one model over one source.
+
+    Returns the written files (relative path → sha256), one record per patch config, and the
+    prefix table's relative path (None for models without prefix tokens).
+    """
+    entry, dim = encoder.entry, encoder.embed_dim
+    kinds = ["cls"] * (encoder.num_prefix_tokens - encoder.entry.num_registers) + \
+        ["register"] * encoder.entry.num_registers
+    relpaths = {(layer, norm): f"{config_data_dir(entry.name, layer, norm)}/{shard_name()}"
+                for layer in layers for norm in options.norms}
+    prefix_rel = f"{entry.name}/prefix/{shard_name()}" if encoder.num_prefix_tokens else None
+    # ExitStack hands an exception to every writer, so none of them renames a partial file.
+    with contextlib.ExitStack() as stack:
+        writers = {key: stack.enter_context(PatchTableWriter(repo / rel, dim)) for key, rel in relpaths.items()}
+        prefix_writer = stack.enter_context(PrefixTableWriter(repo / prefix_rel, dim)) if prefix_rel else None
+        batches = iter_batches(source.dataset, options.batch_size)
+        total = -(-len(source) // options.batch_size)
+        for image_ids, images, masks in tqdm(batches, total=total, disable=not options.progress,
+                                             desc=f"{entry.name} on {source.name}", unit="batch"):
+            labels = grid_labels(masks, encoder, options.label_rule, source.ignore_index)
+            batch = encoder.tokens(encoder.preprocess(images), layers, options.norms)
+            for (layer, norm), toks in batch.layers.items():
+                patch = toks.patch.cpu().numpy()
+                if not np.isfinite(patch).all():
+                    raise PatchAtlasError(
+                        f"{entry.name} produced NaN/inf tokens at layer {layer} ({norm}) on images "
+                        f"{image_ids[0]}..{image_ids[-1]}; the weights or the inputs are broken")
+                writers[(layer, norm)].write_batch(image_ids, patch, labels)
+                if prefix_writer is not None:
+                    prefix_writer.write_batch(image_ids, layer, norm, toks.prefix.cpu().numpy(), kinds)
+
+    files = {rel: file_sha256(repo / rel) for rel in relpaths.values()}
+    if prefix_rel:
+        files[prefix_rel] = file_sha256(repo / prefix_rel)
+    configs = []
+    for (layer, norm), rel in relpaths.items():
+        configs.append({
+            "name": config_name(entry.name, layer, norm), "path": rel, "layer": layer, "norm": norm,
+            "num_rows": len(source) * encoder.grid[0] * encoder.grid[1], "num_bytes": (repo / rel).stat().st_size,
+        })
+    return files, configs, prefix_rel
+
+
+def run_extract(out: Path, sources: Sequence[SegmentationSource], model_names: Sequence[str],
+                options: ExtractOptions) -> dict[str, list[ModelOutcome]]:
+    """The stage: every (source, model) unit not already done, then the dataset cards."""
+    options.validate()
+    out = Path(out)
+    manifest = Manifest.load(out / "manifest.json")
+    entries = [get_model_entry(name) for name in model_names]  # unknown names fail before any work
+    for name in options.weights:
+        get_model_entry(name)
+    outcomes: dict[str, list[ModelOutcome]] = {}
+    for source in sources:
+        if len(source) == 0:
+            raise PatchAtlasError(f"dataset {source.name!r} has no images; nothing to extract")
+        repo = dataset_repo_dir(out, source.name)
+        record_source(source, manifest)
+        write_images(source, repo, manifest)
+        outcomes[source.name] = []
+        for entry in entries:
+            outcomes[source.name].append(_extract_unit(source, entry, options, repo, manifest))
+        write_card(source, repo, manifest)
+        manifest.save()
+    return outcomes
+
+
+def _extract_unit(source: SegmentationSource, entry: ModelEntry, options: ExtractOptions,
+                  repo: Path, manifest: Manifest) -> ModelOutcome:
+    key = extract_key(source.name, entry.name)
+    params = model_params(entry, source, options.layers if isinstance(options.layers, str)
+                          else list(options.layers), options)
+    if manifest.is_done(key, params, repo):
+        done = manifest.get(key)
+        return ModelOutcome(entry.name, "reused", configs=[c["name"] for c in done["configs"]])
+    try:
+        encoder = load_encoder(entry, checkpoint=options.weights.get(entry.name),
+                               device=options.device, cache_dir=options.cache_dir)
+    except WeightsUnavailable as err:
+        manifest.set(key, {"status": "skipped", "reason": str(err), "params": params,
+                           "params_hash": params_hash(params), "files": {}})
+        manifest.save()
+        return ModelOutcome(entry.name, "skipped", reason=str(err))
+    layers = resolve_layers(options.layers, encoder.depth)
+    files, configs, prefix_rel = extract_model(source, encoder, layers, options, repo)
+    manifest.set(key, {
+        "status": "done", "params": params, "params_hash": params_hash(params), "files": files,
+        "configs": configs, "prefix_path": prefix_rel, "layers": layers, "grid": list(encoder.grid), "dim": encoder.embed_dim,
+        "weights": dataclasses.asdict(encoder.weights), "model": entry.name,
+        "source": source.name, "version": __version__,
+    })
+    manifest.save()
+    del encoder
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return ModelOutcome(entry.name, "done", configs=[c["name"] for c in configs])
+
+
+def write_card(source: SegmentationSource, repo: Path, manifest: Manifest, repo_id: str | None = None) -> Path:
+    """Re-render the dataset card from what the manifest records as done for this source."""
+    cards: list[ConfigCardInfo] = []
+    extra_configs: list[dict] = []
+    for key, unit in sorted(manifest.entries(prefix=f"extract/{source.name}/")):
+        if unit.get("status") != "done" or "configs" not in unit:
+            continue
+        entry = get_model_entry(unit["model"])
+        weights = unit.get("weights", {})
+        if unit.get("prefix_path"):
+            extra_configs.append({"name": f"{entry.name}{PREFIX_CONFIG_SUFFIX}", "model": entry.timm_id,
+                                  "kind": "CLS and register tokens",
+                                  "data_files": str(Path(unit["prefix_path"]).parent / "*.parquet")})
+        for cfg in unit["configs"]:
+            cards.append(ConfigCardInfo(
+                name=cfg["name"], data_files=str(Path(cfg["path"]).parent / "*.parquet"),
+                model=entry.name, model_id=entry.timm_id if entry.pretrained else "random",
+                revision=weights.get("revision", ""), layer=cfg["layer"], norm=cfg["norm"],
+                input_size=entry.input_size, patch_size=entry.patch_size,
+                label_rule=unit["params"]["label_rule"], dim=unit["dim"], num_rows=cfg["num_rows"],
+                num_bytes=cfg["num_bytes"], license=entry.license,
+            ))
+    info = {
+        "name": source.name, "description": source.description, "license": source.license,
+        "revision": source.revision, "repo_id": repo_id or str(repo),
+        "classes": [dataclasses.asdict(c) for c in source.classes], "ignore_index": source.ignore_index,
+        "extra_configs": extra_configs,
+    }
+    return write_dataset_card(repo, info, cards)

@@ -1,0 +1,251 @@
+"""One contract for every model: pixels in, per-layer patch and prefix tokens out.
+
+``load_encoder`` is the single way a registry row becomes a ready model. Weights come only
+through real loading paths — timm's pretrained resolution (Hugging Face Hub or its local cache)
+or a checkpoint file the user names. When none works the model is reported as unavailable;
+nothing is ever silently replaced by random weights (the untrained model exists only as the
+labelled ``random`` row).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import timm
+import torch
+import torch.nn.functional as F
+
+from generator.errors import PatchAtlasError, WeightsUnavailable
+from generator.models.registry import ModelEntry
+
+NORMS = ("prenorm", "postnorm")
+RANDOM_INIT_SEED = 0
+
+
+@dataclass
+class LayerTokens:
+    patch: torch.Tensor  # [B, gh, gw, D]
+    prefix: torch.Tensor  # [B, P, D]: CLS then registers
+
+
+@dataclass
+class TokenBatch:
+    grid: tuple[int, int]
+    layers: dict[tuple[int, str], LayerTokens]  # (1-based layer, norm) -> tokens
+
+
+@dataclass
+class WeightsInfo:
+    """Where the weights came from, recorded with every result."""
+
+    source: str  # "hub" | "checkpoint" | "random-init"
+    location: str  # Hub repo id, checkpoint path, or the init seed
+    revision: str  # file hash or Hub revision; "" when unknown
+
+
+def resolve_layers(spec: str | Sequence[int], depth: int) -> list[int]:
+    """Turn a layer spec into sorted 1-based block indices.
+
+    ``"all"``, ``"last"``, ``"quartiles"`` (depth/4, depth/2, 3·depth/4, depth), or explicit
+    integers; negative integers count from the end (-1 = last block).
+    """
+    if isinstance(spec, str):
+        word = spec.strip().lower()
+        if word == "all":
+            return list(range(1, depth + 1))
+        if word == "last":
+            return [depth]
+        if word == "quartiles":
+            return sorted({max(1, round(depth * q / 4)) for q in (1, 2, 3, 4)})
+        try:
+            values = [int(v) for v in word.split(",") if v.strip()]
+        except ValueError:
+            raise PatchAtlasError(
+                f"layers {spec!r}: expected 'all', 'last', 'quartiles' or comma-separated block "
+                f"numbers such as '4,8,12'"
+            ) from None
+    else:
+        values = [int(v) for v in spec]
+    resolved = set()
+    for v in values:
+        layer = depth + 1 + v if v < 0 else v
+        if not 1 <= layer <= depth:
+            raise PatchAtlasError(f"layer {v} is outside this model's blocks 1..{depth}")
+        resolved.add(layer)
+    if not resolved:
+        raise PatchAtlasError(f"layers {spec!r} selects no layer")
+    return sorted(resolved)
+
+
+def _final_norm(model: torch.nn.Module) -> torch.nn.Module:
+    """The LayerNorm that ``forward_features`` ends with.
+
+    Models pooled by averaging (EVA-02 MIM) keep it as ``fc_norm`` and leave ``norm`` as Identity.
+    """
+    norm = getattr(model, "norm", None)
+    if norm is not None and not isinstance(norm, torch.nn.Identity):
+        return norm
+    fc_norm = getattr(model, "fc_norm", None)
+    if fc_norm is not None and not isinstance(fc_norm, torch.nn.Identity):
+        return fc_norm
+    return torch.nn.Identity()
+
+
+class Encoder:
+    """A timm ViT wrapped to the atlas's token contract."""
+
+    def __init__(self, entry: ModelEntry, model: torch.nn.Module, weights: WeightsInfo,
+                 device: str | torch.device = "cpu"):
+        self.entry = entry
+        self.device = torch.device(device)
+        self.model = model.eval().to(self.device)
+        self.weights = weights
+        self.depth = len(model.blocks)
+        self.embed_dim = int(model.embed_dim)
+        self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0))
+        self._norm = _final_norm(model)
+        self._mean = torch.tensor(entry.mean, device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(entry.std, device=self.device).view(1, 3, 1, 1)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.entry.grid_size()
+
+    def preprocess(self, images_uint8: Sequence[np.ndarray] | np.ndarray) -> torch.Tensor:
+        """Images as [H, W, 3] uint8 arrays (sizes may differ) → [B, 3, S, S] normalised floats.
+
+        Each image is resized to the model's input side with its interpolation and antialiasing,
+        as the timm eval transform does, then normalised with the model's mean and std.
+        """
+        size = (self.entry.input_size, self.entry.input_size)
+        mode = "bicubic" if self.entry.interpolation == "bicubic" else "bilinear"
+        resized = []
+        for image in images_uint8:
+            x = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).to(self.device)
+            x = x.permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
+            if tuple(x.shape[-2:]) != size:
+                x = F.interpolate(x, size=size, mode=mode, antialias=True, align_corners=False).clamp_(0, 1)
+            resized.append(x)
+        return (torch.cat(resized) - self._mean) / self._std
+
+    def _autocast(self):
+        # bf16 on GPUs for throughput; fp32 on CPU so tests compare exactly with timm.
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    @torch.inference_mode()
+    def tokens(self, pixels: torch.Tensor, layers: Sequence[int],
+               norms: Sequence[str] = NORMS) -> TokenBatch:
+        """Patch and prefix tokens of the given 1-based layers, in float32."""
+        for norm in norms:
+            if norm not in NORMS:
+                raise PatchAtlasError(f"norm {norm!r}: expected one of {', '.join(NORMS)}")
+        indices = [layer - 1 for layer in layers]
+        with self._autocast():
+            outputs = self.model.forward_intermediates(
+                pixels, indices=indices, norm=False, return_prefix_tokens=True,
+                output_fmt="NLC", intermediates_only=True,
+            )
+        batch, _, height, width = pixels.shape
+        grid = (height // self.entry.patch_size, width // self.entry.patch_size)
+        result: dict[tuple[int, str], LayerTokens] = {}
+        for layer, out in zip(layers, outputs):
+            patch, prefix = out if isinstance(out, tuple) else (out, out[:, :0])
+            if prefix is None:
+                prefix = patch[:, :0]
+            for norm in norms:
+                p, q = patch, prefix
+                if norm == "postnorm":
+                    # LayerNorm acts per token, so normalising the two parts apart equals
+                    # normalising the whole sequence as forward_features does.
+                    with self._autocast():
+                        p, q = self._norm(p), self._norm(q)
+                result[(layer, norm)] = LayerTokens(
+                    patch=p.float().reshape(batch, grid[0], grid[1], -1),
+                    prefix=q.float(),
+                )
+        return TokenBatch(grid=grid, layers=result)
+
+
+def _sha256_file(path: Path) -> str:
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def load_encoder(entry: ModelEntry, *, checkpoint: str | Path | None = None,
+                 device: str | torch.device = "cpu", cache_dir: str | Path | None = None) -> Encoder:
+    """Build the encoder for a registry row.
+
+    - ``random``: timm's own initialisation under a fixed seed (the labelled baseline).
+    - ``checkpoint`` given: timm loads that file through its pretrained path (with the model's
+      checkpoint filter, strict key matching).
+    - otherwise: timm resolves the pretrained tag on the Hub, which under ``HF_HUB_OFFLINE=1``
+      reads only the local cache.
+    Raises :class:`WeightsUnavailable` when weights cannot be had; never falls back to random.
+
+    Pretrained models keep their classifier head (unused here): asking timm for another class
+    count makes it load non-strictly, and a checkpoint with missing keys would then leave those
+    layers randomly initialised without a word.
+    """
+    kwargs = entry.create_kwargs()
+    if not entry.pretrained:
+        if checkpoint is not None:
+            raise PatchAtlasError(f"{entry.name} is the untrained baseline; it takes no checkpoint")
+        torch.manual_seed(RANDOM_INIT_SEED)
+        model = timm.create_model(entry.architecture, pretrained=False, num_classes=0, **kwargs)
+        return Encoder(entry, model, WeightsInfo("random-init", f"seed={RANDOM_INIT_SEED}", ""), device)
+
+    if checkpoint is not None:
+        path = Path(checkpoint).expanduser()
+        if not path.is_file():
+            raise WeightsUnavailable(entry.name, f"checkpoint file not found: {path}")
+        try:
+            model = timm.create_model(
+                entry.timm_id, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs,
+            )
+        except RuntimeError as err:
+            # timm loads strictly: missing or unexpected keys end up here.
+            raise PatchAtlasError(
+                f"checkpoint {path} does not fit {entry.name} ({entry.timm_id}): {err}. "
+                f"Check that the file holds weights of this architecture."
+            ) from err
+        return Encoder(entry, model, WeightsInfo("checkpoint", str(path), _sha256_file(path)), device)
+
+    try:
+        model = timm.create_model(
+            entry.timm_id, pretrained=True, cache_dir=str(cache_dir) if cache_dir else None, **kwargs,
+        )
+    except (OSError, ConnectionError, ValueError) as err:
+        # huggingface_hub's LocalEntryNotFoundError/GatedRepoError and urllib errors are OSErrors.
+        hint = "gated on the Hub: log in and accept the licence" if entry.gated else "not in the local Hugging Face cache"
+        raise WeightsUnavailable(
+            entry.name,
+            f"{hint}; download {entry.timm_id} once with network, or pass --weights "
+            f"{entry.name}=PATH to a local checkpoint. ({type(err).__name__})",
+        ) from err
+    hub_id = model.pretrained_cfg.get("hf_hub_id") or entry.timm_id
+    return Encoder(entry, model, WeightsInfo("hub", hub_id, _hub_revision(hub_id, cache_dir)), device)
+
+
+def _hub_revision(repo_id: str, cache_dir: str | Path | None) -> str:
+    """The commit of the cached snapshot that was loaded, if the cache records one."""
+    try:
+        from huggingface_hub import scan_cache_dir
+
+        info = scan_cache_dir(cache_dir)
+        for repo in info.repos:
+            if repo.repo_id == repo_id and repo.revisions:
+                return sorted(r.commit_hash for r in repo.revisions)[-1]
+    except Exception:  # the revision is informative only; a cache we cannot scan is not an error
+        pass
+    return ""

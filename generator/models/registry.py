@@ -1,0 +1,144 @@
+"""The model zoo as data: one row per model, one function turns a row into an encoder.
+
+Adding a model means adding a row. Facts that timm also knows (mean/std, interpolation, licence)
+are written here too so the atlas can list the zoo without touching timm, and a test checks the
+two agree.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+
+from generator.errors import UnknownName
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+HALF = (0.5, 0.5, 0.5)
+
+FAMILIES = ("CL", "MIM", "CL+MIM", "supervised", "language", "random")
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One model of the zoo.
+
+    ``timm_id`` is ``architecture.tag``: timm resolves the tag to the Hub repository holding the
+    weights. ``input_size`` is the side the atlas feeds the model (a fixed 224 policy by
+    default so grids are comparable across models); ``native_size`` is what it was trained at.
+    """
+
+    name: str
+    timm_id: str
+    family: str
+    patch_size: int
+    input_size: int
+    native_size: int
+    num_prefix_tokens: int  # CLS + registers
+    num_registers: int = 0
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    interpolation: str = "bicubic"
+    license: str = "apache-2.0"
+    gated: bool = False
+    pretrained: bool = True  # False only for the labelled `random` baseline
+    input_policy: str = "fixed"  # "fixed" (a size the model was built for) | "dynamic" (dynamic_img_size)
+    model_kwargs: dict = field(default_factory=dict)
+    description: str = ""
+
+    @property
+    def architecture(self) -> str:
+        return self.timm_id.split(".", 1)[0]
+
+    def create_kwargs(self) -> dict:
+        """Keyword arguments for ``timm.create_model`` beyond the name."""
+        kwargs = dict(self.model_kwargs)
+        if self.input_policy == "dynamic":
+            kwargs.setdefault("dynamic_img_size", True)
+        else:
+            kwargs.setdefault("img_size", self.input_size)
+        return kwargs
+
+    def grid_size(self) -> tuple[int, int]:
+        side = self.input_size // self.patch_size
+        return side, side
+
+
+def _dino(name, arch, patch, desc):
+    return ModelEntry(name, f"{arch}.dino", "CL", patch, 224, 224, 1, description=desc)
+
+
+def _dinov2(name, arch, registers, desc):
+    return ModelEntry(
+        name, f"{arch}.lvd142m", "CL", 14, 224, 518, 1 + registers, num_registers=registers,
+        input_policy="dynamic", description=desc,
+    )
+
+
+SAT493M_MEAN = (0.430, 0.411, 0.296)  # DINOv3's satellite pretraining statistics
+SAT493M_STD = (0.213, 0.156, 0.143)
+
+
+def _dinov3(name, arch, desc, tag="lvd1689m"):
+    stats = {"mean": SAT493M_MEAN, "std": SAT493M_STD} if tag == "sat493m" else {}
+    return ModelEntry(
+        name, f"{arch}.{tag}", "CL", 16, 224, 256, 5, num_registers=4, license="dinov3-license",
+        gated=True, input_policy="dynamic", description=desc, **stats,
+    )
+
+
+MODELS: dict[str, ModelEntry] = {
+    e.name: e
+    for e in [
+        _dino("dino_vits16", "vit_small_patch16_224", 16, "DINO ViT-S/16"),
+        _dino("dino_vits8", "vit_small_patch8_224", 8, "DINO ViT-S/8"),
+        _dino("dino_vitb16", "vit_base_patch16_224", 16, "DINO ViT-B/16"),
+        _dino("dino_vitb8", "vit_base_patch8_224", 8, "DINO ViT-B/8"),
+        _dinov2("dinov2_vits14", "vit_small_patch14_dinov2", 0, "DINOv2 ViT-S/14"),
+        _dinov2("dinov2_vitb14", "vit_base_patch14_dinov2", 0, "DINOv2 ViT-B/14"),
+        _dinov2("dinov2_vitl14", "vit_large_patch14_dinov2", 0, "DINOv2 ViT-L/14"),
+        _dinov2("dinov2_vitg14", "vit_giant_patch14_dinov2", 0, "DINOv2 ViT-g/14"),
+        _dinov2("dinov2_vits14_reg", "vit_small_patch14_reg4_dinov2", 4, "DINOv2 ViT-S/14 with 4 registers"),
+        _dinov2("dinov2_vitb14_reg", "vit_base_patch14_reg4_dinov2", 4, "DINOv2 ViT-B/14 with 4 registers"),
+        _dinov2("dinov2_vitl14_reg", "vit_large_patch14_reg4_dinov2", 4, "DINOv2 ViT-L/14 with 4 registers"),
+        _dinov2("dinov2_vitg14_reg", "vit_giant_patch14_reg4_dinov2", 4, "DINOv2 ViT-g/14 with 4 registers"),
+        _dinov3("dinov3_vits16", "vit_small_patch16_dinov3", "DINOv3 ViT-S/16"),
+        _dinov3("dinov3_vits16plus", "vit_small_plus_patch16_dinov3", "DINOv3 ViT-S+/16"),
+        _dinov3("dinov3_vitb16", "vit_base_patch16_dinov3", "DINOv3 ViT-B/16"),
+        _dinov3("dinov3_vitl16", "vit_large_patch16_dinov3", "DINOv3 ViT-L/16"),
+        _dinov3("dinov3_vith16plus", "vit_huge_plus_patch16_dinov3", "DINOv3 ViT-H+/16"),
+        _dinov3("dinov3_vitl16_sat", "vit_large_patch16_dinov3", "DINOv3 ViT-L/16 (satellite)", tag="sat493m"),
+        ModelEntry("mae_vitb16", "vit_base_patch16_224.mae", "MIM", 16, 224, 224, 1,
+                   license="cc-by-nc-4.0", description="MAE ViT-B/16 (encoder, no masking)"),
+        ModelEntry("mae_vitl16", "vit_large_patch16_224.mae", "MIM", 16, 224, 224, 1,
+                   license="cc-by-nc-4.0", description="MAE ViT-L/16 (encoder, no masking)"),
+        ModelEntry("mae_vith14", "vit_huge_patch14_224.mae", "MIM", 14, 224, 224, 1,
+                   license="cc-by-nc-4.0", description="MAE ViT-H/14 (encoder, no masking)"),
+        ModelEntry("eva02_vitb14_mim", "eva02_base_patch14_224.mim_in22k", "MIM", 14, 224, 224, 1,
+                   mean=CLIP_MEAN, std=CLIP_STD, license="mit", description="EVA-02 ViT-B/14 MIM (IN-22k)"),
+        ModelEntry("supervised_vitb16", "vit_base_patch16_224.augreg_in21k_ft_in1k", "supervised", 16, 224, 224, 1,
+                   mean=HALF, std=HALF, description="Supervised ViT-B/16 (AugReg IN-21k → IN-1k)"),
+        ModelEntry("clip_vitb16", "vit_base_patch16_clip_224.openai", "language", 16, 224, 224, 1,
+                   mean=CLIP_MEAN, std=CLIP_STD, description="CLIP ViT-B/16 (OpenAI) image tower"),
+        ModelEntry("siglip_vitb16", "vit_base_patch16_siglip_224.webli", "language", 16, 224, 224, 0,
+                   mean=HALF, std=HALF, description="SigLIP ViT-B/16 image tower (no CLS token)"),
+        ModelEntry("random", "vit_small_patch16_224", "random", 16, 224, 224, 1, pretrained=False,
+                   description="Untrained ViT-S/16 (seeded timm initialisation): the baseline"),
+    ]
+}
+
+# The models a default build asks for: one of each behaviour the atlas is about, plus the baseline.
+DEFAULT_MODELS = ("dino_vits16", "dinov2_vits14_reg", "mae_vitb16", "random")
+
+
+def get_model_entry(name: str) -> ModelEntry:
+    try:
+        return MODELS[name]
+    except KeyError:
+        close = difflib.get_close_matches(name, list(MODELS), n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise UnknownName(
+            f"unknown model {name!r}.{hint} Run `patchatlas models` to list the zoo."
+        ) from None

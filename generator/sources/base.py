@@ -1,0 +1,53 @@
+"""The contract every segmentation source meets, whatever it reads from.
+
+A source is a Hugging Face ``datasets.Dataset`` with three columns:
+
+- ``image_id`` (string, unique within the source),
+- ``image`` (``datasets.Image``; decoded as a PIL image),
+- ``mask`` (``datasets.Image``; a single-channel image whose pixel values are fine class ids,
+  ``ignore_index`` where unlabelled),
+
+plus the facts needed to read it: the class list with its fine → super hierarchy, the ignore
+label, a licence and a revision string that changes whenever the content changes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import datasets
+
+
+@dataclass(frozen=True)
+class ClassInfo:
+    id: int
+    name: str
+    super_name: str
+    is_background: bool = False
+
+
+@dataclass
+class SegmentationSource:
+    name: str
+    dataset: datasets.Dataset
+    classes: list[ClassInfo]
+    ignore_index: int = 255
+    revision: str = ""
+    license: str = "unknown"
+    description: str = ""
+    params: dict = field(default_factory=dict)
+
+    @property
+    def class_names(self) -> list[str]:
+        return [c.name for c in self.classes]
+
+    @property
+    def super_names(self) -> list[str]:
+        return sorted({c.super_name for c in self.classes})
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.dataset)

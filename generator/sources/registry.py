@@ -1,0 +1,62 @@
+"""The dataset sources PatchAtlas can read: a table of entries, one row per source.
+
+Adding a source means adding a row: its name, the function that loads it, a one-line
+description and its default parameters. ``load_source`` is the one way in; it checks the name
+and the parameters before anything is loaded.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from generator.errors import PatchAtlasError, UnknownName
+from generator.sources.base import SegmentationSource
+from generator.sources.synthetic import SYNTHETIC_NAME, synthetic_scenes
+
+
+@dataclass(frozen=True)
+class SourceEntry:
+    name: str
+    loader: Callable[..., SegmentationSource]
+    description: str
+    default_params: dict[str, Any] = field(default_factory=dict)
+
+
+SOURCES: dict[str, SourceEntry] = {
+    entry.name: entry
+    for entry in (
+        SourceEntry(
+            SYNTHETIC_NAME, synthetic_scenes,
+            "deterministic synthetic scenes with exact masks (4 stuff + 4 object classes); offline default",
+            {"n_images": 16, "size": 224, "seed": 0},
+        ),
+    )
+}
+
+
+def source_names() -> list[str]:
+    return sorted(SOURCES)
+
+
+def get_source_entry(name: str) -> SourceEntry:
+    """The registry row for ``name``; an unknown name suggests the closest known ones."""
+    if name in SOURCES:
+        return SOURCES[name]
+    known = source_names()
+    close = difflib.get_close_matches(str(name), known, n=3, cutoff=0.5)
+    hint = f" Did you mean {' or '.join(repr(c) for c in close)}?" if close else ""
+    raise UnknownName(f"unknown dataset source {name!r}.{hint} Known sources: {', '.join(known)} "
+                      "(list them with `patchatlas datasets`).")
+
+
+def load_source(name: str, **params: Any) -> SegmentationSource:
+    """Load source ``name``; ``params`` override the entry's defaults and must be among them."""
+    entry = get_source_entry(name)
+    unknown = sorted(set(params) - set(entry.default_params))
+    if unknown:
+        valid = ", ".join(sorted(entry.default_params)) or "(none)"
+        raise PatchAtlasError(f"source {name!r} has no parameter {', '.join(repr(k) for k in unknown)}; "
+                              f"valid parameters: {valid}")
+    return entry.loader(**{**entry.default_params, **params})

@@ -1,0 +1,167 @@
+"""`patchatlas build` end to end on tiny models and a few synthetic scenes.
+
+One build is shared by the tests of this module (it is the expensive part); each test then
+checks one promise: the dataset repo loads with `datasets`, the tokens are the model's, skipped
+models are reported, the site is built, and a rerun recomputes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+import yaml
+from safetensors.torch import save_file
+
+from generator.cli import main
+from generator.models.encoder import load_encoder
+from generator.models.registry import MODELS
+from generator.sources.registry import load_source
+
+from conftest import TINY_ENTRIES, TINY_REGISTERS
+
+N_IMAGES = 4
+SIDE = 64
+
+
+def _tree_digest(root: Path) -> dict[str, tuple[int, int]]:
+    return {str(p.relative_to(root)): (p.stat().st_size, p.stat().st_mtime_ns)
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """One build: tiny_random runs, tiny_reg loads a local checkpoint, tiny_vit has no weights."""
+    mp = pytest.MonkeyPatch()
+    for entry in TINY_ENTRIES:
+        mp.setitem(MODELS, entry.name, entry)
+    from huggingface_hub import constants
+    mp.setattr(constants, "HF_HUB_OFFLINE", True)
+    mp.setattr(constants, "HF_HUB_CACHE", str(tmp_path_factory.mktemp("empty-hub-cache")))
+    mp.setenv("HF_DATASETS_CACHE", str(tmp_path_factory.mktemp("datasets-cache")))
+    root = tmp_path_factory.mktemp("build")
+    ckpt = root / "tiny_reg.safetensors"
+    torch.manual_seed(7)
+    model = timm.create_model(TINY_REGISTERS.timm_id, pretrained=False, **TINY_REGISTERS.create_kwargs())
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt))
+    out = root / "out"
+    args = ["build", "--out", str(out), "--models", "tiny_random,tiny_reg,tiny_vit", "--layers", "all",
+            "--source-option", f"n_images={N_IMAGES}", "--source-option", f"size={SIDE}",
+            "--weights", f"tiny_reg={ckpt}", "--k", "2,4", "--gallery-k", "4", "--batch-size", "3",
+            "--device", "cpu", "--quiet"]
+    code = main(args)
+    yield {"out": out, "args": args, "code": code, "ckpt": ckpt, "mp": mp}
+    mp.undo()
+
+
+def _card_configs(repo: Path) -> list[dict]:
+    text = (repo / "README.md").read_text()
+    front = re.match(r"^---\n(.*?)\n---\n", text, re.S)
+    assert front, "dataset card has no YAML front matter"
+    return yaml.safe_load(front.group(1))["configs"]
+
+
+def test_build_succeeds_and_records_every_model(built):
+    assert built["code"] == 0
+    manifest = json.loads((built["out"] / "manifest.json").read_text())
+    units = manifest["entries"] if "entries" in manifest else manifest
+    statuses = {k.rsplit("/", 1)[-1]: v["status"] for k, v in units.items() if k.startswith("extract/synthetic-scenes/")}
+    assert statuses == {"images": "done", "tiny_random": "done", "tiny_reg": "done", "tiny_vit": "skipped"}
+    reason = units["extract/synthetic-scenes/tiny_vit"]["reason"]
+    assert "weights unavailable offline" in reason
+
+
+def test_every_config_in_the_card_loads_with_datasets(built):
+    import datasets
+
+    repo = built["out"] / "datasets" / "synthetic-scenes"
+    configs = {c["config_name"] for c in _card_configs(repo)}
+    expected = {"images", "tiny_random-prefix", "tiny_reg-prefix"} | {
+        f"{m}-L{layer:02d}-{norm}" for m in ("tiny_random", "tiny_reg") for layer in (1, 2)
+        for norm in ("prenorm", "postnorm")}
+    assert configs == expected
+    grid = {"tiny_random": 4 * 4, "tiny_reg": 4 * 4}
+    for name in sorted(configs):
+        ds = datasets.load_dataset(str(repo), name, split="train")
+        if name == "images":
+            assert len(ds) == N_IMAGES
+            assert ds[0]["image"].size == (SIDE, SIDE)
+        elif name.endswith("-prefix"):
+            model = name.removesuffix("-prefix")
+            per_image = MODELS[model].num_prefix_tokens * 2 * 2  # tokens × layers × norms
+            assert len(ds) == N_IMAGES * per_image
+        else:
+            model = name.split("-L")[0]
+            assert len(ds) == N_IMAGES * grid[model]
+            assert set(ds.column_names) >= {"image_id", "row", "col", "label", "embedding"}
+
+
+def test_stored_tokens_are_bit_exact_model_outputs(built):
+    import datasets
+
+    repo = built["out"] / "datasets" / "synthetic-scenes"
+    source = load_source("synthetic-scenes", n_images=N_IMAGES, size=SIDE)
+    encoder = load_encoder(MODELS["tiny_reg"], checkpoint=built["ckpt"])
+    images = [np.asarray(img.convert("RGB")) for img in source.dataset["image"]]
+    batch = encoder.tokens(encoder.preprocess(images), [2], ["prenorm"])
+    expected = batch.layers[(2, "prenorm")].patch.numpy()  # [n, gh, gw, D]
+    ds = datasets.load_dataset(str(repo), "tiny_reg-L02-prenorm", split="train").with_format("numpy")
+    order = {image_id: i for i, image_id in enumerate(source.dataset["image_id"])}
+    got = np.zeros_like(expected)
+    for image_id, row, col, emb in zip(ds["image_id"], ds["row"], ds["col"], ds["embedding"]):
+        got[order[str(image_id)], row, col] = emb
+    np.testing.assert_array_equal(got, expected)
+
+
+def test_site_is_built_with_gallery_and_skip_notice(built):
+    site = built["out"] / "site"
+    index = (site / "index.html").read_text()
+    assert "tiny_vit" in index and "weights unavailable offline" in index
+    gallery = (site / "datasets" / "synthetic-scenes" / "index.html").read_text()
+    images = re.findall(r'<img[^>]+src="([^"]+)"', gallery)
+    cluster_maps = [src for src in images if "/clusters/" in src]
+    # every gallery image x every layer x every extracted model
+    assert len(cluster_maps) == N_IMAGES * 2 * 2
+    for src in images:
+        assert (site / "datasets" / "synthetic-scenes" / src).resolve().is_file(), src
+
+
+def test_rerun_recomputes_nothing_and_changes_nothing(built):
+    out = built["out"]
+    before = _tree_digest(out / "datasets") | {"results/" + k: v for k, v in _tree_digest(out / "results").items()}
+    manifest_before = json.loads((out / "manifest.json").read_text())
+    assert main(built["args"]) == 0
+    after = _tree_digest(out / "datasets") | {"results/" + k: v for k, v in _tree_digest(out / "results").items()}
+    assert after == before
+    manifest_after = json.loads((out / "manifest.json").read_text())
+    for key in manifest_before.get("entries", manifest_before):
+        if key.startswith(("extract/", "analyze/")):
+            a = manifest_before.get("entries", manifest_before)[key]
+            b = manifest_after.get("entries", manifest_after)[key]
+            assert a.get("files") == b.get("files"), key
+
+
+def test_render_alone_rebuilds_the_site_from_the_results(built):
+    out = built["out"]
+    index = (out / "site" / "index.html").read_bytes()
+    assert main(["render", "--out", str(out), "--gallery-k", "4"]) == 0
+    assert (out / "site" / "index.html").read_bytes() == index
+    assert not list(out.glob(".render-*")), "staging folder left behind"
+
+
+def test_unknown_model_is_rejected_before_any_work(tmp_path, capsys):
+    assert main(["extract", "--out", str(tmp_path / "o"), "--models", "dino_vits61", "--quiet"]) == 2
+    err = capsys.readouterr().err
+    assert "dino_vits16" in err and "patchatlas models" in err
+    assert not (tmp_path / "o" / "datasets").exists()
+
+
+@pytest.mark.parametrize("command", [[], ["build"], ["extract"], ["analyze"], ["render"], ["models"], ["datasets"]])
+def test_every_command_has_help(command, capsys):
+    assert main(command + ["--help"]) == 0
+    assert "Usage:" in capsys.readouterr().out
