@@ -71,10 +71,11 @@ def _out_option(f):
 
 def _extract_options(f):
     options = [
-        click.option("--source", "sources", default="synthetic-scenes", show_default=True,
+        click.option("--source", "sources", default="synthetic-scenes,content-free", show_default=True,
                      help="Comma-separated dataset names (see `patchatlas datasets`)."),
         click.option("--source-option", "source_options", multiple=True, metavar="KEY=VALUE",
-                     help="Parameter of the source, e.g. n_images=32 (repeatable)."),
+                     help="Parameter of a source, e.g. n_images=32 (repeatable); applies to every "
+                          "source that has that parameter."),
         click.option("--models", default=None, help="Comma-separated model names (default: the default set)."),
         click.option("--layers", default="quartiles", show_default=True,
                      help="'all', 'last', 'quartiles' or block numbers like '4,8,12' (1-based)."),
@@ -123,10 +124,16 @@ def _do_extract(out, sources, source_options, models, layers, norms, label_rule,
     _set_offline(offline)
     from generator.extract import ExtractOptions, run_extract
     from generator.models.registry import DEFAULT_MODELS
-    from generator.sources.registry import load_source
+    from generator.sources.registry import get_source_entry, load_source
 
     params = _parse_source_options(source_options)
-    loaded = [load_source(name, **params) for name in _split(sources)]
+    names = _split(sources)
+    accepted = {name: set(get_source_entry(name).default_params) for name in names}
+    for key in params:
+        if not any(key in keys for keys in accepted.values()):
+            raise PatchAtlasError(f"--source-option {key}: none of the sources {', '.join(names)} has this "
+                                  f"parameter; see `patchatlas datasets`")
+    loaded = [load_source(name, **{k: v for k, v in params.items() if k in accepted[name]}) for name in names]
     options = ExtractOptions(layers=layers, norms=_split(norms), label_rule=label_rule, batch_size=batch_size,
                              device=_device(device), weights=_parse_weights(weights), progress=not quiet)
     outcomes = run_extract(out, loaded, _split(models) if models else list(DEFAULT_MODELS), options)
@@ -225,7 +232,8 @@ def datasets_cmd():
     from generator.sources.registry import SOURCES
 
     for entry in SOURCES.values():
-        click.echo(f"{entry.name:<22} {entry.description}")
+        defaults = ", ".join(f"{k}={v}" for k, v in entry.default_params.items())
+        click.echo(f"{entry.name:<18} {entry.description}  [{defaults}]")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -22,13 +22,14 @@ from tqdm.auto import tqdm
 
 from generator import __version__
 from generator.errors import PatchAtlasError, WeightsUnavailable
-from generator.models.encoder import NORMS, Encoder, load_encoder, resolve_layers
+from generator.models.encoder import NORMS, QKV_VIEWS, Encoder, load_encoder, resolve_layers
 from generator.models.registry import ModelEntry, get_model_entry
 from generator.sources.base import SegmentationSource
 from generator.sources.labels import LABEL_RULES, patch_labels, resize_mask
 from generator.store.manifest import Manifest, file_sha256, params_hash
-from generator.store.parquet import PatchTableWriter, PrefixTableWriter, write_images_table
+from generator.store.parquet import AttentionTableWriter, PatchTableWriter, PrefixTableWriter, write_images_table
 from generator.store.repo import (
+    ATTENTION_CONFIG_SUFFIX,
     IMAGES_CONFIG,
     PREFIX_CONFIG_SUFFIX,
     ConfigCardInfo,
@@ -50,6 +51,7 @@ class ExtractOptions:
     batch_size: int = 8
     device: str = "cpu"
     weights: dict[str, str] = field(default_factory=dict)  # model name -> checkpoint path
+    last_block_attention: bool = True  # CLS attention maps and q/k/v views of the last block
     cache_dir: str | None = None
     progress: bool = True
 
@@ -150,54 +152,68 @@ def model_params(entry: ModelEntry, source: SegmentationSource, layers: list[int
         "source": {"name": source.name, "revision": source.revision},
         "layers": layers,
         "norms": list(options.norms),
+        "last_block_attention": options.last_block_attention,
         "label_rule": options.label_rule,
         "extractor": EXTRACTOR_VERSION,
     }
 
 
 def extract_model(source: SegmentationSource, encoder: Encoder, layers: list[int],
-                  options: ExtractOptions, repo: Path) -> tuple[dict[str, str], list[dict], str | None]:
-    """Run one model over one source.
+                  options: ExtractOptions, repo: Path) -> dict:
+    """Run one model over one source and write its tables.
 
-    Returns the written files (relative path → sha256), one record per patch config, and the
-    prefix table's relative path (None for models without prefix tokens).
+    Returns what the manifest records: the written files (relative path → sha256), one record
+    per patch config, and the relative paths of the prefix and attention tables (None when the
+    model has no prefix tokens, or attention was not asked for).
     """
     entry, dim = encoder.entry, encoder.embed_dim
-    kinds = ["cls"] * (encoder.num_prefix_tokens - encoder.entry.num_registers) + \
-        ["register"] * encoder.entry.num_registers
-    relpaths = {(layer, norm): f"{config_data_dir(entry.name, layer, norm)}/{shard_name()}"
-                for layer in layers for norm in options.norms}
+    kinds = ["cls"] * (encoder.num_prefix_tokens - entry.num_registers) + ["register"] * entry.num_registers
+    views = {(layer, norm): f"{config_data_dir(entry.name, layer, norm)}/{shard_name()}"
+             for layer in layers for norm in options.norms}
+    if options.last_block_attention:
+        views.update({(encoder.depth, view): f"{config_data_dir(entry.name, encoder.depth, view)}/{shard_name()}"
+                      for view in QKV_VIEWS})
     prefix_rel = f"{entry.name}/prefix/{shard_name()}" if encoder.num_prefix_tokens else None
+    attention_rel = (f"{entry.name}/attention/{shard_name()}"
+                     if options.last_block_attention and encoder.num_prefix_tokens else None)
     # ExitStack hands an exception to every writer, so none of them renames a partial file.
     with contextlib.ExitStack() as stack:
-        writers = {key: stack.enter_context(PatchTableWriter(repo / rel, dim)) for key, rel in relpaths.items()}
+        # q/k/v concatenate the heads: heads × head_dim, the embedding width in timm ViTs.
+        writers = {key: stack.enter_context(PatchTableWriter(repo / rel, dim)) for key, rel in views.items()}
         prefix_writer = stack.enter_context(PrefixTableWriter(repo / prefix_rel, dim)) if prefix_rel else None
+        attention_writer = stack.enter_context(AttentionTableWriter(repo / attention_rel)) if attention_rel else None
         batches = iter_batches(source.dataset, options.batch_size)
         total = -(-len(source) // options.batch_size)
         for image_ids, images, masks in tqdm(batches, total=total, disable=not options.progress,
                                              desc=f"{entry.name} on {source.name}", unit="batch"):
             labels = grid_labels(masks, encoder, options.label_rule, source.ignore_index)
-            batch = encoder.tokens(encoder.preprocess(images), layers, options.norms)
-            for (layer, norm), toks in batch.layers.items():
-                patch = toks.patch.cpu().numpy()
+            pixels = encoder.preprocess(images)
+            batch = encoder.tokens(pixels, layers, options.norms)
+            patch_views = {key: toks.patch for key, toks in batch.layers.items()}
+            if options.last_block_attention:
+                attention = encoder.attention(pixels)
+                patch_views.update({(encoder.depth, view): t for view, t in attention.views.items()})
+                if attention_writer is not None:
+                    attention_writer.write_batch(image_ids, attention.cls_maps.cpu().numpy())
+            for (layer, view), patch in patch_views.items():
+                patch = patch.cpu().numpy()
                 if not np.isfinite(patch).all():
                     raise PatchAtlasError(
-                        f"{entry.name} produced NaN/inf tokens at layer {layer} ({norm}) on images "
+                        f"{entry.name} produced NaN/inf tokens at layer {layer} ({view}) on images "
                         f"{image_ids[0]}..{image_ids[-1]}; the weights or the inputs are broken")
-                writers[(layer, norm)].write_batch(image_ids, patch, labels)
-                if prefix_writer is not None:
+                writers[(layer, view)].write_batch(image_ids, patch, labels)
+            if prefix_writer is not None:
+                for (layer, norm), toks in batch.layers.items():
                     prefix_writer.write_batch(image_ids, layer, norm, toks.prefix.cpu().numpy(), kinds)
 
-    files = {rel: file_sha256(repo / rel) for rel in relpaths.values()}
-    if prefix_rel:
-        files[prefix_rel] = file_sha256(repo / prefix_rel)
-    configs = []
-    for (layer, norm), rel in relpaths.items():
-        configs.append({
-            "name": config_name(entry.name, layer, norm), "path": rel, "layer": layer, "norm": norm,
-            "num_rows": len(source) * encoder.grid[0] * encoder.grid[1], "num_bytes": (repo / rel).stat().st_size,
-        })
-    return files, configs, prefix_rel
+    written = list(views.values()) + [rel for rel in (prefix_rel, attention_rel) if rel]
+    configs = [{
+        "name": config_name(entry.name, layer, view), "path": rel, "layer": layer, "norm": view,
+        "dim": dim, "num_rows": len(source) * encoder.grid[0] * encoder.grid[1],
+        "num_bytes": (repo / rel).stat().st_size,
+    } for (layer, view), rel in views.items()]
+    return {"files": {rel: file_sha256(repo / rel) for rel in written}, "configs": configs,
+            "prefix_path": prefix_rel, "attention_path": attention_rel}
 
 
 def run_extract(out: Path, sources: Sequence[SegmentationSource], model_names: Sequence[str],
@@ -241,10 +257,9 @@ def _extract_unit(source: SegmentationSource, entry: ModelEntry, options: Extrac
         manifest.save()
         return ModelOutcome(entry.name, "skipped", reason=str(err))
     layers = resolve_layers(options.layers, encoder.depth)
-    files, configs, prefix_rel = extract_model(source, encoder, layers, options, repo)
+    written = extract_model(source, encoder, layers, options, repo)
     manifest.set(key, {
-        "status": "done", "params": params, "params_hash": params_hash(params), "files": files,
-        "configs": configs, "prefix_path": prefix_rel, "layers": layers, "grid": list(encoder.grid), "dim": encoder.embed_dim,
+        "status": "done", "params": params, "params_hash": params_hash(params), **written, "layers": layers, "grid": list(encoder.grid), "dim": encoder.embed_dim,
         "weights": dataclasses.asdict(encoder.weights), "model": entry.name,
         "source": source.name, "version": __version__,
     })
@@ -252,7 +267,7 @@ def _extract_unit(source: SegmentationSource, entry: ModelEntry, options: Extrac
     del encoder
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return ModelOutcome(entry.name, "done", configs=[c["name"] for c in configs])
+    return ModelOutcome(entry.name, "done", configs=[c["name"] for c in written["configs"]])
 
 
 def write_card(source: SegmentationSource, repo: Path, manifest: Manifest, repo_id: str | None = None) -> Path:
@@ -268,13 +283,17 @@ def write_card(source: SegmentationSource, repo: Path, manifest: Manifest, repo_
             extra_configs.append({"name": f"{entry.name}{PREFIX_CONFIG_SUFFIX}", "model": entry.timm_id,
                                   "kind": "CLS and register tokens",
                                   "data_files": str(Path(unit["prefix_path"]).parent / "*.parquet")})
+        if unit.get("attention_path"):
+            extra_configs.append({"name": f"{entry.name}{ATTENTION_CONFIG_SUFFIX}", "model": entry.timm_id,
+                                  "kind": "last-block CLS attention",
+                                  "data_files": str(Path(unit["attention_path"]).parent / "*.parquet")})
         for cfg in unit["configs"]:
             cards.append(ConfigCardInfo(
                 name=cfg["name"], data_files=str(Path(cfg["path"]).parent / "*.parquet"),
                 model=entry.name, model_id=entry.timm_id if entry.pretrained else "random",
                 revision=weights.get("revision", ""), layer=cfg["layer"], norm=cfg["norm"],
                 input_size=entry.input_size, patch_size=entry.patch_size,
-                label_rule=unit["params"]["label_rule"], dim=unit["dim"], num_rows=cfg["num_rows"],
+                label_rule=unit["params"]["label_rule"], dim=cfg["dim"], num_rows=cfg["num_rows"],
                 num_bytes=cfg["num_bytes"], license=entry.license,
             ))
     info = {

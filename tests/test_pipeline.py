@@ -81,9 +81,10 @@ def test_every_config_in_the_card_loads_with_datasets(built):
 
     repo = built["out"] / "datasets" / "synthetic-scenes"
     configs = {c["config_name"] for c in _card_configs(repo)}
-    expected = {"images", "tiny_random-prefix", "tiny_reg-prefix"} | {
-        f"{m}-L{layer:02d}-{norm}" for m in ("tiny_random", "tiny_reg") for layer in (1, 2)
-        for norm in ("prenorm", "postnorm")}
+    models = ("tiny_random", "tiny_reg")
+    expected = {"images"} | {f"{m}-prefix" for m in models} | {f"{m}-attention" for m in models} | {
+        f"{m}-L{layer:02d}-{norm}" for m in models for layer in (1, 2) for norm in ("prenorm", "postnorm")} | {
+        f"{m}-L02-{view}" for m in models for view in ("queries", "keys", "values")}
     assert configs == expected
     grid = {"tiny_random": 4 * 4, "tiny_reg": 4 * 4}
     for name in sorted(configs):
@@ -95,6 +96,12 @@ def test_every_config_in_the_card_loads_with_datasets(built):
             model = name.removesuffix("-prefix")
             per_image = MODELS[model].num_prefix_tokens * 2 * 2  # tokens × layers × norms
             assert len(ds) == N_IMAGES * per_image
+        elif name.endswith("-attention"):
+            heads = {"tiny_random": 3, "tiny_reg": 2}[name.removesuffix("-attention")]
+            assert len(ds) == N_IMAGES * heads * grid[name.removesuffix("-attention")]
+            weights = np.asarray(ds["weight"]).reshape(N_IMAGES, heads, -1)
+            # CLS attention over patches is part of a softmax that also covers the prefix tokens
+            assert (weights > 0).all() and (weights.sum(-1) < 1 + 1e-5).all()
         else:
             model = name.split("-L")[0]
             assert len(ds) == N_IMAGES * grid[model]

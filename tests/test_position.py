@@ -10,10 +10,8 @@ import torch
 from scipy.ndimage import gaussian_filter
 
 from generator.analyses.position import (
-    CONTENT_FREE_KINDS,
     border_map,
     border_score,
-    content_free_images,
     locality_curve,
     position_cluster_histogram,
     position_decodability,
@@ -21,6 +19,7 @@ from generator.analyses.position import (
     positional_consistency,
 )
 from generator.errors import PatchAtlasError
+from generator.sources.content_free import CONTENT_FREE_KINDS, content_free_images, content_free_source
 
 N_IMG, GH, GW, DIM = 40, 10, 12, 32
 
@@ -225,3 +224,14 @@ def test_content_free_images():
     assert not np.array_equal(images["noise"], content_free_images(32, ("noise",), seed=4)["noise"])
     with pytest.raises(PatchAtlasError, match="unknown"):
         content_free_images(8, ("checkerboard",))
+
+
+def test_content_free_source_labels_each_image_by_its_kind():
+    source = content_free_source(size=32, noise_images=2)
+    assert source.dataset["image_id"] == ["black", "gray", "white", "red", "green", "blue", "noise-0", "noise-1"]
+    for row in source.dataset:
+        kind = row["image_id"].split("-")[0]
+        mask = np.asarray(row["mask"])
+        assert (mask == CONTENT_FREE_KINDS.index(kind)).all()
+    noise = [np.asarray(r["image"]) for r in source.dataset if r["image_id"].startswith("noise")]
+    assert not np.array_equal(noise[0], noise[1])

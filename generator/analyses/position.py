@@ -12,8 +12,8 @@ Two different reasons why nearby patches end up in the same cluster:
   blobs). Measured by the mean cosine similarity of patch pairs against their grid distance,
   next to the similarity of random patches of different images (:func:`locality_curve`).
 
-:func:`content_free_images` makes inputs with no content at all (constant colours, noise): any
-structure in their cluster maps comes from the model, not from the image.
+The ``content-free`` source (:mod:`generator.sources.content_free`) feeds inputs with no content
+at all (constant colours, noise): any structure in their cluster maps comes from the model.
 
 Token arguments are torch tensors [n_img, gh, gw, D]; the work runs on their device (float64
 accumulations where sums grow large). Results are numpy arrays and Python floats.
@@ -21,18 +21,14 @@ accumulations where sums grow large). Results are numpy arrays and Python floats
 
 from __future__ import annotations
 
-from typing import Sequence
-
 import numpy as np
 import torch
 
 from generator.errors import PatchAtlasError
 
 __all__ = [
-    "CONTENT_FREE_KINDS",
     "border_map",
     "border_score",
-    "content_free_images",
     "locality_curve",
     "position_cluster_histogram",
     "position_decodability",
@@ -40,15 +36,6 @@ __all__ = [
     "positional_consistency",
 ]
 
-CONTENT_FREE_KINDS = ("black", "gray", "white", "red", "green", "blue", "noise")
-_CONSTANT_COLOURS = {
-    "black": (0, 0, 0),
-    "gray": (128, 128, 128),
-    "white": (255, 255, 255),
-    "red": (255, 0, 0),
-    "green": (0, 255, 0),
-    "blue": (0, 0, 255),
-}
 
 # Largest temporary (in elements) the chunked loops allow themselves: 2**26 float32 = 256 MiB.
 _CHUNK_ELEMENTS = 1 << 26
@@ -396,33 +383,3 @@ def border_map(tokens: torch.Tensor) -> np.ndarray:
     if spread == 0.0:
         return np.zeros((gh, gw), dtype=np.float64)
     return (deviation / spread).cpu().numpy()
-
-
-# --------------------------------------------------------------------------------------------
-# Inputs without content
-# --------------------------------------------------------------------------------------------
-
-
-def content_free_images(
-    side: int, kinds: Sequence[str] = CONTENT_FREE_KINDS, seed: int = 0
-) -> dict[str, np.ndarray]:
-    """Images with no content, [side, side, 3] uint8 each: constant colours (``black``,
-    ``gray`` = 128, ``white``, ``red``, ``green``, ``blue``) and ``noise`` (i.i.d. uniform
-    0..255 per pixel and channel, from ``seed``). Cluster maps of these show what the model
-    adds by itself: position codes, border rings, artifact tokens."""
-    if isinstance(side, bool) or not isinstance(side, (int, np.integer)) or side < 1:
-        raise PatchAtlasError(f"side must be a positive integer number of pixels, got {side!r}")
-    images: dict[str, np.ndarray] = {}
-    rng = np.random.default_rng(seed)
-    for kind in kinds:
-        if kind in _CONSTANT_COLOURS:
-            images[kind] = np.broadcast_to(
-                np.asarray(_CONSTANT_COLOURS[kind], dtype=np.uint8), (side, side, 3)
-            ).copy()
-        elif kind == "noise":
-            images[kind] = rng.integers(0, 256, size=(side, side, 3), dtype=np.uint8)
-        else:
-            raise PatchAtlasError(
-                f"content-free image kind {kind!r} is unknown; choose from {', '.join(CONTENT_FREE_KINDS)}"
-            )
-    return images

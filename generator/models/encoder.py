@@ -20,9 +20,12 @@ import torch
 import torch.nn.functional as F
 
 from generator.errors import PatchAtlasError, WeightsUnavailable
+from generator.models.attention import last_block_attention
 from generator.models.registry import ModelEntry
 
 NORMS = ("prenorm", "postnorm")
+# The last block's attention inputs, kept as extra views of the patches (heads concatenated).
+QKV_VIEWS = ("queries", "keys", "values")
 RANDOM_INIT_SEED = 0
 
 
@@ -170,6 +173,29 @@ class Encoder:
                     prefix=q.float(),
                 )
         return TokenBatch(grid=grid, layers=result)
+
+    @torch.inference_mode()
+    def attention(self, pixels: torch.Tensor) -> AttentionBatch:
+        """The last block's CLS attention maps and its q/k/v of the patch tokens, in float32."""
+        with self._autocast():
+            out = last_block_attention(self.model, pixels)
+        batch = pixels.shape[0]
+        gh, gw = out.grid
+        prefix = out.num_prefix_tokens
+
+        def patches(x: torch.Tensor) -> torch.Tensor:  # [B, heads, N, hd] → [B, gh, gw, heads·hd]
+            return x[:, :, prefix:].permute(0, 2, 1, 3).reshape(batch, gh, gw, -1).float()
+
+        # Row 0 is the CLS query; its weights on the patch keys form one map per head.
+        cls_maps = out.attn[:, :, 0, prefix:].float().reshape(batch, -1, gh, gw) if prefix >= 1 else None
+        return AttentionBatch(cls_maps=cls_maps, views={"queries": patches(out.q), "keys": patches(out.k),
+                                                         "values": patches(out.v)})
+
+
+@dataclass
+class AttentionBatch:
+    cls_maps: torch.Tensor | None  # [B, heads, gh, gw] CLS → patch weights; None without a CLS token
+    views: dict[str, torch.Tensor]  # "queries" | "keys" | "values" → [B, gh, gw, heads·head_dim]
 
 
 def _sha256_file(path: Path) -> str:

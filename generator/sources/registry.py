@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 from generator.errors import PatchAtlasError, UnknownName
 from generator.sources.base import SegmentationSource
+from generator.sources.content_free import CONTENT_FREE_NAME, content_free_source
 from generator.sources.synthetic import SYNTHETIC_NAME, synthetic_scenes
 
 
@@ -31,6 +32,11 @@ SOURCES: dict[str, SourceEntry] = {
             SYNTHETIC_NAME, synthetic_scenes,
             "deterministic synthetic scenes with exact masks (4 stuff + 4 object classes); offline default",
             {"n_images": 16, "size": 224, "seed": 0},
+        ),
+        SourceEntry(
+            CONTENT_FREE_NAME, content_free_source,
+            "inputs without content (constant colours, noise) that expose positional biases; offline",
+            {"size": 224, "noise_images": 3, "seed": 0},
         ),
     )
 }
