@@ -23,8 +23,9 @@ from PIL import Image
 
 from generator.assets import mkdocs_config, site_skeleton_dir, templates_dir
 from generator.errors import PatchAtlasError
-from generator.figures.maps import label_map_png, save_png, thumbnail
-from generator.figures.palette import PALETTE
+from generator.figures.maps import label_map_png, save_png, thumbnail, upsample_nearest
+from generator.figures.palette import PALETTE, colorize
+from generator.figures.plots import heatmap_rgb, histogram_png, line_chart_png
 from generator.models.registry import MODELS, get_model_entry
 from generator.store.manifest import Manifest
 from generator.store.parquet import read_images_table
@@ -91,58 +92,212 @@ def _model_rows(manifest: Manifest, source: str | None = None) -> list[ModelRow]
     return list(rows.values())
 
 
-def _load_metrics(out: Path, source: str) -> list[dict]:
-    metrics = []
-    for path in sorted((out / "results" / source).glob("*/*/kmeans.json")):
-        metrics.append(json.loads(path.read_text()))
-    return metrics
+def _load_json(paths) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted(paths)]
 
 
 def _decode_png(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)))
 
 
-def _gallery(out: Path, docs: Path, source: str, metrics: list[dict], options: RenderOptions,
-             num_classes: int, ignore_index: int) -> dict:
-    """Write the gallery figures of one source; returns the page context."""
-    repo = out / "datasets" / source
-    images = read_images_table(repo / IMAGES_CONFIG / shard_name())[: options.gallery_images]
-    asset_rel = Path("assets") / source
-    rows = []
-    for img in images:
-        rgb = thumbnail(_decode_png(img["image_png"]).reshape(img["height"], img["width"], -1)[..., :3],
-                        options.thumb_side)
-        side_hw = rgb.shape[:2]
-        image_rel = asset_rel / "images" / f"{img['image_id']}.png"
-        mask_rel = asset_rel / "masks" / f"{img['image_id']}.png"
-        save_png(rgb, docs / image_rel)
-        label_map_png(_decode_png(img["mask_png"]), docs / mask_rel, size_hw=side_hw, ignore_index=ignore_index)
-        rows.append({"image_id": img["image_id"], "image": image_rel.as_posix(), "mask": mask_rel.as_posix(),
-                     "size": side_hw, "maps": {}})
-    by_id = {r["image_id"]: r for r in rows}
-    layers: dict[int, list[str]] = {}
-    for m in metrics:
-        if m["norm"] != options.gallery_norm:
-            continue
-        ks = [r["k"] for r in m["kmeans"]]
-        if not ks:
-            continue
-        k = min(ks, key=lambda v: (abs(v - options.gallery_k), v))
-        maps_file = out / "results" / source / m["model"] / m["config"] / f"kmeans-k{k}.npz"
-        with np.load(maps_file) as npz:
-            display = npz["display_maps"]
-            ids = [str(v) for v in npz["image_ids"]]
-        for image_id, dmap in zip(ids, display):
-            if image_id not in by_id:
+@dataclass
+class Grid:
+    """A table of pictures: one row per image (image, ground truth, then one cell per column)."""
+
+    title: str
+    columns: list[str]
+    rows: list[dict]  # {"image_id", "image", "mask", "cells": [path | None]}
+    caption: str = ""
+
+
+class SourceFigures:
+    """Writes the figures of one source under ``docs/assets/<source>`` and returns their paths.
+
+    Paths are relative to the docs root; templates prefix them for the page's depth.
+    """
+
+    def __init__(self, out: Path, docs: Path, source: dict, options: RenderOptions):
+        self.out, self.docs, self.source, self.options = out, docs, source, options
+        self.name = source["name"]
+        self.assets = Path("assets") / self.name
+        self.ignore_index = source["ignore_index"]
+        repo = out / "datasets" / self.name
+        self.images = read_images_table(repo / IMAGES_CONFIG / shard_name())[: options.gallery_images]
+        self.ids = [img["image_id"] for img in self.images]
+        self.base_rows = []
+        self.sizes = {}
+        for img in self.images:
+            rgb = _decode_png(img["image_png"])
+            rgb = thumbnail(rgb.reshape(img["height"], img["width"], -1)[..., :3], options.thumb_side)
+            self.sizes[img["image_id"]] = rgb.shape[:2]
+            image_rel = self._save_rgb(rgb, "images", img["image_id"])
+            mask_rel = self.assets / "masks" / f"{img['image_id']}.png"
+            label_map_png(_decode_png(img["mask_png"]), self.docs / mask_rel, size_hw=rgb.shape[:2],
+                          ignore_index=self.ignore_index)
+            self.base_rows.append({"image_id": img["image_id"], "image": image_rel, "mask": mask_rel.as_posix()})
+
+    def _save_rgb(self, rgb: np.ndarray, *parts: str) -> str:
+        rel = self.assets.joinpath(*parts[:-1]) / f"{parts[-1]}.png"
+        save_png(rgb, self.docs / rel)
+        return rel.as_posix()
+
+    def _per_image(self, ids: list[str], arrays: np.ndarray, to_rgb, *parts: str) -> dict[str, str]:
+        """One PNG per gallery image from per-image arrays [n, gh, gw(, 3)]."""
+        paths = {}
+        for image_id, array in zip(ids, arrays):
+            if image_id in self.sizes:
+                rgb = upsample_nearest(to_rgb(array), self.sizes[image_id])
+                paths[image_id] = self._save_rgb(rgb, *parts, image_id)
+        return paths
+
+    def cluster_maps(self, model: str, config: str, k: int) -> dict[str, str]:
+        with np.load(self.out / "results" / self.name / model / config / f"kmeans-k{k}.npz") as npz:
+            display, ids = npz["display_maps"], [str(v) for v in npz["image_ids"]]
+        return self._per_image(ids, display, lambda m: colorize(m, self.ignore_index), model, config, f"clusters-k{k}")
+
+    def pca_maps(self, model: str, config: str, maps: dict) -> dict[str, str]:
+        return self._per_image(maps["ids"], maps["pca_rgb"], lambda a: a, model, config, "pca")
+
+    def norm_maps(self, model: str, config: str, maps: dict) -> dict[str, str]:
+        norms = maps["norm_maps"]
+        top = float(norms.max()) if norms.size else 1.0  # one scale per config: images compare
+        return self._per_image(maps["ids"], norms, lambda a: heatmap_rgb(a, 0.0, top, "magma"), model, config, "norms")
+
+    def border_map(self, model: str, config: str, values: np.ndarray, top: float) -> str:
+        rgb = upsample_nearest(heatmap_rgb(values, 0.0, top, "viridis"), (96, 96))
+        return self._save_rgb(rgb, model, config, "border")
+
+    def attention_maps(self, model: str, maps: np.ndarray, ids: list[str], heads: int) -> dict[tuple[str, int], str]:
+        paths = {}
+        for image_id, per_head in zip(ids, maps):
+            if image_id not in self.sizes:
                 continue
-            rel = asset_rel / "clusters" / m["model"] / m["config"] / f"k{k}" / f"{image_id}.png"
-            label_map_png(dmap, docs / rel, size_hw=by_id[image_id]["size"], ignore_index=ignore_index)
-            by_id[image_id]["maps"][(m["layer"], m["model"])] = rel.as_posix()
-        layers.setdefault(m["layer"], [])
-        if m["model"] not in layers[m["layer"]]:
-            layers[m["layer"]].append(m["model"])
-    return {"rows": rows, "layers": {layer: sorted(models) for layer, models in sorted(layers.items())},
-            "k": options.gallery_k, "norm": options.gallery_norm}
+            for head in range(min(heads, per_head.shape[0])):
+                rgb = upsample_nearest(heatmap_rgb(per_head[head], 0.0, None, "inferno"), self.sizes[image_id])
+                paths[(image_id, head)] = self._save_rgb(rgb, model, "attention", f"{image_id}-h{head}")
+        return paths
+
+    def grid(self, title: str, columns: list[str], cells: list[dict[str, str]], caption: str = "") -> Grid:
+        rows = [{**row, "cells": [c.get(row["image_id"]) for c in cells]} for row in self.base_rows]
+        return Grid(title, columns, rows, caption)
+
+
+def _load_maps(out: Path, source: str, model: str, config: str) -> dict:
+    path = out / "results" / source / model / config / "maps.npz"
+    with np.load(path) as npz:
+        maps = {key: npz[key] for key in npz.files}
+    maps["ids"] = [str(v) for v in maps.pop("image_ids")]
+    return maps
+
+
+def _source_context(out: Path, docs: Path, src: dict, manifest: Manifest, options: RenderOptions) -> dict:
+    """Figures and tables of one source: galleries, positional and artifact maps, attention."""
+    name = src["name"]
+    figures = SourceFigures(out, docs, src, options)
+    kmeans = _load_json((out / "results" / name).glob("*/*/kmeans.json"))
+    maps_json = {(m["model"], m["config"]): m for m in _load_json((out / "results" / name).glob("*/*/maps.json"))}
+    attention = {p.parent.name: json.loads(p.read_text()) for p in (out / "results" / name).glob("*/attention.json")}
+    families = {m: get_model_entry(m).family if m in MODELS else "?" for m in {r["model"] for r in kmeans}}
+    k = options.gallery_k
+
+    def nearest_k(metric: dict) -> int | None:
+        ks = [r["k"] for r in metric["kmeans"]]
+        return min(ks, key=lambda v: (abs(v - k), v)) if ks else None
+
+    gallery_norm = options.gallery_norm
+    post = [m for m in kmeans if m["norm"] == gallery_norm]
+    pre = [m for m in kmeans if m["norm"] == "prenorm"]
+    models = sorted({m["model"] for m in kmeans}, key=lambda m: (families[m], m))
+    layers = sorted({m["layer"] for m in post})
+    cluster_paths = {(m["model"], m["layer"]): figures.cluster_maps(m["model"], m["config"], nearest_k(m))
+                     for m in post if nearest_k(m) is not None}
+
+    by_layer = []
+    for layer in layers:
+        layer_models = [m for m in models if (m, layer) in cluster_paths]
+        by_layer.append(figures.grid(f"Layer {layer}", layer_models, [cluster_paths[(m, layer)] for m in layer_models]))
+    by_model, pca, norms = [], [], []
+    for model in models:
+        model_layers = [layer for layer in layers if (model, layer) in cluster_paths]
+        by_model.append(figures.grid(model, [f"layer {layer}" for layer in model_layers],
+                                     [cluster_paths[(model, layer)] for layer in model_layers]))
+        post_cfgs = sorted((m for m in post if m["model"] == model), key=lambda m: m["layer"])
+        pca.append(figures.grid(model, [f"layer {m['layer']}" for m in post_cfgs],
+                                [figures.pca_maps(model, m["config"], _load_maps(out, name, model, m["config"]))
+                                 for m in post_cfgs]))
+        pre_cfgs = sorted((m for m in pre if m["model"] == model), key=lambda m: m["layer"])
+        if pre_cfgs:
+            norms.append(figures.grid(model, [f"layer {m['layer']}" for m in pre_cfgs],
+                                      [figures.norm_maps(model, m["config"], _load_maps(out, name, model, m["config"]))
+                                       for m in pre_cfgs]))
+
+    attention_grids = []
+    for model in models:
+        att = attention.get(model)
+        if not att:
+            continue
+        with np.load(out / "results" / name / model / "attention.npz") as npz:
+            maps, ids = npz["cls_maps"], [str(v) for v in npz["image_ids"]]
+        paths = figures.attention_maps(model, maps, ids, att["heads"])
+        per_head = att.get("per_head") or [None] * att["heads"]
+        columns = [f"head {h}" + (f" · J={100 * j:.0f}" if j is not None else "") for h, j in enumerate(per_head)]
+        cells = [{image_id: paths.get((image_id, h)) for image_id in ids} for h in range(att["heads"])]
+        attention_grids.append(figures.grid(model, columns, cells))
+
+    # Positional bias and artifacts: one row per (model, layer, view), CL and MIM grouped.
+    rows = []
+    border_top = max((float(np.max(_load_maps(out, name, m["model"], m["config"])["border_map"]))
+                      for m in post), default=1.0) or 1.0
+    border_cells: dict[tuple[str, int], str] = {}
+    for m in sorted(kmeans, key=lambda m: (families[m["model"]], m["model"], m["layer"], m["norm"])):
+        mj = maps_json.get((m["model"], m["config"]), {})
+        chosen = next((r for r in m["kmeans"] if r["k"] == nearest_k(m)), None)
+        position = mj.get("position") or {}
+        rows.append({
+            "model": m["model"], "family": families[m["model"]], "layer": m["layer"], "norm": m["norm"],
+            "border_score": mj.get("border_score"), "row_r2": position.get("row_r2"), "col_r2": position.get("col_r2"),
+            "consistency": chosen.get("positional_consistency") if chosen else None,
+            "stability": (m.get("stability") or {}).get("mean_ari"),
+            "outlier_share": (mj.get("norms") or {}).get("outlier_share"),
+            "miou": chosen["miou"] if chosen else None, "chance": chosen["chance_miou"] if chosen else None,
+        })
+        if m["norm"] == gallery_norm:
+            border_cells[(m["model"], m["layer"])] = figures.border_map(
+                m["model"], m["config"], _load_maps(out, name, m["model"], m["config"])["border_map"], border_top)
+
+    charts = {}
+    last = {model: max((m for m in post if m["model"] == model), key=lambda m: m["layer"]) for model in models
+            if any(m["model"] == model for m in post)}
+    if last:
+        series, baselines = [], []
+        for model, m in last.items():
+            loc = maps_json[(model, m["config"])]["locality"]
+            series.append({"label": f"{model} L{m['layer']}", "x": loc["distance"], "y": loc["mean_cosine"],
+                           "family": families[model]})
+            baselines.append(loc["random_baseline"])
+        rel = figures.assets / "charts" / "locality.png"
+        line_chart_png(series, docs / rel, xlabel="patch distance (Chebyshev)", ylabel="mean cosine similarity",
+                       title=f"Locality on {name} (last layer, {gallery_norm})", baseline=float(np.mean(baselines)))
+        charts["locality"] = rel.as_posix()
+    last_pre = {model: max((m for m in pre if m["model"] == model), key=lambda m: m["layer"]) for model in models
+                if any(m["model"] == model for m in pre)}
+    if last_pre:
+        hists = {}
+        for model, m in last_pre.items():
+            h = maps_json[(model, m["config"])]["norms"]["histogram"]
+            hists[f"{model} L{m['layer']}"] = {**h, "family": families[model]}
+        rel = figures.assets / "charts" / "norms.png"
+        histogram_png(hists, docs / rel, xlabel="L2 norm of pre-norm patch tokens", title=f"Token norms on {name}")
+        charts["norms"] = rel.as_posix()
+
+    return {
+        "source": src, "models": _model_rows(manifest, name), "families": families,
+        "gallery": {"k": k, "norm": gallery_norm, "by_layer": by_layer, "by_model": by_model, "pca": pca,
+                    "norms": norms, "attention": attention_grids},
+        "metrics": sorted(kmeans, key=lambda m: (families[m["model"]], m["model"], m["layer"], m["norm"])),
+        "attention": attention, "positional_rows": rows, "charts": charts,
+        "border": {"models": models, "layers": layers, "cells": border_cells},
+    }
 
 
 def _legend(docs: Path, source: str, classes: list[dict]) -> list[dict]:
@@ -158,30 +313,35 @@ def _legend(docs: Path, source: str, classes: list[dict]) -> list[dict]:
 def render_docs(out: Path, docs: Path, options: RenderOptions) -> list[Path]:
     """Write every generated page and figure under ``docs``; returns the pages written."""
     manifest = Manifest.load(out / "manifest.json")
-    sources = [entry for key, entry in sorted(manifest.entries(prefix="sources/"))]
+    sources = [entry for _, entry in sorted(manifest.entries(prefix="sources/"))]
     if not sources:
         raise PatchAtlasError(f"{out}: nothing has been extracted yet; run `patchatlas extract --out {out}` first")
     env = template_env()
-    pages = []
-    dataset_pages = []
+    pages, dataset_pages, contexts = [], [], {}
     for src in sources:
-        metrics = _load_metrics(out, src["name"])
-        gallery = _gallery(out, docs, src["name"], metrics, options, len(src["classes"]), src["ignore_index"])
+        context = _source_context(out, docs, src, manifest, options)
+        context.update(legend=_legend(docs, src["name"], src["classes"]), dataset_dir=f"datasets/{src['name']}",
+                       page_depth="../")
+        contexts[src["name"]] = context
         page_rel = Path("datasets") / f"{src['name']}.md"
-        context = {
-            "source": src, "gallery": gallery, "legend": _legend(docs, src["name"], src["classes"]),
-            "models": _model_rows(manifest, src["name"]),
-            "metrics": sorted(metrics, key=lambda m: (m["model"], m["layer"], m["norm"])),
-            "dataset_dir": f"datasets/{src['name']}", "page_depth": "../",
-        }
         _write_page(docs / page_rel, env.get_template("dataset.md.j2").render(**context))
         pages.append(docs / page_rel)
         dataset_pages.append({"name": src["name"], "page": page_rel.as_posix(), "num_images": src["num_images"],
                               "num_classes": len(src["classes"]), "license": src["license"],
                               "description": src["description"]})
-    home = env.get_template("index.md.j2").render(
-        models=_model_rows(manifest), datasets=dataset_pages, out=str(out),
-    )
+    _write_page(docs / "positional-artifacts.md",
+                env.get_template("artifacts.md.j2").render(contexts=contexts, page_depth=""))
+    pages.append(docs / "positional-artifacts.md")
+    models = _model_rows(manifest)
+    for model in models:
+        if model.status != "done":
+            continue
+        entry = get_model_entry(model.name)
+        per_source = {name: ctx for name, ctx in contexts.items() if model.name in ctx["families"]}
+        page = env.get_template("model.md.j2").render(model=model, entry=entry, contexts=per_source, page_depth="../")
+        _write_page(docs / "models" / f"{model.name}.md", page)
+        pages.append(docs / "models" / f"{model.name}.md")
+    home = env.get_template("index.md.j2").render(models=models, datasets=dataset_pages, out=str(out))
     _write_page(docs / "index.md", home)
     pages.append(docs / "index.md")
     return pages

@@ -131,8 +131,8 @@ def test_site_is_built_with_gallery_and_skip_notice(built):
     assert "tiny_vit" in index and "weights unavailable offline" in index
     gallery = (site / "datasets" / "synthetic-scenes" / "index.html").read_text()
     images = re.findall(r'<img[^>]+src="([^"]+)"', gallery)
-    cluster_maps = [src for src in images if "/clusters/" in src]
-    # every gallery image x every layer x every extracted model
+    cluster_maps = {src for src in images if "/clusters-k4/" in src}
+    # every gallery image x every layer x every extracted model, shown by layer and by model
     assert len(cluster_maps) == N_IMAGES * 2 * 2
     for src in images:
         assert (site / "datasets" / "synthetic-scenes" / src).resolve().is_file(), src
@@ -172,3 +172,25 @@ def test_unknown_model_is_rejected_before_any_work(tmp_path, capsys):
 def test_every_command_has_help(command, capsys):
     assert main(command + ["--help"]) == 0
     assert "Usage:" in capsys.readouterr().out
+
+
+def test_analyses_and_their_pages_are_written(built):
+    out = built["out"]
+    results = out / "results" / "synthetic-scenes" / "tiny_reg"
+    maps = json.loads((results / "tiny_reg-L02-prenorm" / "maps.json").read_text())
+    assert set(maps) >= {"border_score", "position", "locality", "norms", "pca_explained_variance_ratio"}
+    assert 0 <= maps["norms"]["outlier_share"] <= 1
+    kmeans = json.loads((results / "tiny_reg-L02-postnorm" / "kmeans.json").read_text())
+    assert [r["k"] for r in kmeans["kmeans"]] == [2, 4]
+    attention = json.loads((results / "attention.json").read_text())
+    assert attention["heads"] == 2 and len(attention["per_head"]) == 2
+    assert all(0 <= j <= 1 for j in attention["per_head"])
+    site = out / "site"
+    artifacts = (site / "positional-artifacts" / "index.html").read_text()
+    for model in ("tiny_random", "tiny_reg"):
+        assert f'href="../models/{model}/"' in artifacts
+        assert (site / "models" / model / "index.html").is_file()
+    assert "content-free" in artifacts and "synthetic-scenes" in artifacts
+    model_page = (site / "models" / "tiny_reg" / "index.html").read_text()
+    for src in re.findall(r'<img[^>]+src="([^"]+)"', model_page):
+        assert (site / "models" / "tiny_reg" / src).resolve().is_file(), src

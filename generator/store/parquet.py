@@ -1,8 +1,13 @@
 """Parquet writers and readers for the tables of a dataset repository.
 
-Writers stream batches into a temporary file and rename it into place on a clean close, so a
-reader never sees half a table and a crash leaves the previous file (or none) untouched.
-Embeddings are stored as fixed-size lists of float32 built zero-copy from the token buffer.
+Writers stream batches into a temporary sibling of the final file and rename it into place on
+a clean close (``generator.store.atomic``), so a reader never sees half a table and an error
+leaves the previous file (or none) untouched and no temporary file behind.
+
+Rows are gathered into a preallocated buffer of one row group and written when it is full, so
+row groups have a useful size whatever the batch size, memory per writer stays bounded, and the
+caller's arrays are free again as soon as ``write_batch`` returns. The buffer is handed to Arrow
+without copying: embeddings become a fixed-size list over the flat float32 buffer.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -19,212 +24,428 @@ import pyarrow.parquet as pq
 from generator.errors import PatchAtlasError
 from generator.store.atomic import atomic_path
 from generator.store.schema import (
-    arrow_schema,
-    attention_features,
-    image_features,
-    patch_features,
-    prefix_features,
+    PREFIX_KINDS,
+    attention_schema,
+    image_schema,
+    patch_schema,
+    prefix_schema,
 )
 
-# zstd compresses float tokens a little and decodes fast; the page index lets readers skip pages.
-PARQUET_OPTIONS = dict(compression="zstd", write_page_index=True, use_dictionary=["image_id", "norm", "kind"])
-ROW_GROUP_ROWS = 64 * 1024
+# A row group of about this many bytes of embeddings: large enough to compress well and to
+# amortise the page index, small enough that a few dozen open writers fit in memory.
+ROW_GROUP_BYTES = 32 * 1024 * 1024
+MIN_ROW_GROUP_ROWS = 1024
+MAX_ROW_GROUP_ROWS = 128 * 1024
+IMAGES_PER_ROW_GROUP = 64
+_INT16 = np.iinfo(np.int16)
+
+
+def default_row_group_rows(dim: int) -> int:
+    """Rows per row group for embeddings of width ``dim`` (about ``ROW_GROUP_BYTES`` each)."""
+    return int(np.clip(ROW_GROUP_BYTES // (4 * max(dim, 1)), MIN_ROW_GROUP_ROWS, MAX_ROW_GROUP_ROWS))
+
+
+def _parquet_options(dictionary_columns: Sequence[str]) -> dict:
+    # zstd shrinks float tokens a little and decodes fast; the page index lets readers skip
+    # pages; dictionaries pay off only for the few repeated strings, never for embeddings.
+    return dict(compression="zstd", write_page_index=True, use_dictionary=list(dictionary_columns))
+
+
+class _RowGroupBuffer:
+    """Numpy columns for one row group, filled batch by batch and viewed as Arrow arrays."""
+
+    def __init__(self, schema: pa.Schema, capacity: int):
+        self.schema = schema
+        self.capacity = capacity
+        self.filled = 0
+        self.columns: dict[str, np.ndarray] = {}
+        for field in schema:
+            if pa.types.is_fixed_size_list(field.type):
+                dtype = field.type.value_type.to_pandas_dtype()
+                self.columns[field.name] = np.empty((capacity, field.type.list_size), dtype=dtype)
+            elif pa.types.is_string(field.type):
+                self.columns[field.name] = np.empty(capacity, dtype=object)
+            else:
+                self.columns[field.name] = np.empty(capacity, dtype=field.type.to_pandas_dtype())
+
+    def put(self, values: Mapping[str, np.ndarray], start: int, stop: int) -> None:
+        """Copy rows ``start:stop`` of ``values`` (arrays of equal length) after the filled rows."""
+        end = self.filled + stop - start
+        for name, column in self.columns.items():
+            column[self.filled:end] = values[name][start:stop]
+        self.filled = end
+
+    @property
+    def room(self) -> int:
+        return self.capacity - self.filled
+
+    def to_table(self) -> pa.Table:
+        n = self.filled
+        arrays = []
+        for field in self.schema:
+            column = self.columns[field.name][:n]
+            if pa.types.is_fixed_size_list(field.type):
+                flat = pa.array(column.reshape(-1), type=field.type.value_type)
+                arrays.append(pa.FixedSizeListArray.from_arrays(flat, field.type.list_size))
+            else:
+                arrays.append(pa.array(column, type=field.type))
+        return pa.Table.from_arrays(arrays, schema=self.schema)
 
 
 class TableWriter:
-    """A Parquet file written batch by batch and renamed into place on a clean exit."""
+    """A Parquet file written in row groups and renamed into place on a clean close.
 
-    def __init__(self, path: str | os.PathLike, schema: pa.Schema):
+    Use it as a context manager: leaving the block normally publishes the file, leaving it by
+    an exception discards everything written. ``close()`` and ``abort()`` do the same by hand.
+    """
+
+    def __init__(self, path: str | os.PathLike, schema: pa.Schema, *, row_group_rows: int,
+                 dictionary_columns: Sequence[str] = ("image_id",)):
+        if isinstance(row_group_rows, bool) or not isinstance(row_group_rows, int) or row_group_rows < 1:
+            raise PatchAtlasError(f"{path}: row_group_rows={row_group_rows!r} must be a positive integer")
         self.path = Path(path)
         self.schema = schema
-        self._atomic = atomic_path(self.path)
-        self._tmp: Path | None = None
-        self._writer: pq.ParquetWriter | None = None
+        self.row_group_rows = row_group_rows
         self.num_rows = 0
-
-    def __enter__(self) -> "TableWriter":
+        self._buffer: _RowGroupBuffer | None = None
+        self._atomic = atomic_path(self.path)
         self._tmp = self._atomic.__enter__()
-        self._writer = pq.ParquetWriter(self._tmp, self.schema, **PARQUET_OPTIONS)
+        try:
+            self._writer = pq.ParquetWriter(self._tmp, schema, **_parquet_options(dictionary_columns))
+        except BaseException as err:
+            self._atomic.__exit__(type(err), err, err.__traceback__)
+            raise
+        self._open = True
+
+    def __enter__(self):
         return self
 
-    def write_columns(self, columns: dict[str, pa.Array]) -> None:
-        table = pa.Table.from_arrays([columns[f.name] for f in self.schema], schema=self.schema)
-        self._writer.write_table(table, row_group_size=ROW_GROUP_ROWS)
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            self.close()
+        else:
+            self.abort(exc)
+        return False
+
+    def _check_open(self) -> None:
+        if not self._open:
+            raise PatchAtlasError(f"{self.path}: the table is already closed; open a new writer to write again")
+
+    def append_rows(self, values: Mapping[str, np.ndarray]) -> None:
+        """Append rows given as one equal-length array (or array-like) per schema column."""
+        self._check_open()
+        if self._buffer is None:
+            self._buffer = _RowGroupBuffer(self.schema, self.row_group_rows)
+        n = len(next(iter(values.values())))
+        start = 0
+        while start < n:
+            take = min(self._buffer.room, n - start)
+            self._buffer.put(values, start, start + take)
+            start += take
+            if self._buffer.room == 0:
+                self._flush()
+
+    def write_table(self, table: pa.Table) -> None:
+        """Write an Arrow table as it is (one or more row groups), after any buffered rows."""
+        self._check_open()
+        self._flush()
+        self._writer.write_table(table.cast(self.schema), row_group_size=self.row_group_rows)
         self.num_rows += table.num_rows
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
-        self._writer.close()
-        # atomic_path renames on a clean exit and deletes the temporary file on an error.
-        return bool(self._atomic.__exit__(exc_type, exc, tb))
+    def _flush(self) -> None:
+        if self._buffer is None or self._buffer.filled == 0:
+            return
+        table = self._buffer.to_table()
+        # The Arrow arrays view the buffer; the row group is encoded before write_table
+        # returns, so the buffer can be refilled afterwards.
+        self._writer.write_table(table, row_group_size=table.num_rows)
+        self.num_rows += table.num_rows
+        self._buffer.filled = 0
+
+    def close(self) -> Path:
+        """Write what is buffered, finish the file and move it onto its final name."""
+        if not self._open:
+            return self.path
+        try:
+            self._flush()
+            self._writer.close()
+        except BaseException as err:
+            self.abort(err)
+            raise
+        self._open = False
+        self._buffer = None
+        self._atomic.__exit__(None, None, None)
+        return self.path
+
+    def abort(self, reason: BaseException | None = None) -> None:
+        """Discard the temporary file; the final path keeps whatever it held before."""
+        if not self._open:
+            return
+        self._open = False
+        self._buffer = None
+        try:
+            self._writer.close()
+        except Exception:  # noqa: BLE001 - the file is being thrown away anyway
+            pass
+        reason = reason if reason is not None else PatchAtlasError(f"{self.path}: writing aborted")
+        self._atomic.__exit__(type(reason), reason, reason.__traceback__)
 
 
-def _embedding_array(values: np.ndarray, dim: int) -> pa.FixedSizeListArray:
-    flat = np.ascontiguousarray(values, dtype=np.float32).reshape(-1)
-    return pa.FixedSizeListArray.from_arrays(pa.array(flat, type=pa.float32()), dim)
+def _check_ids(path: Path, image_ids: Sequence[str], batch: int) -> np.ndarray:
+    ids = np.asarray(list(image_ids), dtype=object)
+    if ids.shape != (batch,) or not all(isinstance(v, str) and v for v in ids):
+        raise PatchAtlasError(f"{path}: expected {batch} non-empty string image ids, got {list(image_ids)[:5]!r}...")
+    return ids
+
+
+def _check_tokens(path: Path, tokens: np.ndarray, ndim: int, dim: int, what: str) -> np.ndarray:
+    tokens = np.asarray(tokens)
+    if tokens.ndim != ndim or tokens.shape[-1] != dim or not np.issubdtype(tokens.dtype, np.floating):
+        raise PatchAtlasError(
+            f"{path}: {what} of shape {tokens.shape} and dtype {tokens.dtype} does not fit a table of "
+            f"float32 embeddings of dimension {dim}")
+    return tokens
+
+
+def _check_int16(path: Path, name: str, values: np.ndarray) -> np.ndarray:
+    values = np.asarray(values)
+    if values.size and (not np.issubdtype(values.dtype, np.integer)
+                        or values.min() < _INT16.min or values.max() > _INT16.max):
+        raise PatchAtlasError(f"{path}: {name} must be integers within int16 "
+                              f"[{_INT16.min}, {_INT16.max}], got dtype {values.dtype}")
+    return values
 
 
 class PatchTableWriter(TableWriter):
     """Rows of (image_id, row, col, label, embedding), row-major within each image."""
 
-    def __init__(self, path: str | os.PathLike, dim: int):
-        super().__init__(path, arrow_schema(patch_features(dim)))
+    def __init__(self, path: str | os.PathLike, dim: int, *, row_group_rows: int | None = None):
+        super().__init__(path, patch_schema(dim), row_group_rows=row_group_rows or default_row_group_rows(dim),
+                         dictionary_columns=("image_id",))
         self.dim = dim
 
     def write_batch(self, image_ids: Sequence[str], tokens: np.ndarray, labels: np.ndarray) -> None:
+        """``tokens`` [B, gh, gw, D] floating, ``labels`` [B, gh, gw] integer: one row per patch."""
+        tokens = _check_tokens(self.path, tokens, 4, self.dim, "tokens")
         batch, gh, gw, dim = tokens.shape
-        if dim != self.dim or labels.shape != (batch, gh, gw) or len(image_ids) != batch:
-            raise PatchAtlasError(
-                f"{self.path}: batch of shape {tokens.shape} with labels {labels.shape} and "
-                f"{len(image_ids)} ids does not fit a table of dimension {self.dim}")
-        rows, cols = np.meshgrid(np.arange(gh, dtype=np.int16), np.arange(gw, dtype=np.int16), indexing="ij")
+        labels = np.asarray(labels)
+        if labels.shape != (batch, gh, gw):
+            raise PatchAtlasError(f"{self.path}: labels of shape {labels.shape} do not fit tokens of shape "
+                                  f"{tokens.shape}; expected {(batch, gh, gw)}")
+        labels = _check_int16(self.path, "labels", labels)
+        if max(gh, gw) > _INT16.max:
+            raise PatchAtlasError(f"{self.path}: a {gh}×{gw} patch grid does not fit int16 positions")
+        ids = _check_ids(self.path, image_ids, batch)
         per_image = gh * gw
-        self.write_columns({
-            "image_id": pa.array(np.repeat(np.asarray(image_ids, dtype=object), per_image), type=pa.string()),
-            "row": pa.array(np.tile(rows.reshape(-1), batch)),
-            "col": pa.array(np.tile(cols.reshape(-1), batch)),
-            "label": pa.array(labels.astype(np.int16).reshape(-1)),
-            "embedding": _embedding_array(tokens, dim),
+        rows, cols = np.divmod(np.arange(per_image, dtype=np.int32), gw)
+        self.append_rows({
+            "image_id": np.repeat(ids, per_image),
+            "row": np.tile(rows, batch),
+            "col": np.tile(cols, batch),
+            "label": labels.reshape(-1),
+            "embedding": tokens.reshape(-1, dim),
         })
 
 
 class PrefixTableWriter(TableWriter):
     """Rows of (image_id, layer, norm, token_index, kind, embedding) for CLS and register tokens."""
 
-    def __init__(self, path: str | os.PathLike, dim: int):
-        super().__init__(path, arrow_schema(prefix_features(dim)))
+    def __init__(self, path: str | os.PathLike, dim: int, *, row_group_rows: int | None = None):
+        # norm and kind repeat a handful of values, so they get dictionaries too.
+        super().__init__(path, prefix_schema(dim), row_group_rows=row_group_rows or default_row_group_rows(dim),
+                         dictionary_columns=("image_id", "norm", "kind"))
         self.dim = dim
 
     def write_batch(self, image_ids: Sequence[str], layer: int, norm: str, tokens: np.ndarray,
                     kinds: Sequence[str]) -> None:
+        """``tokens`` [B, P, D]: the P prefix tokens of each image, ``kinds[p]`` naming token p."""
+        tokens = _check_tokens(self.path, tokens, 3, self.dim, "prefix tokens")
         batch, count, dim = tokens.shape
-        if len(kinds) != count or dim != self.dim:
-            raise PatchAtlasError(f"{self.path}: {count} prefix tokens but {len(kinds)} kinds, or dimension {dim} ≠ {self.dim}")
+        kinds = list(kinds)
+        if len(kinds) != count or any(k not in PREFIX_KINDS for k in kinds):
+            raise PatchAtlasError(f"{self.path}: {count} prefix tokens need {count} kinds from "
+                                  f"{PREFIX_KINDS}, got {kinds!r}")
+        if not isinstance(norm, str) or not norm:
+            raise PatchAtlasError(f"{self.path}: norm {norm!r} must be a non-empty string")
+        _check_int16(self.path, "layer", np.asarray([layer]))
+        ids = _check_ids(self.path, image_ids, batch)
         n = batch * count
-        self.write_columns({
-            "image_id": pa.array(np.repeat(np.asarray(image_ids, dtype=object), count), type=pa.string()),
-            "layer": pa.array(np.full(n, layer, dtype=np.int16)),
-            "norm": pa.array([norm] * n, type=pa.string()),
-            "token_index": pa.array(np.tile(np.arange(count, dtype=np.int16), batch)),
-            "kind": pa.array(list(kinds) * batch, type=pa.string()),
-            "embedding": _embedding_array(tokens, dim),
+        self.append_rows({
+            "image_id": np.repeat(ids, count),
+            "layer": np.full(n, layer, dtype=np.int16),
+            "norm": np.full(n, norm, dtype=object),
+            "token_index": np.tile(np.arange(count, dtype=np.int16), batch),
+            "kind": np.tile(np.asarray(kinds, dtype=object), batch),
+            "embedding": tokens.reshape(-1, dim),
         })
 
 
 class AttentionTableWriter(TableWriter):
     """Rows of (image_id, head, row, col, weight): CLS → patch attention of the last block."""
 
-    def __init__(self, path: str | os.PathLike):
-        super().__init__(path, arrow_schema(attention_features()))
+    def __init__(self, path: str | os.PathLike, *, row_group_rows: int = MAX_ROW_GROUP_ROWS):
+        super().__init__(path, attention_schema(), row_group_rows=row_group_rows, dictionary_columns=("image_id",))
 
     def write_batch(self, image_ids: Sequence[str], maps: np.ndarray) -> None:
+        """``maps`` [B, heads, gh, gw]: one row per (image, head, row, col)."""
+        maps = np.asarray(maps)
+        if maps.ndim != 4 or not np.issubdtype(maps.dtype, np.floating):
+            raise PatchAtlasError(f"{self.path}: attention maps of shape {maps.shape} and dtype {maps.dtype}; "
+                                  f"expected floating [batch, heads, rows, cols]")
         batch, heads, gh, gw = maps.shape
-        per_image = heads * gh * gw
-        head, row, col = np.meshgrid(np.arange(heads, dtype=np.int16), np.arange(gh, dtype=np.int16),
-                                     np.arange(gw, dtype=np.int16), indexing="ij")
-        self.write_columns({
-            "image_id": pa.array(np.repeat(np.asarray(image_ids, dtype=object), per_image), type=pa.string()),
-            "head": pa.array(np.tile(head.reshape(-1), batch)),
-            "row": pa.array(np.tile(row.reshape(-1), batch)),
-            "col": pa.array(np.tile(col.reshape(-1), batch)),
-            "weight": pa.array(np.ascontiguousarray(maps, dtype=np.float32).reshape(-1)),
+        ids = _check_ids(self.path, image_ids, batch)
+        head, row, col = (a.reshape(-1) for a in np.meshgrid(
+            np.arange(heads, dtype=np.int16), np.arange(gh, dtype=np.int16), np.arange(gw, dtype=np.int16),
+            indexing="ij"))
+        self.append_rows({
+            "image_id": np.repeat(ids, heads * gh * gw),
+            "head": np.tile(head, batch),
+            "row": np.tile(row, batch),
+            "col": np.tile(col, batch),
+            "weight": maps.reshape(-1),
         })
 
 
+_IMAGE_ROW_KEYS = ("image_id", "image_png", "mask_png", "width", "height")
+
+
+def _image_rows_table(path: Path, rows: list[dict], schema: pa.Schema) -> pa.Table:
+    for row in rows:
+        missing = [k for k in _IMAGE_ROW_KEYS if k not in row]
+        if missing or not isinstance(row["image_png"], bytes) or not isinstance(row["mask_png"], bytes):
+            raise PatchAtlasError(f"{path}: image row {row.get('image_id')!r} needs {_IMAGE_ROW_KEYS} with PNG "
+                                  f"bytes; missing {missing}")
+    return pa.Table.from_arrays([
+        pa.array([r["image_id"] for r in rows], type=pa.string()),
+        pa.array([{"bytes": r["image_png"], "path": None} for r in rows], type=schema.field("image").type),
+        pa.array([{"bytes": r["mask_png"], "path": None} for r in rows], type=schema.field("mask").type),
+        pa.array([int(r["width"]) for r in rows], type=pa.int32()),
+        pa.array([int(r["height"]) for r in rows], type=pa.int32()),
+    ], schema=schema)
+
+
 def write_images_table(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
-    """Images and masks as encoded PNG bytes (``datasets.Image`` cells)."""
-    schema = arrow_schema(image_features())
-    with TableWriter(path, schema) as writer:
+    """Images and masks as encoded PNG bytes (``datasets.Image`` cells), in the given order.
+
+    ``rows`` yields dicts with ``image_id``, ``image_png``, ``mask_png``, ``width``, ``height``.
+    """
+    path = Path(path)
+    schema = image_schema()
+    with TableWriter(path, schema, row_group_rows=IMAGES_PER_ROW_GROUP) as writer:
         chunk: list[dict] = []
-
-        def flush():
-            writer.write_columns({
-                "image_id": pa.array([r["image_id"] for r in chunk], type=pa.string()),
-                "image": pa.array([{"bytes": r["image_png"], "path": None} for r in chunk], type=schema.field("image").type),
-                "mask": pa.array([{"bytes": r["mask_png"], "path": None} for r in chunk], type=schema.field("mask").type),
-                "width": pa.array([r["width"] for r in chunk], type=pa.int32()),
-                "height": pa.array([r["height"] for r in chunk], type=pa.int32()),
-            })
-            chunk.clear()
-
         for row in rows:
             chunk.append(row)
-            if len(chunk) == 64:
-                flush()
+            if len(chunk) == IMAGES_PER_ROW_GROUP:
+                writer.write_table(_image_rows_table(path, chunk, schema))
+                chunk = []
         if chunk:
-            flush()
-    return Path(path)
+            writer.write_table(_image_rows_table(path, chunk, schema))
+    return path
+
+
+def _read(path: str | os.PathLike, required: Mapping[str, pa.DataType], what: str) -> pa.Table:
+    path = Path(path)
+    if not path.is_file():
+        raise PatchAtlasError(f"{path}: {what} not found; rerun `patchatlas extract` for this output folder")
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as err:
+        raise PatchAtlasError(f"{path}: unreadable Parquet ({err}); delete it and rerun `patchatlas extract`") from err
+    for name, expected in required.items():
+        if name not in table.column_names or not table.schema.field(name).type.equals(expected):
+            found = table.schema.field(name).type if name in table.column_names else "missing"
+            raise PatchAtlasError(f"{path}: not a {what}: column {name!r} should be {expected}, found {found}")
+    return table
 
 
 def read_images_table(path: str | os.PathLike) -> list[dict]:
     """Rows of (image_id, image_png, mask_png, width, height) in stored order."""
-    table = _read(path)
+    schema = image_schema()
+    table = _read(path, {f.name: f.type for f in schema}, "images table")
     return [{"image_id": r["image_id"], "image_png": r["image"]["bytes"], "mask_png": r["mask"]["bytes"],
              "width": r["width"], "height": r["height"]} for r in table.to_pylist()]
 
 
 @dataclass
 class PatchTable:
-    image_ids: np.ndarray  # [N] str
+    """A patch table in memory: one entry per row, in stored order."""
+
+    image_ids: np.ndarray  # [N] object (str)
     rows: np.ndarray  # [N] int16
-    cols: np.ndarray
-    labels: np.ndarray
-    embeddings: np.ndarray  # [N, D] float32
+    cols: np.ndarray  # [N] int16
+    labels: np.ndarray  # [N] int16
+    embeddings: np.ndarray  # [N, D] float32, read-only when viewed straight from Arrow memory
     path: Path
 
 
-def _read(path: str | os.PathLike) -> pa.Table:
-    path = Path(path)
-    if not path.is_file():
-        raise PatchAtlasError(f"{path}: table not found; rerun `patchatlas extract` for this output folder")
-    try:
-        return pq.read_table(path)
-    except (pa.ArrowInvalid, OSError) as err:
-        raise PatchAtlasError(f"{path}: unreadable Parquet ({err}); delete it and rerun extract") from err
+def _fixed_size_values(path: Path, column: pa.ChunkedArray) -> np.ndarray:
+    """[N, D] values of a fixed-size-list column; a view of Arrow memory when it is one chunk."""
+    if column.null_count:
+        raise PatchAtlasError(f"{path}: {column.null_count} null embeddings; delete the file and rerun extract")
+    dim = column.type.list_size
+    chunks = [chunk.flatten() for chunk in column.chunks]  # flatten honours slice offsets
+    flat = chunks[0] if len(chunks) == 1 else pa.concat_arrays(chunks) if chunks else pa.array([], pa.float32())
+    return flat.to_numpy(zero_copy_only=True).reshape(-1, dim)
 
 
 def read_patch_table(path: str | os.PathLike) -> PatchTable:
-    table = _read(path)
-    embedding = table.column("embedding").combine_chunks()
-    dim = embedding.type.list_size
-    values = embedding.flatten().to_numpy(zero_copy_only=False).reshape(-1, dim)
+    path = Path(path)
+    expected = patch_schema(1)
+    required = {f.name: f.type for f in expected if f.name != "embedding"}
+    table = _read(path, required, "patch table")
+    embedding = table.schema.field("embedding").type if "embedding" in table.column_names else None
+    if embedding is None or not pa.types.is_fixed_size_list(embedding) or embedding.value_type != pa.float32():
+        raise PatchAtlasError(f"{path}: not a patch table: column 'embedding' should be "
+                              f"fixed_size_list<float32>, found {embedding or 'missing'}")
     return PatchTable(
-        image_ids=np.asarray(table.column("image_id").to_pylist(), dtype=object),
+        image_ids=table.column("image_id").to_numpy(zero_copy_only=False),
         rows=table.column("row").to_numpy(), cols=table.column("col").to_numpy(),
-        labels=table.column("label").to_numpy(), embeddings=values, path=Path(path),
+        labels=table.column("label").to_numpy(), embeddings=_fixed_size_values(path, table.column("embedding")),
+        path=path,
     )
 
 
+def _first_seen_codes(image_ids: np.ndarray) -> tuple[list[str], np.ndarray]:
+    """(distinct ids in order of first appearance, per-row index into them)."""
+    encoded = pa.array(image_ids, type=pa.string()).dictionary_encode()
+    return encoded.dictionary.to_pylist(), encoded.indices.to_numpy(zero_copy_only=False).astype(np.int64)
+
+
 def patch_grid(table: PatchTable) -> tuple[list[str], np.ndarray, np.ndarray]:
-    """Back to grids: (image ids in first-seen order, tokens [n, gh, gw, D], labels [n, gh, gw])."""
-    ids, first, index = np.unique(table.image_ids.astype(str), return_index=True, return_inverse=True)
-    first_seen = np.argsort(first)
-    rank = np.empty(len(ids), dtype=np.int64)
-    rank[first_seen] = np.arange(len(ids))
-    image_index = rank[index]
+    """Back to grids: (image ids in stored order, tokens [n, gh, gw, D], labels [n, gh, gw]).
+
+    Every image must have every patch of the grid exactly once; otherwise the table is
+    incomplete and the error names the file and the first image that is.
+    """
+    n_rows = len(table.rows)
+    if n_rows == 0:
+        raise PatchAtlasError(f"{table.path}: the patch table has no rows; rerun extract")
+    if table.rows.min() < 0 or table.cols.min() < 0:
+        raise PatchAtlasError(f"{table.path}: negative patch positions; the table is corrupt, rerun extract")
+    ids, image_index = _first_seen_codes(table.image_ids)
     gh, gw = int(table.rows.max()) + 1, int(table.cols.max()) + 1
     n, dim = len(ids), table.embeddings.shape[1]
-    if len(table.rows) != n * gh * gw:
-        raise PatchAtlasError(f"{table.path}: {len(table.rows)} rows do not fill {n} grids of {gh}×{gw}; "
-                              f"the table is incomplete, rerun extract")
-    tokens = np.zeros((n, gh, gw, dim), dtype=np.float32)
-    labels = np.zeros((n, gh, gw), dtype=np.int16)
-    filled = np.zeros((n, gh, gw), dtype=bool)
-    tokens[image_index, table.rows, table.cols] = table.embeddings
-    labels[image_index, table.rows, table.cols] = table.labels
-    filled[image_index, table.rows, table.cols] = True
-    if not filled.all():
-        raise PatchAtlasError(f"{table.path}: some patches are missing or duplicated; rerun extract")
-    return [str(v) for v in ids[first_seen]], tokens, labels
+    cell = (image_index * gh + table.rows.astype(np.int64)) * gw + table.cols.astype(np.int64)
+    counts = np.bincount(cell, minlength=n * gh * gw)
+    if n_rows != n * gh * gw or (counts != 1).any():
+        bad = int(np.flatnonzero(counts != 1)[0])
+        image, rest = divmod(bad, gh * gw)
+        row, col = divmod(rest, gw)
+        state = "missing" if counts[bad] == 0 else f"present {counts[bad]} times"
+        raise PatchAtlasError(
+            f"{table.path}: {n_rows} rows do not fill {n} grids of {gh}×{gw} exactly once; patch "
+            f"(row {row}, col {col}) of image {ids[image]!r} is {state}. Delete the file and rerun extract")
+    order = np.argsort(cell, kind="stable")
+    tokens = np.ascontiguousarray(table.embeddings[order], dtype=np.float32).reshape(n, gh, gw, dim)
+    labels = np.asarray(table.labels[order]).reshape(n, gh, gw)
+    return ids, tokens, labels
 
 
 def read_attention_table(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
-    """(image ids, CLS attention maps [n, heads, gh, gw])."""
-    table = _read(path)
-    ids_col = np.asarray(table.column("image_id").to_pylist(), dtype=object)
-    ids = list(dict.fromkeys(ids_col.tolist()))
+    """(image ids in stored order, CLS attention maps [n, heads, gh, gw])."""
+    table = _read(path, {f.name: f.type for f in attention_schema()}, "attention table")
+    ids, image_index = _first_seen_codes(table.column("image_id").to_numpy(zero_copy_only=False))
     heads, rows, cols = (table.column(c).to_numpy() for c in ("head", "row", "col"))
     maps = np.zeros((len(ids), heads.max() + 1, rows.max() + 1, cols.max() + 1), dtype=np.float32)
-    position = {image_id: i for i, image_id in enumerate(ids)}
-    image_index = np.array([position[v] for v in ids_col])
     maps[image_index, heads, rows, cols] = table.column("weight").to_numpy()
     return ids, maps

@@ -1,8 +1,20 @@
 """One place for the schema of every table PatchAtlas writes.
 
-Each table is declared once as ``datasets.Features``; the Arrow schema is derived from it and
-carries the Features in its metadata (as ``datasets`` itself writes them), so
-``load_dataset`` restores Image columns and fixed-size embeddings exactly.
+Each table is declared once as ``datasets.Features``; its Arrow schema is derived from that
+declaration and carries it in the schema metadata under ``b"huggingface"`` (the key and layout
+``datasets`` itself writes), so ``load_dataset`` restores Image columns and fixed-size
+embeddings exactly instead of guessing them from the Arrow types.
+
+Tables:
+
+- patches: ``image_id`` string, ``row`` / ``col`` / ``label`` int16,
+  ``embedding`` fixed_size_list<float32>[D]
+- prefix (CLS and register tokens): ``image_id``, ``layer`` int16, ``norm`` string,
+  ``token_index`` int16, ``kind`` string (``cls`` | ``register``), ``embedding`` float32[D]
+- attention (last block, CLS → patch): ``image_id``, ``head`` / ``row`` / ``col`` int16,
+  ``weight`` float32
+- images: ``image_id``, ``image`` and ``mask`` (``datasets.Image``: struct {bytes, path}),
+  ``width`` / ``height`` int32
 """
 
 from __future__ import annotations
@@ -12,9 +24,21 @@ import json
 import datasets
 import pyarrow as pa
 
+from generator.errors import PatchAtlasError
+
+HF_METADATA_KEY = b"huggingface"
+PREFIX_KINDS = ("cls", "register")
+
+
+def _check_dim(dim: int) -> int:
+    if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
+        raise PatchAtlasError(f"embedding dimension {dim!r}: expected a positive integer")
+    return dim
+
 
 def _embedding(dim: int) -> datasets.List:
-    return datasets.List(datasets.Value("float32"), length=dim)
+    # A List with a length is what datasets maps to Arrow's fixed_size_list.
+    return datasets.List(datasets.Value("float32"), length=_check_dim(dim))
 
 
 def patch_features(dim: int) -> datasets.Features:
@@ -29,7 +53,7 @@ def patch_features(dim: int) -> datasets.Features:
 
 
 def prefix_features(dim: int) -> datasets.Features:
-    """One row per prefix token (CLS, registers) per layer and view."""
+    """One row per prefix token (CLS, registers) per image, layer and view."""
     return datasets.Features({
         "image_id": datasets.Value("string"),
         "layer": datasets.Value("int16"),
@@ -52,6 +76,7 @@ def attention_features() -> datasets.Features:
 
 
 def image_features() -> datasets.Features:
+    """One row per image: the image and its class-id mask as encoded PNG, and its size."""
     return datasets.Features({
         "image_id": datasets.Value("string"),
         "image": datasets.Image(),
@@ -62,7 +87,31 @@ def image_features() -> datasets.Features:
 
 
 def arrow_schema(features: datasets.Features) -> pa.Schema:
-    """The Arrow schema of a Features, with the Features embedded for ``datasets``."""
-    schema = features.arrow_schema
-    metadata = {b"huggingface": json.dumps({"info": {"features": features.to_dict()}}).encode()}
-    return schema.with_metadata(metadata)
+    """The Arrow schema of ``features``, with the features embedded for ``datasets``."""
+    # Column order matters to datasets, so the keys keep the declaration order.
+    payload = json.dumps({"info": {"features": features.to_dict()}})
+    return features.arrow_schema.with_metadata({HF_METADATA_KEY: payload.encode("utf-8")})
+
+
+def patch_schema(dim: int) -> pa.Schema:
+    return arrow_schema(patch_features(dim))
+
+
+def prefix_schema(dim: int) -> pa.Schema:
+    return arrow_schema(prefix_features(dim))
+
+
+def attention_schema() -> pa.Schema:
+    return arrow_schema(attention_features())
+
+
+def image_schema() -> pa.Schema:
+    return arrow_schema(image_features())
+
+
+def features_from_schema(schema: pa.Schema) -> datasets.Features | None:
+    """The Features embedded in a Parquet/Arrow schema, or None when there are none."""
+    raw = (schema.metadata or {}).get(HF_METADATA_KEY)
+    if raw is None:
+        return None
+    return datasets.Features.from_dict(json.loads(raw)["info"]["features"])
