@@ -23,6 +23,7 @@ from PIL import Image
 
 from generator.assets import mkdocs_config, site_skeleton_dir, templates_dir
 from generator.errors import PatchAtlasError
+from generator.analyses.position import position_cluster_histogram, position_mode_map
 from generator.figures.maps import label_map_png, save_png, thumbnail, upsample_nearest
 from generator.figures.palette import PALETTE, colorize
 from generator.figures.plots import heatmap_rgb, histogram_png, line_chart_png
@@ -57,7 +58,7 @@ class RenderOptions:
     gallery_images: int = 8
     gallery_k: int = 8
     gallery_norm: str = "postnorm"
-    thumb_side: int = 160
+    thumb_side: int = 224  # stored size; pages show them smaller and open them full size on click
     build_html: bool = True
 
 
@@ -163,6 +164,14 @@ class SourceFigures:
         top = float(norms.max()) if norms.size else 1.0  # one scale per config: images compare
         return self._per_image(maps["ids"], norms, lambda a: heatmap_rgb(a, 0.0, top, "magma"), model, config, "norms")
 
+    def position_mode_map(self, model: str, config: str, k: int) -> str:
+        """The most frequent cluster at each position over all images (positional bias made visible)."""
+        with np.load(self.out / "results" / self.name / model / config / f"kmeans-k{k}.npz") as npz:
+            display = npz["display_maps"].astype(np.int64)
+        mode, _ = position_mode_map(position_cluster_histogram(display, int(display.max()) + 1))
+        rgb = upsample_nearest(colorize(mode, self.ignore_index), (96, 96))
+        return self._save_rgb(rgb, model, config, f"position-mode-k{k}")
+
     def border_map(self, model: str, config: str, values: np.ndarray, top: float) -> str:
         rgb = upsample_nearest(heatmap_rgb(values, 0.0, top, "viridis"), (96, 96))
         return self._save_rgb(rgb, model, config, "border")
@@ -249,6 +258,7 @@ def _source_context(out: Path, docs: Path, src: dict, manifest: Manifest, option
     border_top = max((float(np.max(_load_maps(out, name, m["model"], m["config"])["border_map"]))
                       for m in post), default=1.0) or 1.0
     border_cells: dict[tuple[str, int], str] = {}
+    mode_cells: dict[tuple[str, int], str] = {}
     for m in sorted(kmeans, key=lambda m: (families[m["model"]], m["model"], m["layer"], m["norm"])):
         mj = maps_json.get((m["model"], m["config"]), {})
         chosen = next((r for r in m["kmeans"] if r["k"] == nearest_k(m)), None)
@@ -264,6 +274,8 @@ def _source_context(out: Path, docs: Path, src: dict, manifest: Manifest, option
         if m["norm"] == gallery_norm:
             border_cells[(m["model"], m["layer"])] = figures.border_map(
                 m["model"], m["config"], _load_maps(out, name, m["model"], m["config"])["border_map"], border_top)
+            if nearest_k(m) is not None:
+                mode_cells[(m["model"], m["layer"])] = figures.position_mode_map(m["model"], m["config"], nearest_k(m))
 
     charts = {}
     last = {model: max((m for m in post if m["model"] == model), key=lambda m: m["layer"]) for model in models
@@ -297,6 +309,7 @@ def _source_context(out: Path, docs: Path, src: dict, manifest: Manifest, option
         "metrics": sorted(kmeans, key=lambda m: (families[m["model"]], m["model"], m["layer"], m["norm"])),
         "attention": attention, "positional_rows": rows, "charts": charts,
         "border": {"models": models, "layers": layers, "cells": border_cells},
+        "position_modes": {"models": models, "layers": layers, "cells": mode_cells},
     }
 
 
