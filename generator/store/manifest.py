@@ -1,8 +1,20 @@
 """The build manifest: which units are done, with what parameters, producing which files.
 
-A unit (e.g. ``extract/<source>/<model>``) is recorded only after all its files are in place,
-and the manifest itself is written atomically, so it never claims more than exists. A unit is
-reusable when its parameters hash the same and every file it lists still has its hash.
+A unit (``extract/<source>/<model>``, ``analyze/...``) is recorded only after all its files are
+in place, and the manifest itself is written atomically, so it never claims more than exists.
+A unit is reusable when its parameters hash the same and every file it lists still has its
+hash.
+
+On disk (JSON)::
+
+    {"version": 1,
+     "entries": {"<key>": {"status": "done" | "skipped", "params": {...}, "params_hash": "...",
+                           "files": {"<path relative to the unit's root>": "<sha256>"},
+                           "reason": "<why, for skips>", ...}},
+     "updated_at": {"<key>": "<ISO time>"}}
+
+Entries hold only what a rerun reproduces; when they were written lives apart, under
+``updated_at``, so two builds of the same inputs record the same entries.
 """
 
 from __future__ import annotations
@@ -11,61 +23,141 @@ import hashlib
 import json
 import os
 from datetime import datetime, timezone
-from pathlib import Path
-from typing import Iterator
+from pathlib import Path, PurePath
+from typing import Any, Iterator
+
+import numpy as np
 
 from generator.errors import PatchAtlasError
 from generator.store.atomic import atomic_write_json
 
 MANIFEST_VERSION = 1
+STATUSES = ("done", "skipped")
+_READ_BLOCK = 1 << 20
 
 
 def file_sha256(path: str | os.PathLike) -> str:
+    """The SHA-256 of a file's bytes, read in blocks so large tables never sit in memory."""
     digest = hashlib.sha256()
     with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
+        for block in iter(lambda: fh.read(_READ_BLOCK), b""):
             digest.update(block)
     return digest.hexdigest()
 
 
+def to_json_value(value: Any, where: str = "value") -> Any:
+    """``value`` as plain JSON data: numpy scalars and arrays, tuples and paths converted.
+
+    Anything else that JSON cannot hold is refused rather than stringified, so a value never
+    silently changes type between a run and the manifest it leaves.
+    """
+    if value is None or isinstance(value, (bool, str)):
+        return value
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return to_json_value(value.tolist(), where)
+    if isinstance(value, PurePath):
+        return str(value)
+    if isinstance(value, dict):
+        out = {}
+        for k, v in value.items():
+            if not isinstance(k, str):
+                raise PatchAtlasError(f"{where}: key {k!r} is not a string; manifest keys must be strings")
+            out[k] = to_json_value(v, f"{where}.{k}")
+        return out
+    if isinstance(value, (list, tuple)):
+        return [to_json_value(v, f"{where}[{i}]") for i, v in enumerate(value)]
+    raise PatchAtlasError(f"{where}: {type(value).__name__} {value!r} cannot be recorded in the manifest; "
+                          f"pass plain numbers, strings, lists or dicts")
+
+
 def params_hash(params: dict) -> str:
-    canonical = json.dumps(params, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(canonical.encode()).hexdigest()
+    """SHA-256 of the canonical JSON of ``params`` (sorted keys, no spaces)."""
+    canonical = json.dumps(to_json_value(params, "params"), sort_keys=True, separators=(",", ":"),
+                           ensure_ascii=False, allow_nan=True)
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def _check_entry(key: str, entry: dict) -> dict:
+    entry = to_json_value(entry, key)
+    status = entry.get("status")
+    if status is not None and status not in STATUSES:
+        raise PatchAtlasError(f"manifest entry {key!r}: status {status!r} is not one of {STATUSES}")
+    if status == "skipped" and not entry.get("reason"):
+        raise PatchAtlasError(f"manifest entry {key!r}: a skipped unit needs a reason")
+    if "params" in entry:
+        expected = params_hash(entry["params"])
+        if entry.setdefault("params_hash", expected) != expected:
+            raise PatchAtlasError(f"manifest entry {key!r}: params_hash does not match its params")
+    files = entry.get("files", {})
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        raise PatchAtlasError(f"manifest entry {key!r}: files must map relative paths to sha256 strings")
+    return entry
 
 
 class Manifest:
-    def __init__(self, path: Path, entries: dict | None = None):
+    """The manifest of one output folder, loaded into memory; ``save()`` writes it back."""
+
+    def __init__(self, path: str | os.PathLike, entries: dict | None = None, updated_at: dict | None = None):
         self.path = Path(path)
-        self._entries: dict[str, dict] = entries or {}
+        self._entries: dict[str, dict] = dict(entries or {})
+        self._updated_at: dict[str, str] = dict(updated_at or {})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Manifest":
+        """The manifest at ``path``; an empty one when the file does not exist yet."""
         path = Path(path)
         if not path.exists():
             return cls(path)
         try:
-            data = json.loads(path.read_text())
-            entries = data["entries"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            data = json.loads(path.read_text(encoding="utf-8"))
+            entries, updated_at = data["entries"], data.get("updated_at", {})
+            if not isinstance(entries, dict) or not all(isinstance(e, dict) for e in entries.values()):
+                raise TypeError("entries must be an object of objects")
+            if not isinstance(updated_at, dict):
+                raise TypeError("updated_at must be an object")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as err:
             raise PatchAtlasError(
-                f"{path}: the manifest is unreadable ({err}). Move it aside and rerun: "
-                f"finished units will be recomputed."
+                f"{path}: the manifest is unreadable ({err}). Delete it (or move it aside) and rerun; "
+                f"finished units will then be recomputed."
             ) from err
-        return cls(path, entries)
+        # Manifests that kept the time inside each entry: move it out.
+        for key, entry in entries.items():
+            if "updated_at" in entry:
+                updated_at.setdefault(key, entry.pop("updated_at"))
+        return cls(path, entries, updated_at)
 
-    def save(self) -> None:
-        atomic_write_json(self.path, {"version": MANIFEST_VERSION, "entries": self._entries})
+    def save(self) -> Path:
+        return atomic_write_json(self.path, {"version": MANIFEST_VERSION, "entries": self._entries,
+                                             "updated_at": self._updated_at})
 
     def get(self, key: str) -> dict | None:
         return self._entries.get(key)
 
     def set(self, key: str, entry: dict) -> None:
-        self._entries[key] = {**entry, "updated_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        """Record ``entry`` under ``key`` (in memory; ``save()`` writes it).
+
+        Call it only once every file the entry lists is written. ``params_hash`` is filled in
+        from ``params`` when absent.
+        """
+        self._entries[key] = _check_entry(key, entry)
+        self._updated_at[key] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+    def remove(self, key: str) -> None:
+        self._entries.pop(key, None)
+        self._updated_at.pop(key, None)
+
+    def updated_at(self, key: str) -> str | None:
+        return self._updated_at.get(key)
 
     def entries(self, prefix: str = "") -> Iterator[tuple[str, dict]]:
         return ((k, v) for k, v in list(self._entries.items()) if k.startswith(prefix))
 
     def is_done(self, key: str, params: dict, root: str | os.PathLike) -> bool:
+        """True when ``key`` is done with these params and every file it lists is unchanged under ``root``."""
         entry = self._entries.get(key)
         if not entry or entry.get("status") != "done" or entry.get("params_hash") != params_hash(params):
             return False

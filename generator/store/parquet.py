@@ -374,18 +374,29 @@ class PatchTable:
     rows: np.ndarray  # [N] int16
     cols: np.ndarray  # [N] int16
     labels: np.ndarray  # [N] int16
-    embeddings: np.ndarray  # [N, D] float32, read-only when viewed straight from Arrow memory
+    embeddings: np.ndarray  # [N, D] float32; a read-only view of Arrow memory when stored as one row group
     path: Path
 
 
 def _fixed_size_values(path: Path, column: pa.ChunkedArray) -> np.ndarray:
-    """[N, D] values of a fixed-size-list column; a view of Arrow memory when it is one chunk."""
+    """[N, D] float32 values of a fixed-size-list column.
+
+    One chunk is viewed in place (read-only Arrow memory); several chunks (one per row group)
+    are copied once into one writable array.
+    """
     if column.null_count:
         raise PatchAtlasError(f"{path}: {column.null_count} null embeddings; delete the file and rerun extract")
     dim = column.type.list_size
     chunks = [chunk.flatten() for chunk in column.chunks]  # flatten honours slice offsets
-    flat = chunks[0] if len(chunks) == 1 else pa.concat_arrays(chunks) if chunks else pa.array([], pa.float32())
-    return flat.to_numpy(zero_copy_only=True).reshape(-1, dim)
+    if len(chunks) == 1:
+        return chunks[0].to_numpy(zero_copy_only=True).reshape(-1, dim)
+    values = np.empty((len(column), dim), dtype=np.float32)
+    start = 0
+    for chunk in chunks:
+        part = chunk.to_numpy(zero_copy_only=True).reshape(-1, dim)
+        values[start:start + len(part)] = part
+        start += len(part)
+    return values
 
 
 def read_patch_table(path: str | os.PathLike) -> PatchTable:
@@ -414,6 +425,8 @@ def _first_seen_codes(image_ids: np.ndarray) -> tuple[list[str], np.ndarray]:
 def patch_grid(table: PatchTable) -> tuple[list[str], np.ndarray, np.ndarray]:
     """Back to grids: (image ids in stored order, tokens [n, gh, gw, D], labels [n, gh, gw]).
 
+    The tokens are writable and may share memory with ``table.embeddings``.
+
     Every image must have every patch of the grid exactly once; otherwise the table is
     incomplete and the error names the file and the first image that is.
     """
@@ -435,15 +448,23 @@ def patch_grid(table: PatchTable) -> tuple[list[str], np.ndarray, np.ndarray]:
         raise PatchAtlasError(
             f"{table.path}: {n_rows} rows do not fill {n} grids of {gh}×{gw} exactly once; patch "
             f"(row {row}, col {col}) of image {ids[image]!r} is {state}. Delete the file and rerun extract")
-    order = np.argsort(cell, kind="stable")
-    tokens = np.ascontiguousarray(table.embeddings[order], dtype=np.float32).reshape(n, gh, gw, dim)
-    labels = np.asarray(table.labels[order]).reshape(n, gh, gw)
+    if (np.diff(cell) == 1).all():  # stored row-major, image by image, as the writers do
+        # A writable table array is reshaped in place rather than copied: tables can be GBs.
+        tokens = table.embeddings if table.embeddings.flags.writeable else table.embeddings.copy()
+        tokens = np.ascontiguousarray(tokens, dtype=np.float32).reshape(n, gh, gw, dim)
+        labels = np.array(table.labels, copy=True).reshape(n, gh, gw)
+    else:
+        order = np.argsort(cell, kind="stable")
+        tokens = np.ascontiguousarray(table.embeddings[order], dtype=np.float32).reshape(n, gh, gw, dim)
+        labels = np.asarray(table.labels[order]).reshape(n, gh, gw)
     return ids, tokens, labels
 
 
 def read_attention_table(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
     """(image ids in stored order, CLS attention maps [n, heads, gh, gw])."""
     table = _read(path, {f.name: f.type for f in attention_schema()}, "attention table")
+    if table.num_rows == 0:
+        raise PatchAtlasError(f"{path}: the attention table has no rows; rerun extract")
     ids, image_index = _first_seen_codes(table.column("image_id").to_numpy(zero_copy_only=False))
     heads, rows, cols = (table.column(c).to_numpy() for c in ("head", "row", "col"))
     maps = np.zeros((len(ids), heads.max() + 1, rows.max() + 1, cols.max() + 1), dtype=np.float32)
