@@ -50,6 +50,7 @@ def template_env() -> jinja2.Environment:
     )
     env.filters["md"] = md_escape
     env.filters["pct"] = lambda v: "—" if v is None else f"{100 * v:.1f}"
+    env.filters["mib"] = lambda v: "—" if v is None else f"{v / 2**20:.2f} MiB"
     return env
 
 
@@ -346,6 +347,9 @@ def render_docs(out: Path, docs: Path, options: RenderOptions) -> list[Path]:
     _write_page(docs / "positional-artifacts.md",
                 env.get_template("artifacts.md.j2").render(contexts=contexts, page_depth=""))
     pages.append(docs / "positional-artifacts.md")
+    _write_page(docs / "downloads.md", env.get_template("downloads.md.j2").render(
+        datasets=_downloads(out, manifest), page_depth=""))
+    pages.append(docs / "downloads.md")
     models = _model_rows(manifest)
     for model in models:
         if model.status != "done":
@@ -355,10 +359,64 @@ def render_docs(out: Path, docs: Path, options: RenderOptions) -> list[Path]:
         page = env.get_template("model.md.j2").render(model=model, entry=entry, contexts=per_source, page_depth="../")
         _write_page(docs / "models" / f"{model.name}.md", page)
         pages.append(docs / "models" / f"{model.name}.md")
-    home = env.get_template("index.md.j2").render(models=models, datasets=dataset_pages, out=str(out))
+    home = env.get_template("index.md.j2").render(
+        models=models, datasets=dataset_pages, out=str(out), leaderboards=_leaderboards(contexts),
+        headline=_headline_figures(docs, contexts))
     _write_page(docs / "index.md", home)
     pages.append(docs / "index.md")
     return pages
+
+
+def _leaderboards(contexts: dict[str, dict]) -> dict[str, list[dict]]:
+    """Per dataset, one row per model: its best layer by k-means mIoU and its last-layer artifacts."""
+    boards = {}
+    for name, ctx in contexts.items():
+        rows = {}
+        for r in ctx["positional_rows"]:
+            if r["norm"] not in ("postnorm", "prenorm"):
+                continue
+            row = rows.setdefault(r["model"], {"model": r["model"], "family": r["family"], "best_miou": None,
+                                               "best_layer": None, "border": None, "outliers": None,
+                                               "chance": None, "last_layer": -1})
+            if r["norm"] == "postnorm" and r["miou"] is not None and (row["best_miou"] is None or r["miou"] > row["best_miou"]):
+                row.update(best_miou=r["miou"], best_layer=r["layer"], chance=r["chance"])
+            if r["layer"] >= row["last_layer"]:
+                row["last_layer"] = r["layer"]
+                if r["norm"] == "postnorm":
+                    row["border"] = r["border_score"]
+                if r["norm"] == "prenorm":
+                    row["outliers"] = r["outlier_share"]
+        for model, att in ctx["attention"].items():
+            if model in rows:
+                rows[model]["attention"] = att.get("best")
+        boards[name] = sorted(rows.values(), key=lambda r: -(r["best_miou"] or 0))
+    return boards
+
+
+def _headline_figures(docs: Path, contexts: dict[str, dict]) -> list[dict]:
+    """Small comparison charts for the home page: the locality chart of each dataset."""
+    return [{"title": f"Locality on {name}", "path": ctx["charts"]["locality"]}
+            for name, ctx in contexts.items() if "locality" in ctx["charts"]]
+
+
+def _downloads(out: Path, manifest: Manifest) -> list[dict]:
+    """Every published config of every dataset repository, with size and schema."""
+    datasets_ = []
+    for _, src in sorted(manifest.entries(prefix="sources/")):
+        configs = [{"name": IMAGES_CONFIG, "rows": src["num_images"], "bytes": None, "schema": "images"}]
+        for key, unit in sorted(manifest.entries(prefix=f"extract/{src['name']}/")):
+            if unit.get("status") != "done" or "configs" not in unit:
+                continue
+            for cfg in unit["configs"]:
+                configs.append({"name": cfg["name"], "rows": cfg["num_rows"], "bytes": cfg["num_bytes"],
+                                "schema": f"patches, embedding float32[{cfg['dim']}]"})
+            for path_key, suffix, schema in (("prefix_path", "-prefix", "prefix tokens"),
+                                             ("attention_path", "-attention", "CLS attention")):
+                if unit.get(path_key):
+                    size = (out / "datasets" / src["name"] / unit[path_key]).stat().st_size
+                    configs.append({"name": f"{unit['model']}{suffix}", "rows": None, "bytes": size, "schema": schema})
+        datasets_.append({"name": src["name"], "license": src["license"], "configs": configs})
+    return datasets_
 
 
 def _write_page(path: Path, text: str) -> None:
