@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +26,7 @@ from PIL import Image
 from generator.assets import mkdocs_config, site_skeleton_dir, templates_dir
 from generator.errors import PatchAtlasError
 from generator.analyses.position import position_cluster_histogram, position_mode_map
-from generator.figures.maps import label_map_png, save_png, thumbnail, upsample_nearest
+from generator.figures.maps import thumbnail, to_png_bytes, upsample_nearest
 from generator.figures.palette import PALETTE, colorize
 from generator.figures.plots import heatmap_rgb, histogram_png, line_chart_png
 from generator.models.registry import MODELS, get_model_entry
@@ -112,14 +114,41 @@ class Grid:
     caption: str = ""
 
 
+class PngWriter:
+    """Encodes and writes figure PNGs on a thread pool (zlib runs without the GIL).
+
+    Files go straight to their final names: they live in the render's staging folder, which is
+    swapped in whole once complete, so a per-file temporary name and fsync would buy nothing.
+    """
+
+    def __init__(self, workers: int | None = None):
+        self._pool = ThreadPoolExecutor(max_workers=workers or os.cpu_count() or 1)
+        self._futures = []
+
+    def submit(self, rgb: np.ndarray, path: Path) -> None:
+        self._futures.append(self._pool.submit(self._write, np.ascontiguousarray(rgb), path))
+
+    @staticmethod
+    def _write(rgb: np.ndarray, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(to_png_bytes(rgb))
+
+    def close(self) -> None:
+        try:
+            for future in self._futures:
+                future.result()  # re-raises the first failed write
+        finally:
+            self._pool.shutdown()
+
+
 class SourceFigures:
     """Writes the figures of one source under ``docs/assets/<source>`` and returns their paths.
 
     Paths are relative to the docs root; templates prefix them for the page's depth.
     """
 
-    def __init__(self, out: Path, docs: Path, source: dict, options: RenderOptions):
-        self.out, self.docs, self.source, self.options = out, docs, source, options
+    def __init__(self, out: Path, docs: Path, source: dict, options: RenderOptions, writer: "PngWriter"):
+        self.out, self.docs, self.source, self.options, self.writer = out, docs, source, options, writer
         self.name = source["name"]
         self.assets = Path("assets") / self.name
         self.ignore_index = source["ignore_index"]
@@ -133,14 +162,13 @@ class SourceFigures:
             rgb = thumbnail(rgb.reshape(img["height"], img["width"], -1)[..., :3], options.thumb_side)
             self.sizes[img["image_id"]] = rgb.shape[:2]
             image_rel = self._save_rgb(rgb, "images", img["image_id"])
-            mask_rel = self.assets / "masks" / f"{img['image_id']}.png"
-            label_map_png(_decode_png(img["mask_png"]), self.docs / mask_rel, size_hw=rgb.shape[:2],
-                          ignore_index=self.ignore_index)
-            self.base_rows.append({"image_id": img["image_id"], "image": image_rel, "mask": mask_rel.as_posix()})
+            mask = upsample_nearest(colorize(_decode_png(img["mask_png"]), self.ignore_index), rgb.shape[:2])
+            mask_rel = self._save_rgb(mask, "masks", img["image_id"])
+            self.base_rows.append({"image_id": img["image_id"], "image": image_rel, "mask": mask_rel})
 
     def _save_rgb(self, rgb: np.ndarray, *parts: str) -> str:
         rel = self.assets.joinpath(*parts[:-1]) / f"{parts[-1]}.png"
-        save_png(rgb, self.docs / rel)
+        self.writer.submit(rgb, self.docs / rel)
         return rel.as_posix()
 
     def _per_image(self, ids: list[str], arrays: np.ndarray, to_rgb, *parts: str) -> dict[str, str]:
@@ -200,10 +228,18 @@ def _load_maps(out: Path, source: str, model: str, config: str) -> dict:
     return maps
 
 
-def _source_context(out: Path, docs: Path, src: dict, manifest: Manifest, options: RenderOptions) -> dict:
+def _source_context(out: Path, docs: Path, src: dict, manifest: Manifest, options: RenderOptions,
+                    writer: PngWriter) -> dict:
     """Figures and tables of one source: galleries, positional and artifact maps, attention."""
     name = src["name"]
-    figures = SourceFigures(out, docs, src, options)
+    figures = SourceFigures(out, docs, src, options, writer)
+    loaded_maps: dict[tuple[str, str], dict] = {}
+
+    def maps_of(model: str, config: str) -> dict:  # each maps.npz is decompressed once
+        if (model, config) not in loaded_maps:
+            loaded_maps[(model, config)] = _load_maps(out, name, model, config)
+        return loaded_maps[(model, config)]
+
     kmeans = _load_json((out / "results" / name).glob("*/*/kmeans.json"))
     maps_json = {(m["model"], m["config"]): m for m in _load_json((out / "results" / name).glob("*/*/maps.json"))}
     attention = {p.parent.name: json.loads(p.read_text()) for p in (out / "results" / name).glob("*/attention.json")}
@@ -233,12 +269,12 @@ def _source_context(out: Path, docs: Path, src: dict, manifest: Manifest, option
                                      [cluster_paths[(model, layer)] for layer in model_layers]))
         post_cfgs = sorted((m for m in post if m["model"] == model), key=lambda m: m["layer"])
         pca.append(figures.grid(model, [f"layer {m['layer']}" for m in post_cfgs],
-                                [figures.pca_maps(model, m["config"], _load_maps(out, name, model, m["config"]))
+                                [figures.pca_maps(model, m["config"], maps_of(model, m["config"]))
                                  for m in post_cfgs]))
         pre_cfgs = sorted((m for m in pre if m["model"] == model), key=lambda m: m["layer"])
         if pre_cfgs:
             norms.append(figures.grid(model, [f"layer {m['layer']}" for m in pre_cfgs],
-                                      [figures.norm_maps(model, m["config"], _load_maps(out, name, model, m["config"]))
+                                      [figures.norm_maps(model, m["config"], maps_of(model, m["config"]))
                                        for m in pre_cfgs]))
 
     attention_grids = []
@@ -256,7 +292,7 @@ def _source_context(out: Path, docs: Path, src: dict, manifest: Manifest, option
 
     # Positional bias and artifacts: one row per (model, layer, view), CL and MIM grouped.
     rows = []
-    border_top = max((float(np.max(_load_maps(out, name, m["model"], m["config"])["border_map"]))
+    border_top = max((float(np.max(maps_of(m["model"], m["config"])["border_map"]))
                       for m in post), default=1.0) or 1.0
     border_cells: dict[tuple[str, int], str] = {}
     mode_cells: dict[tuple[str, int], str] = {}
@@ -275,7 +311,7 @@ def _source_context(out: Path, docs: Path, src: dict, manifest: Manifest, option
         })
         if m["norm"] == gallery_norm:
             border_cells[(m["model"], m["layer"])] = figures.border_map(
-                m["model"], m["config"], _load_maps(out, name, m["model"], m["config"])["border_map"], border_top)
+                m["model"], m["config"], maps_of(m["model"], m["config"])["border_map"], border_top)
             if nearest_k(m) is not None:
                 mode_cells[(m["model"], m["layer"])] = figures.position_mode_map(m["model"], m["config"], nearest_k(m))
 
@@ -315,12 +351,12 @@ def _source_context(out: Path, docs: Path, src: dict, manifest: Manifest, option
     }
 
 
-def _legend(docs: Path, source: str, classes: list[dict]) -> list[dict]:
+def _legend(docs: Path, source: str, classes: list[dict], writer: PngWriter) -> list[dict]:
     legend = []
     for c in classes:
         swatch = np.full((12, 12, 3), PALETTE[c["id"] % len(PALETTE)], dtype=np.uint8)
         rel = Path("assets") / source / "legend" / f"class-{c['id']}.png"
-        save_png(swatch, docs / rel)
+        writer.submit(swatch, docs / rel)
         legend.append({**c, "swatch": rel.as_posix()})
     return legend
 
@@ -333,11 +369,17 @@ def render_docs(out: Path, docs: Path, options: RenderOptions) -> list[Path]:
         raise PatchAtlasError(f"{out}: nothing has been extracted yet; run `patchatlas extract --out {out}` first")
     env = template_env()
     pages, dataset_pages, contexts = [], [], {}
+    writer = PngWriter()
+    try:
+        for src in sources:
+            context = _source_context(out, docs, src, manifest, options, writer)
+            context.update(legend=_legend(docs, src["name"], src["classes"], writer),
+                           dataset_dir=f"datasets/{src['name']}", page_depth="../")
+            contexts[src["name"]] = context
+    finally:
+        writer.close()
     for src in sources:
-        context = _source_context(out, docs, src, manifest, options)
-        context.update(legend=_legend(docs, src["name"], src["classes"]), dataset_dir=f"datasets/{src['name']}",
-                       page_depth="../")
-        contexts[src["name"]] = context
+        context = contexts[src["name"]]
         page_rel = Path("datasets") / f"{src['name']}.md"
         _write_page(docs / page_rel, env.get_template("dataset.md.j2").render(**context))
         pages.append(docs / page_rel)
