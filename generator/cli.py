@@ -13,6 +13,7 @@ from pathlib import Path
 import click
 
 from generator.errors import PatchAtlasError
+from generator.store.lock import output_lock
 
 DEFAULT_OUT = "build"
 
@@ -167,8 +168,9 @@ def _do_render(out, gallery_images, gallery_k, no_html):
 def extract(out, sources, source_options, models, layers, norms, label_rule, batch_size, weights, offline,
             device, quiet):
     """Run models over datasets; write patch-embedding dataset repos under OUT/datasets."""
-    _do_extract(out, sources, source_options, models, layers, norms, label_rule, batch_size, weights, offline,
-                device, quiet)
+    with output_lock(out):
+            _do_extract(out, sources, source_options, models, layers, norms, label_rule, batch_size, weights,
+                    offline, device, quiet)
     click.echo(f"datasets: {out / 'datasets'}")
 
 
@@ -178,7 +180,8 @@ def extract(out, sources, source_options, models, layers, norms, label_rule, bat
 @_common
 def analyze(out, ks, seed, device, quiet):
     """Run the analyses on what `extract` wrote; results go to OUT/results."""
-    done = _do_analyze(out, ks, seed, device, quiet)
+    with output_lock(out):
+        done = _do_analyze(out, ks, seed, device, quiet)
     click.echo(f"results: {out / 'results'} ({len(done)} configs analysed, the rest unchanged)")
 
 
@@ -187,7 +190,8 @@ def analyze(out, ks, seed, device, quiet):
 @_render_options
 def render(out, gallery_images, gallery_k, no_html):
     """Render figures and pages from OUT and build the static site into OUT/site."""
-    path = _do_render(out, gallery_images, gallery_k, no_html)
+    with output_lock(out):
+        path = _do_render(out, gallery_images, gallery_k, no_html)
     click.echo(f"site: {path}")
 
 
@@ -200,10 +204,11 @@ def render(out, gallery_images, gallery_k, no_html):
 def build(out, sources, source_options, models, layers, norms, label_rule, batch_size, weights, offline,
           ks, seed, gallery_images, gallery_k, no_html, device, quiet):
     """extract + analyze + render, resuming whatever is already done."""
-    outcomes = _do_extract(out, sources, source_options, models, layers, norms, label_rule, batch_size, weights,
-                           offline, device, quiet)
-    _do_analyze(out, ks, seed, device, quiet)
-    site = _do_render(out, gallery_images, gallery_k, no_html)
+    with output_lock(out):
+        outcomes = _do_extract(out, sources, source_options, models, layers, norms, label_rule, batch_size,
+                               weights, offline, device, quiet)
+        _do_analyze(out, ks, seed, device, quiet)
+        site = _do_render(out, gallery_images, gallery_k, no_html)
     click.echo("")
     click.echo("PatchAtlas build finished")
     for source, rows in outcomes.items():
