@@ -220,6 +220,26 @@ def build(out, sources, source_options, models, layers, norms, label_rule, batch
     click.echo(f"  site:     {Path(site).resolve()}" + ("/index.html" if not no_html else ""))
 
 
+@cli.command()
+@_out_option
+@click.option("--weights", multiple=True, metavar="MODEL=PATH", help="Local checkpoints to check.")
+@click.option("--offline/--online", default=None, help="Check as an offline build would run.")
+def doctor(out, weights, offline):
+    """Check torch/CUDA, disk, write access, site tools, Hub login and which weights are available."""
+    _set_offline(offline)
+    from generator.doctor import run_checks
+
+    checks = run_checks(out, _parse_weights(weights))
+    marks = {"ok": "ok  ", "warn": "warn", "fail": "FAIL"}
+    for check in checks:
+        click.echo(f"[{marks[check.status]}] {check.name:<28} {check.detail}")
+    failed = [c for c in checks if c.status == "fail"]
+    missing = [c for c in checks if c.status == "warn" and c.name.startswith("weights ")]
+    click.echo(f"{len(failed)} problem(s); {len(missing)} model(s) would be skipped for missing weights")
+    if failed:
+        raise click.exceptions.Exit(1)
+
+
 @cli.command("models")
 def models_cmd():
     """List the model zoo."""
@@ -243,7 +263,8 @@ def datasets_cmd():
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        cli.main(args=argv, prog_name="patchatlas", standalone_mode=False)
+        # Without standalone mode click returns the code of `Exit` instead of exiting.
+        code = cli.main(args=argv, prog_name="patchatlas", standalone_mode=False)
     except PatchAtlasError as err:
         click.echo(f"error: {err}", err=True)
         return 2
@@ -253,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     except click.ClickException as err:
         err.show()
         return err.exit_code
-    return 0
+    return code if isinstance(code, int) else 0
 
 
 if __name__ == "__main__":
