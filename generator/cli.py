@@ -155,10 +155,11 @@ def _do_analyze(out, ks, seed, device, quiet):
     return run_analyze(out, AnalyzeOptions(ks=k_values, seed=seed, device=_device(device), progress=not quiet))
 
 
-def _do_render(out, gallery_images, gallery_k, no_html):
+def _do_render(out, gallery_images, gallery_k, no_html, quiet=False):
     from generator.site import RenderOptions, run_render
 
-    return run_render(out, RenderOptions(gallery_images=gallery_images, gallery_k=gallery_k, build_html=not no_html))
+    return run_render(out, RenderOptions(gallery_images=gallery_images, gallery_k=gallery_k, build_html=not no_html,
+                                         progress=not quiet))
 
 
 @cli.command()
@@ -188,10 +189,11 @@ def analyze(out, ks, seed, device, quiet):
 @cli.command()
 @_out_option
 @_render_options
-def render(out, gallery_images, gallery_k, no_html):
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def render(out, gallery_images, gallery_k, no_html, quiet):
     """Render figures and pages from OUT and build the static site into OUT/site."""
     with output_lock(out):
-        path = _do_render(out, gallery_images, gallery_k, no_html)
+        path = _do_render(out, gallery_images, gallery_k, no_html, quiet)
     click.echo(f"site: {path}")
 
 
@@ -208,7 +210,7 @@ def build(out, sources, source_options, models, layers, norms, label_rule, batch
         outcomes = _do_extract(out, sources, source_options, models, layers, norms, label_rule, batch_size,
                                weights, offline, device, quiet)
         _do_analyze(out, ks, seed, device, quiet)
-        site = _do_render(out, gallery_images, gallery_k, no_html)
+        site = _do_render(out, gallery_images, gallery_k, no_html, quiet)
     click.echo("")
     click.echo("PatchAtlas build finished")
     for source, rows in outcomes.items():

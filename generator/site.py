@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import jinja2
+from tqdm.auto import tqdm
 import markupsafe
 import numpy as np
 from PIL import Image
@@ -63,6 +64,7 @@ class RenderOptions:
     gallery_norm: str = "postnorm"
     thumb_side: int = 224  # stored size; pages show them smaller and open them full size on click
     build_html: bool = True
+    progress: bool = True
 
 
 @dataclass
@@ -371,7 +373,7 @@ def render_docs(out: Path, docs: Path, options: RenderOptions) -> list[Path]:
     pages, dataset_pages, contexts = [], [], {}
     writer = PngWriter()
     try:
-        for src in sources:
+        for src in tqdm(sources, disable=not options.progress, desc="figures", unit="dataset"):
             context = _source_context(out, docs, src, manifest, options, writer)
             context.update(legend=_legend(docs, src["name"], src["classes"], writer),
                            dataset_dir=f"datasets/{src['name']}", page_depth="../")
