@@ -503,5 +503,6 @@ def build_site(docs: Path, site: Path) -> None:
     from mkdocs.commands.build import build
     from mkdocs.config import load_config
 
-    config = load_config(config_file=str(mkdocs_config()), docs_dir=str(docs), site_dir=str(site))
+    # Strict: a broken link or a missing image fails the render instead of shipping.
+    config = load_config(config_file=str(mkdocs_config()), docs_dir=str(docs), site_dir=str(site), strict=True)
     build(config)
