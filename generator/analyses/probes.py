@@ -1,0 +1,462 @@
+"""Few-shot patch classification: segmentation metrics, chunked k-NN and a linear probe.
+
+The protocol of the local-representations paper (Cityscapes, 72 train / 30 val images): every
+patch token of the train images is a labelled example, every patch token of the val images is
+classified, and the predictions are scored like a segmentation with per-class IoU, mIoU and
+pixel accuracy.
+
+- ``segmentation_metrics``: confusion-matrix IoU / mIoU / pixel accuracy.
+- ``nearest_neighbours``: exact top-k search, chunked over queries and keys so that a
+  150k x 113k x 768 problem fits in GPU memory (one [chunk_size, key_chunk_size] block at a time).
+- ``knn_predict``: k-NN classification on top of it. The authors' code uses 1-NN on the raw dot
+  product (their paper says cosine), so both ``k`` and ``similarity`` are explicit parameters.
+- ``LinearProbe``: one linear layer trained with cross-entropy and Adam, optionally behind a
+  non-affine BatchNorm (the paper's choice for MAE, after He et al.'s linear probing recipe).
+
+Everything is pure: arrays/tensors in, arrays/tensors/metrics out, on the inputs' device.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from generator.errors import PatchAtlasError
+
+__all__ = [
+    "SIMILARITIES",
+    "LinearProbe",
+    "knn_predict",
+    "majority_vote",
+    "nearest_neighbours",
+    "segmentation_metrics",
+]
+
+SIMILARITIES = ("dot", "cosine", "l2")
+
+
+# --------------------------------------------------------------------------------------------
+# Metrics
+# --------------------------------------------------------------------------------------------
+
+
+def segmentation_metrics(
+    pred: np.ndarray,
+    target: np.ndarray,
+    n_classes: int,
+    ignore_index: int = 255,
+    eval_classes: Sequence[int] | None = None,
+) -> dict:
+    """Per-class IoU, mIoU and pixel accuracy of ``pred`` against ``target`` (any equal shapes).
+
+    Pixels (or patches) whose target is ``ignore_index`` are left out. A prediction outside
+    ``[0, n_classes)`` counts as wrong for its pixel and as a false positive for no class.
+
+    Returns a dict with
+    - ``per_class_iou`` float64 [n_classes]: TP / (TP + FP + FN), nan where the class is absent
+      from both prediction and target;
+    - ``miou``: the mean IoU over the evaluated classes (``eval_classes``, default all) that are
+      present in the target. A class only predicted, never present, is not averaged: with few
+      val images a class missing from them says nothing about the representation;
+    - ``pixel_accuracy``: the share of evaluated-class target pixels predicted correctly;
+    - ``confusion`` int64 [n_classes, n_classes] (rows target, columns prediction) and
+      ``n_pixels`` (the number of scored pixels).
+    """
+    n_classes = _check_n_classes(n_classes)
+    pred = pred.detach().cpu().numpy() if isinstance(pred, torch.Tensor) else np.asarray(pred)
+    target = target.detach().cpu().numpy() if isinstance(target, torch.Tensor) else np.asarray(target)
+    if pred.shape != target.shape:
+        raise PatchAtlasError(
+            f"pred of shape {pred.shape} and target of shape {target.shape}: they must have the same shape"
+        )
+    for name, arr in (("pred", pred), ("target", target)):
+        if not np.issubdtype(arr.dtype, np.integer):
+            raise PatchAtlasError(f"{name} of dtype {arr.dtype}: expected integer class ids")
+    target = target.reshape(-1).astype(np.int64)
+    pred = pred.reshape(-1).astype(np.int64)
+    valid = target != ignore_index
+    bad = valid & ((target < 0) | (target >= n_classes))
+    if bad.any():
+        raise PatchAtlasError(
+            f"target holds class id {int(target[bad][0])} outside [0, {n_classes}) that is not the "
+            f"ignore label {ignore_index}: pass the right n_classes or map it to the ignore label"
+        )
+    target, pred = target[valid], pred[valid]
+    in_range = (pred >= 0) & (pred < n_classes)
+    # Out-of-range predictions go to an extra column that no IoU reads as a false positive.
+    pred_col = np.where(in_range, pred, n_classes)
+    flat = np.bincount(target * (n_classes + 1) + pred_col, minlength=n_classes * (n_classes + 1))
+    full = flat.reshape(n_classes, n_classes + 1)
+    confusion = full[:, :n_classes]
+    tp = np.diag(confusion).astype(np.float64)
+    target_count = full.sum(axis=1).astype(np.float64)
+    pred_count = confusion.sum(axis=0).astype(np.float64)
+    union = target_count + pred_count - tp
+    with np.errstate(invalid="ignore", divide="ignore"):
+        per_class_iou = np.where(union > 0, tp / np.where(union > 0, union, 1.0), np.nan)
+
+    classes = _check_eval_classes(eval_classes, n_classes)
+    present = classes[target_count[classes] > 0]
+    miou = float(np.mean(per_class_iou[present])) if present.size else float("nan")
+    scored = target_count[classes].sum()
+    pixel_accuracy = float(tp[classes].sum() / scored) if scored > 0 else float("nan")
+    return {
+        "per_class_iou": per_class_iou,
+        "miou": miou,
+        "pixel_accuracy": pixel_accuracy,
+        "confusion": confusion.astype(np.int64),
+        "n_pixels": int(scored),
+    }
+
+
+def _check_n_classes(n_classes) -> int:
+    if isinstance(n_classes, bool) or not isinstance(n_classes, (int, np.integer)) or n_classes < 1:
+        raise PatchAtlasError(f"n_classes {n_classes!r}: expected a positive integer")
+    return int(n_classes)
+
+
+def _check_eval_classes(eval_classes, n_classes: int) -> np.ndarray:
+    if eval_classes is None:
+        return np.arange(n_classes)
+    classes = np.unique(np.asarray(list(eval_classes), dtype=np.int64))
+    if classes.size == 0 or classes.min() < 0 or classes.max() >= n_classes:
+        raise PatchAtlasError(
+            f"eval_classes {list(eval_classes)!r}: expected a non-empty list of class ids in [0, {n_classes})"
+        )
+    return classes
+
+
+# --------------------------------------------------------------------------------------------
+# Nearest neighbours
+# --------------------------------------------------------------------------------------------
+
+
+def _as_tensor(x, what: str, device=None) -> torch.Tensor:
+    if isinstance(x, torch.Tensor):
+        return x if device is None else x.to(device)
+    try:
+        arr = np.asarray(x)
+    except Exception as exc:  # pragma: no cover - defensive
+        raise PatchAtlasError(f"{what}: cannot be read as an array ({exc})") from exc
+    return torch.from_numpy(np.ascontiguousarray(arr)).to(device or "cpu")
+
+
+def _working_dtype(x: torch.Tensor) -> torch.dtype:
+    # Half precision dot products over 768 dims lose neighbours; float64 input keeps its precision.
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _check_features(x: torch.Tensor, what: str) -> None:
+    if x.ndim != 2:
+        raise PatchAtlasError(f"{what} of shape {tuple(x.shape)}: expected a 2-D array [rows, features]")
+    if not torch.is_floating_point(x):
+        raise PatchAtlasError(f"{what} of dtype {x.dtype}: expected floating point features")
+    if x.shape[0] == 0:
+        raise PatchAtlasError(f"{what} of shape {tuple(x.shape)}: it has no rows")
+
+
+def _check_similarity(similarity: str) -> str:
+    if similarity not in SIMILARITIES:
+        raise PatchAtlasError(f"similarity {similarity!r}: expected one of {', '.join(SIMILARITIES)}")
+    return similarity
+
+
+def _check_positive_int(value, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise PatchAtlasError(f"{what} {value!r}: expected a positive integer")
+    return int(value)
+
+
+def _prepare(x: torch.Tensor, similarity: str, dtype: torch.dtype) -> torch.Tensor:
+    x = x.to(dtype)
+    if similarity == "cosine":
+        x = F.normalize(x, dim=1, eps=1e-12)
+    return x
+
+
+@torch.no_grad()
+def nearest_neighbours(
+    queries,
+    keys,
+    k: int = 1,
+    *,
+    similarity: str = "dot",
+    chunk_size: int = 4096,
+    key_chunk_size: int = 65536,
+    query_groups=None,
+    key_groups=None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``k`` most similar keys of every query, exactly, most similar first.
+
+    ``similarity``: ``dot`` (raw inner product), ``cosine`` (inner product of L2-normalised rows)
+    or ``l2`` (the negated squared Euclidean distance). The similarity matrix is built one
+    [chunk_size, key_chunk_size] block at a time and the running top-k merged across key blocks,
+    so memory is bounded whatever the sizes. Ties in similarity are broken arbitrarily.
+
+    ``query_groups`` [M] / ``key_groups`` [N] (optional, integers, both or neither): a key is never
+    a neighbour of a query of the same group (e.g. the same image). Where fewer than ``k`` keys
+    are eligible the missing neighbours have similarity -inf and index -1.
+
+    Returns (similarities [M, k] float, indices [M, k] int64), tensors on the queries' device.
+    """
+    similarity = _check_similarity(similarity)
+    k = _check_positive_int(k, "k")
+    chunk_size = _check_positive_int(chunk_size, "chunk_size")
+    key_chunk_size = _check_positive_int(key_chunk_size, "key_chunk_size")
+    q = _as_tensor(queries, "queries")
+    device = q.device
+    t = _as_tensor(keys, "keys", device)
+    _check_features(q, "queries")
+    _check_features(t, "keys")
+    if q.shape[1] != t.shape[1]:
+        raise PatchAtlasError(
+            f"queries have {q.shape[1]} features but keys have {t.shape[1]}: use the same model, layer and view"
+        )
+    if k > t.shape[0]:
+        raise PatchAtlasError(f"k = {k} but there are only {t.shape[0]} keys: lower k")
+    if (query_groups is None) != (key_groups is None):
+        raise PatchAtlasError("query_groups and key_groups: give both (to exclude same-group keys) or neither")
+    qg = kg = None
+    if query_groups is not None:
+        qg = _as_tensor(query_groups, "query_groups", device).reshape(-1).long()
+        kg = _as_tensor(key_groups, "key_groups", device).reshape(-1).long()
+        if qg.shape[0] != q.shape[0] or kg.shape[0] != t.shape[0]:
+            raise PatchAtlasError(
+                f"query_groups has {qg.shape[0]} entries for {q.shape[0]} queries and key_groups "
+                f"{kg.shape[0]} for {t.shape[0]} keys: give one group per row"
+            )
+
+    dtype = _working_dtype(q)
+    t = _prepare(t, similarity, dtype)
+    t_sq = (t * t).sum(dim=1) if similarity == "l2" else None
+    n_keys = t.shape[0]
+    out_sim = torch.empty(q.shape[0], k, dtype=dtype, device=device)
+    out_idx = torch.empty(q.shape[0], k, dtype=torch.int64, device=device)
+    for start in range(0, q.shape[0], chunk_size):
+        stop = min(start + chunk_size, q.shape[0])
+        qc = _prepare(q[start:stop], similarity, dtype)
+        best_sim = torch.full((stop - start, k), float("-inf"), dtype=dtype, device=device)
+        best_idx = torch.full((stop - start, k), -1, dtype=torch.int64, device=device)
+        for kstart in range(0, n_keys, key_chunk_size):
+            kstop = min(kstart + key_chunk_size, n_keys)
+            if similarity == "l2":
+                block = torch.addmm(t_sq[kstart:kstop].unsqueeze(0), qc, t[kstart:kstop].T, alpha=-2.0)
+                block.add_((qc * qc).sum(dim=1, keepdim=True)).neg_()
+            else:
+                block = qc @ t[kstart:kstop].T
+            if qg is not None:
+                same = qg[start:stop].unsqueeze(1) == kg[kstart:kstop].unsqueeze(0)
+                block.masked_fill_(same, float("-inf"))
+            vals, idx = block.topk(min(k, kstop - kstart), dim=1)
+            merged_sim = torch.cat([best_sim, vals], dim=1)
+            merged_idx = torch.cat([best_idx, idx + kstart], dim=1)
+            best_sim, pick = merged_sim.topk(k, dim=1)
+            best_idx = merged_idx.gather(1, pick)
+        best_idx[torch.isneginf(best_sim)] = -1
+        out_sim[start:stop] = best_sim
+        out_idx[start:stop] = best_idx
+    return out_sim, out_idx
+
+
+def _check_labels(y: torch.Tensor, n_rows: int, what: str) -> torch.Tensor:
+    y = y.reshape(-1) if y.ndim > 1 and y.numel() == n_rows else y
+    if y.ndim != 1 or y.shape[0] != n_rows:
+        raise PatchAtlasError(f"{what} of shape {tuple(y.shape)}: expected one label per row ({n_rows})")
+    if torch.is_floating_point(y) or y.dtype == torch.bool:
+        raise PatchAtlasError(f"{what} of dtype {y.dtype}: expected integer class ids")
+    return y.long()
+
+
+def _labelled_rows(y: torch.Tensor, n_classes: int | None, ignore_index: int, what: str):
+    """Mask of rows with a real label, and the number of classes (inferred if not given)."""
+    keep = y != ignore_index
+    if not bool(keep.any()):
+        raise PatchAtlasError(f"{what}: every row carries the ignore label {ignore_index}; nothing to learn from")
+    labels = y[keep]
+    if n_classes is None:
+        n_classes = int(labels.max()) + 1
+    n_classes = _check_n_classes(n_classes)
+    if int(labels.min()) < 0 or int(labels.max()) >= n_classes:
+        raise PatchAtlasError(
+            f"{what} holds class ids outside [0, {n_classes}) other than the ignore label "
+            f"{ignore_index}: pass the right n_classes or map them to the ignore label"
+        )
+    return keep, n_classes
+
+
+def majority_vote(neighbour_labels: torch.Tensor, n_classes: int) -> torch.Tensor:
+    """The most frequent label in each row of ``neighbour_labels`` [M, k] (nearest first).
+
+    A tie between classes goes to the tied class whose best-ranked neighbour is nearest, so
+    k = 1 and a k-vote without a clear majority both fall back on the nearest neighbour.
+    """
+    m, k = neighbour_labels.shape
+    if k == 1:
+        return neighbour_labels[:, 0].clone()
+    counts = torch.zeros(m, n_classes, dtype=torch.int64, device=neighbour_labels.device)
+    counts.scatter_add_(1, neighbour_labels, torch.ones_like(neighbour_labels))
+    # k - rank is largest for the nearest occurrence of a class; it is < k + 1, so it only
+    # separates classes with equal counts.
+    closeness = (k - torch.arange(k, device=neighbour_labels.device)).expand(m, k).contiguous()
+    bonus = torch.zeros(m, n_classes, dtype=torch.int64, device=neighbour_labels.device)
+    bonus.scatter_reduce_(1, neighbour_labels, closeness, reduce="amax")
+    return (counts * (k + 1) + bonus).argmax(dim=1)
+
+
+def knn_predict(
+    train_x,
+    train_y,
+    test_x,
+    *,
+    k: int = 1,
+    similarity: str = "dot",
+    chunk_size: int = 4096,
+    key_chunk_size: int = 65536,
+    n_classes: int | None = None,
+    ignore_index: int = 255,
+):
+    """k-NN class of every row of ``test_x`` [M, D] from labelled ``train_x`` [N, D].
+
+    Train rows labelled ``ignore_index`` are not candidates. The class is the majority among
+    the ``k`` nearest train rows; ties go to the tied class of the nearest neighbour (see
+    ``majority_vote``). Defaults (k = 1, dot product) follow the authors' evaluation code.
+    ``n_classes`` defaults to the largest train label + 1.
+
+    Returns int64 labels [M]: a numpy array if ``test_x`` is one, else a tensor on its device.
+    """
+    as_numpy = not isinstance(test_x, torch.Tensor)
+    q = _as_tensor(test_x, "test_x")
+    device = q.device
+    x = _as_tensor(train_x, "train_x", device)
+    _check_features(x, "train_x")
+    y = _check_labels(_as_tensor(train_y, "train_y", device), x.shape[0], "train_y")
+    keep, n_classes = _labelled_rows(y, n_classes, ignore_index, "train_y")
+    x, y = x[keep], y[keep]
+    _, idx = nearest_neighbours(
+        q, x, k, similarity=similarity, chunk_size=chunk_size, key_chunk_size=key_chunk_size
+    )
+    pred = majority_vote(y[idx], n_classes)
+    return pred.cpu().numpy() if as_numpy else pred
+
+
+# --------------------------------------------------------------------------------------------
+# Linear probe
+# --------------------------------------------------------------------------------------------
+
+
+class LinearProbe:
+    """One linear layer on frozen tokens, trained with cross-entropy and Adam.
+
+    With ``batchnorm=True`` a non-affine ``BatchNorm1d`` standardises the features first (batch
+    statistics while training, running statistics at prediction), the linear-probing recipe of
+    MAE that the local-representations paper uses for MAE only. Rows labelled ``ignore_index``
+    are dropped. Initialisation and batch order come from ``seed`` alone, so a fit on the CPU
+    is reproducible bit for bit.
+    """
+
+    def __init__(
+        self,
+        *,
+        n_classes: int | None = None,
+        lr: float = 1e-3,
+        epochs: int = 20,
+        batch_size: int = 1024,
+        weight_decay: float = 0.0,
+        batchnorm: bool = False,
+        seed: int = 0,
+        ignore_index: int = 255,
+    ):
+        if n_classes is not None:
+            _check_n_classes(n_classes)
+        if not (isinstance(lr, (int, float)) and lr > 0):
+            raise PatchAtlasError(f"lr {lr!r}: expected a positive number")
+        if not (isinstance(weight_decay, (int, float)) and weight_decay >= 0):
+            raise PatchAtlasError(f"weight_decay {weight_decay!r}: expected a number >= 0")
+        self.n_classes = n_classes
+        self.lr = float(lr)
+        self.epochs = _check_positive_int(epochs, "epochs")
+        self.batch_size = _check_positive_int(batch_size, "batch_size")
+        self.weight_decay = float(weight_decay)
+        self.batchnorm = bool(batchnorm)
+        self.seed = int(seed)
+        self.ignore_index = int(ignore_index)
+        self.model_: nn.Sequential | None = None
+        self.n_classes_: int | None = None
+        self.loss_history_: list[float] = []
+
+    def _build(self, dim: int, n_classes: int, dtype: torch.dtype, device) -> nn.Sequential:
+        generator = torch.Generator().manual_seed(self.seed)
+        linear = nn.Linear(dim, n_classes)
+        # PyTorch's default Linear initialisation, drawn from our own generator for reproducibility.
+        bound = 1.0 / dim**0.5
+        with torch.no_grad():
+            linear.weight.uniform_(-bound, bound, generator=generator)
+            linear.bias.uniform_(-bound, bound, generator=generator)
+        layers: list[nn.Module] = []
+        if self.batchnorm:
+            layers.append(nn.BatchNorm1d(dim, affine=False, eps=1e-6))
+        layers.append(linear)
+        return nn.Sequential(*layers).to(device=device, dtype=dtype)
+
+    def fit(self, x, y) -> "LinearProbe":
+        feats = _as_tensor(x, "x")
+        _check_features(feats, "x")
+        device = feats.device
+        labels = _check_labels(_as_tensor(y, "y", device), feats.shape[0], "y")
+        keep, n_classes = _labelled_rows(labels, self.n_classes, self.ignore_index, "y")
+        feats, labels = feats[keep], labels[keep]
+        dtype = _working_dtype(feats)
+        model = self._build(feats.shape[1], n_classes, dtype, device)
+        optimiser = torch.optim.Adam(model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        generator = torch.Generator().manual_seed(self.seed + 1)
+        n = feats.shape[0]
+        self.loss_history_ = []
+        model.train()
+        for _ in range(self.epochs):
+            order = torch.randperm(n, generator=generator).to(device)
+            total, seen = 0.0, 0
+            for start in range(0, n, self.batch_size):
+                batch = order[start : start + self.batch_size]
+                # BatchNorm cannot normalise a batch of one row; the row is seen in other epochs.
+                if self.batchnorm and batch.numel() < 2:
+                    continue
+                logits = model(feats[batch].to(dtype))
+                loss = F.cross_entropy(logits, labels[batch])
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                optimiser.step()
+                total += float(loss.detach()) * batch.numel()
+                seen += batch.numel()
+            self.loss_history_.append(total / max(seen, 1))
+        model.eval()
+        self.model_ = model
+        self.n_classes_ = n_classes
+        return self
+
+    def _require_fit(self) -> nn.Sequential:
+        if self.model_ is None:
+            raise PatchAtlasError("LinearProbe: call fit(x, y) before predict")
+        return self.model_
+
+    @torch.no_grad()
+    def predict_logits(self, x, chunk_size: int = 65536) -> torch.Tensor:
+        """Class scores [M, n_classes] as a tensor on the model's device."""
+        model = self._require_fit()
+        param = next(model.parameters())
+        feats = _as_tensor(x, "x", param.device)
+        _check_features(feats, "x")
+        if feats.shape[1] != param.shape[1]:
+            raise PatchAtlasError(
+                f"x has {feats.shape[1]} features but the probe was fitted on {param.shape[1]}"
+            )
+        chunks = [model(feats[s : s + chunk_size].to(param.dtype)) for s in range(0, feats.shape[0], chunk_size)]
+        return torch.cat(chunks, dim=0)
+
+    def predict(self, x):
+        """Predicted class [M] (int64): numpy if ``x`` is numpy, else a tensor on the model's device."""
+        pred = self.predict_logits(x).argmax(dim=1)
+        return pred if isinstance(x, torch.Tensor) else pred.cpu().numpy()
