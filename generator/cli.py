@@ -263,6 +263,38 @@ def datasets_cmd():
         click.echo(f"{entry.name:<18} {entry.description}  [{defaults}]")
 
 
+@cli.command()
+@_out_option
+@click.option("--dataset", required=True, help="Source dataset whose repository OUT/datasets/NAME is pushed.")
+@click.option("--repo", "repo_id", required=True, metavar="ORG/NAME", help="Hub dataset repository to push to.")
+@click.option("--dry-run", is_flag=True, help="Show what would be uploaded and deleted; write nothing.")
+@click.option("--private", is_flag=True, help="Create the repository private (when it does not exist yet).")
+@click.option("--revision", default=None, metavar="BRANCH", help="Branch to commit to (default: main).")
+def push(out, dataset, repo_id, dry_run, private, revision):
+    """Publish OUT/datasets/DATASET to the Hugging Face Hub, uploading only what changed."""
+    from generator.extract import dataset_repo_dir
+    from generator.store.push import push_folder
+
+    folder = dataset_repo_dir(out, dataset)
+    if not folder.is_dir():
+        raise PatchAtlasError(f"--dataset {dataset!r}: {folder} does not exist; run `patchatlas extract "
+                              f"--source {dataset} --out {out}` first")
+    with output_lock(out):
+        result = push_folder(folder, repo_id, dry_run=dry_run, private=private, revision=revision)
+    plan = result.plan
+    for label, paths in (("add", plan.added), ("update", plan.changed), ("delete", plan.deleted)):
+        for path in paths:
+            click.echo(f"  {label:<6} {path}")
+    if dry_run:
+        click.echo(f"dry run, nothing written: {repo_id}@{result.revision} would get {plan.summary()}")
+    elif plan.is_empty:
+        click.echo(f"{repo_id}@{result.revision} is up to date ({len(plan.unchanged)} files)")
+    else:
+        click.echo(f"pushed {repo_id}@{result.revision}: {plan.summary()} "
+                   f"({result.uploaded_bytes:,} bytes uploaded)")
+        click.echo(f"  commit: {result.commit_url}")
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         # Without standalone mode click returns the code of `Exit` instead of exiting.
