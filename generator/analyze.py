@@ -31,6 +31,15 @@ from generator.analyses.artifacts import high_norm_outliers, norm_histogram, tok
 from generator.analyses.attention import foreground_jaccard
 from generator.analyses.clusters import chance_miou, joint_kmeans_segmentation
 from generator.analyses.pca import pca_rgb
+from generator.analyses.probes import LinearProbe, knn_predict, segmentation_metrics
+from generator.analyses.retrieval import retrieval_outcomes
+from generator.analyses.variance import (
+    batchnorm_normalise,
+    feature_variance,
+    removal_counts_for,
+    removal_curve,
+    variance_spectrum,
+)
 from generator.analyses.position import (
     border_map,
     border_score,
@@ -40,12 +49,14 @@ from generator.analyses.position import (
     positional_consistency,
 )
 from generator.errors import PatchAtlasError
-from generator.extract import dataset_repo_dir
+from generator.extract import dataset_repo_dir, variants_dir
+from generator.models.registry import MODELS
+from generator.sources.splits import few_shot_split
 from generator.store.atomic import atomic_path, atomic_write_json
 from generator.store.manifest import Manifest, file_sha256, params_hash
 from generator.store.parquet import patch_grid, read_attention_table, read_patch_table
 
-ANALYSIS_VERSION = "2"
+ANALYSIS_VERSION = "3"
 STABILITY_SEEDS = 3
 
 
@@ -58,6 +69,10 @@ class AnalyzeOptions:
     l2_normalize: bool = True
     stability_k: int = 8  # k at which cluster stability across seeds is measured
     attention_mass: float = 0.6
+    knn_k: int = 1  # the local-representations code: 1-NN on dot-product similarity
+    knn_similarity: str = "dot"
+    linear_epochs: int = 30
+    linear_lr: float = 1e-3
     device: str = "cpu"
     progress: bool = True
 
@@ -182,8 +197,13 @@ def map_results(tokens: torch.Tensor, is_prenorm: bool, seed: int) -> tuple[dict
     return metrics, arrays
 
 
-def analyze_unit(unit: AnalysisUnit, n_classes: int, ignore_index: int, options: AnalyzeOptions) -> list[str]:
-    """All per-config analyses; returns the files written, relative to the unit's folder."""
+def analyze_unit(unit: AnalysisUnit, n_classes: int, ignore_index: int, options: AnalyzeOptions,
+                 source: dict | None = None, variants: Path | None = None) -> list[str]:
+    """All per-config analyses; returns the files written, relative to the unit's folder.
+
+    ``variants`` (the degraded/transformed tokens of this model) is given for the config they
+    were extracted from — the last layer's post-norm tokens — which also gets the variance study.
+    """
     image_ids, tokens, labels = patch_grid(read_patch_table(unit.table))
     tokens_t = torch.from_numpy(tokens).to(options.device)
     header = {"source": unit.source, "model": unit.model, "config": unit.config, "layer": unit.layer,
@@ -203,7 +223,132 @@ def analyze_unit(unit: AnalysisUnit, n_classes: int, ignore_index: int, options:
     maps_metrics, maps_arrays = map_results(tokens_t, unit.norm == "prenorm", options.seed)
     _save_npz(unit.results_dir / "maps.npz", **maps_arrays, image_ids=np.asarray(image_ids))
     atomic_write_json(unit.results_dir / "maps.json", {**header, **maps_metrics})
-    return written + ["kmeans.json", "maps.npz", "maps.json"]
+    written += ["kmeans.json", "maps.npz", "maps.json"]
+    if len(image_ids) >= 2 and (source is None or source.get("probes", True)):
+        # MAE-style models need standardised features for a linear probe (the paper's BatchNorm).
+        batchnorm = unit.model in MODELS and MODELS[unit.model].family == "MIM"
+        probes = probe_results(tokens, labels, image_ids, n_classes, ignore_index, options, batchnorm)
+        if variants is not None and source is not None:
+            probes["variance"] = variance_results(tokens, labels, image_ids, n_classes, ignore_index, options,
+                                                  batchnorm)
+            probes.update(robustness_and_retrieval(tokens, labels, image_ids, variants, source, options, batchnorm))
+        atomic_write_json(unit.results_dir / "probes.json", {**header, **probes})
+        written.append("probes.json")
+    return written
+
+
+def _split_grids(image_ids: list[str], tokens: np.ndarray, labels: np.ndarray):
+    """Train/val grids by the few-shot split (first part of the images trains)."""
+    train_ids, _ = few_shot_split(image_ids)
+    n_train = len(train_ids)
+    return tokens[:n_train], labels[:n_train], tokens[n_train:], labels[n_train:]
+
+
+def _probe(train_x: torch.Tensor, train_y: np.ndarray, test_x: torch.Tensor, test_y: np.ndarray, n_classes: int,
+           ignore_index: int, options: AnalyzeOptions, batchnorm: bool) -> dict:
+    knn = knn_predict(train_x, train_y, test_x, k=options.knn_k, similarity=options.knn_similarity,
+                      n_classes=n_classes, ignore_index=ignore_index)
+    knn_m = segmentation_metrics(_np(knn), test_y, n_classes, ignore_index)
+    probe = LinearProbe(n_classes=n_classes, epochs=options.linear_epochs, lr=options.linear_lr,
+                        batchnorm=batchnorm, seed=options.seed, ignore_index=ignore_index).fit(train_x, train_y)
+    lin_m = segmentation_metrics(_np(probe.predict(test_x)), test_y, n_classes, ignore_index)
+    return {"knn_miou": knn_m["miou"], "knn_pixel_accuracy": knn_m["pixel_accuracy"],
+            "linear_miou": lin_m["miou"], "linear_pixel_accuracy": lin_m["pixel_accuracy"],
+            "knn_per_class_iou": _nan_to_none(knn_m["per_class_iou"]),
+            "linear_per_class_iou": _nan_to_none(lin_m["per_class_iou"])}, probe
+
+
+def _np(x) -> np.ndarray:
+    return x.cpu().numpy() if isinstance(x, torch.Tensor) else np.asarray(x)
+
+
+def _nan_to_none(values) -> list:
+    return [None if np.isnan(v) else float(v) for v in np.asarray(values, dtype=float)]
+
+
+def probe_results(tokens: np.ndarray, labels: np.ndarray, image_ids: list[str], n_classes: int, ignore_index: int,
+                  options: AnalyzeOptions, batchnorm: bool) -> dict:
+    """Few-shot k-NN and linear probes on the patch tokens of one config (analyses 6 and 8)."""
+    tr_x, tr_y, te_x, te_y = _split_grids(image_ids, tokens, labels)
+    dim = tokens.shape[-1]
+    train = torch.from_numpy(tr_x.reshape(-1, dim)).to(options.device)
+    test = torch.from_numpy(te_x.reshape(-1, dim)).to(options.device)
+    metrics, _ = _probe(train, tr_y.reshape(-1), test, te_y.reshape(-1), n_classes, ignore_index, options, batchnorm)
+    return {**metrics, "n_train_images": int(tr_x.shape[0]), "n_val_images": int(te_x.shape[0]),
+            "knn_k": options.knn_k, "knn_similarity": options.knn_similarity, "linear_batchnorm": batchnorm}
+
+
+def variance_results(tokens: np.ndarray, labels: np.ndarray, image_ids: list[str], n_classes: int,
+                     ignore_index: int, options: AnalyzeOptions, batchnorm: bool) -> dict:
+    """High-variance feature spectrum and removal curves on the train split (analysis 7)."""
+    tr_x, tr_y, te_x, te_y = _split_grids(image_ids, tokens, labels)
+    dim = tokens.shape[-1]
+    train = torch.from_numpy(tr_x.reshape(-1, dim)).to(options.device)
+    test = torch.from_numpy(te_x.reshape(-1, dim)).to(options.device)
+    var = feature_variance(train)
+    spectrum, order = variance_spectrum(var)
+    knn_kwargs = {"k": options.knn_k, "similarity": options.knn_similarity}
+    linear_kwargs = {"epochs": options.linear_epochs, "lr": options.linear_lr, "batchnorm": batchnorm,
+                     "seed": options.seed}
+    curve = removal_curve(train, tr_y.reshape(-1), test, te_y.reshape(-1), removal_counts_for(dim),
+                          n_classes=n_classes, ignore_index=ignore_index, knn_kwargs=knn_kwargs,
+                          linear_kwargs=linear_kwargs)
+    bn_train, bn_test = batchnorm_normalise(train, test)
+    bn_knn = knn_predict(bn_train, tr_y.reshape(-1), bn_test, n_classes=n_classes, ignore_index=ignore_index,
+                         **knn_kwargs)
+    bn = segmentation_metrics(_np(bn_knn), te_y.reshape(-1), n_classes, ignore_index)
+    return {"spectrum": _np(spectrum).astype(float).tolist(), "top_dims": _np(order)[:200].tolist(),
+            "removal": curve, "batchnorm_knn_miou": bn["miou"]}
+
+
+def robustness_and_retrieval(tokens: np.ndarray, labels: np.ndarray, image_ids: list[str], variants: Path,
+                             source: dict, options: AnalyzeOptions, batchnorm: bool) -> dict:
+    """Probes trained on clean train images, evaluated on degraded evaluation images (analysis 9),
+    and retrieval of the original patch from transformed ones (analysis 10)."""
+    n_classes, ignore_index = len(source["classes"]), source["ignore_index"]
+    tr_x, tr_y, te_x, te_y = _split_grids(image_ids, tokens, labels)
+    dim = tokens.shape[-1]
+    train = torch.from_numpy(tr_x.reshape(-1, dim)).to(options.device)
+    clean, probe = _probe(train, tr_y.reshape(-1), torch.from_numpy(te_x.reshape(-1, dim)).to(options.device),
+                          te_y.reshape(-1), n_classes, ignore_index, options, batchnorm)
+    supers = sorted({c["super_name"] for c in source["classes"]})
+    fine_to_super = np.array([supers.index(c["super_name"]) for c in source["classes"]])
+    background = [c["id"] for c in source["classes"] if c.get("is_background")]
+    robustness, retrieval = [], []
+    for path in sorted(variants.glob("*.npz")):
+        kind, name, level = path.stem.split("-", 2)
+        with np.load(path) as npz:
+            var_tokens = npz["tokens"].astype(np.float32)
+            var_labels = npz["labels"]
+            correspondence = npz["correspondence"] if "correspondence" in npz.files else None
+        flat = torch.from_numpy(var_tokens.reshape(-1, dim)).to(options.device)
+        if kind == "degraded":
+            knn = knn_predict(train, tr_y.reshape(-1), flat, k=options.knn_k, similarity=options.knn_similarity,
+                              n_classes=n_classes, ignore_index=ignore_index)
+            knn_m = segmentation_metrics(_np(knn), var_labels.reshape(-1), n_classes, ignore_index)
+            lin_m = segmentation_metrics(_np(probe.predict(flat)), var_labels.reshape(-1), n_classes, ignore_index)
+            robustness.append({"degradation": name, "level": float(level), "knn_miou": knn_m["miou"],
+                               "linear_miou": lin_m["miou"]})
+        if kind == "transformed" or name in ("blur", "noise"):
+            if correspondence is None:  # photometric: every patch corresponds to itself
+                gh, gw = var_labels.shape[1:]
+                rows, cols = np.meshgrid(np.arange(gh), np.arange(gw), indexing="ij")
+                correspondence = np.broadcast_to(np.stack([rows, cols], -1), (*var_labels.shape, 2)).copy()
+            for exclude in (False, True):
+                try:
+                    result = retrieval_outcomes(torch.from_numpy(te_x).to(options.device), te_y,
+                                                torch.from_numpy(var_tokens).to(options.device), var_labels,
+                                                correspondence, fine_to_super, background,
+                                                exclude_same_image=exclude, ignore_index=ignore_index)
+                except PatchAtlasError as err:  # e.g. no labelled foreground patch to query
+                    retrieval.append({"transform": name, "level": float(level), "exclude_same_image": exclude,
+                                      "skipped": str(err)})
+                    continue
+                retrieval.append({"transform": name, "level": float(level), "exclude_same_image": exclude,
+                                  "shares": {k: float(v) for k, v in result["shares"].items()},
+                                  "n_queries": int(result["n_queries"]), "upper_bound": float(result["upper_bound"])})
+    return {"clean": {"knn_miou": clean["knn_miou"], "linear_miou": clean["linear_miou"]},
+            "robustness": robustness, "retrieval": retrieval}
 
 
 def analyze_attention(table: Path, labels_table: Path, background_ids: list[int], ignore_index: int,
@@ -239,9 +384,15 @@ def run_analyze(out: Path, options: AnalyzeOptions) -> list[str]:
         source = _source_record(out, unit.source, manifest)
         params = {"version": ANALYSIS_VERSION, "table_sha256": file_sha256(unit.table), **options.result_params(),
                   "n_classes": len(source["classes"]), "ignore_index": source["ignore_index"]}
+        variants_entry = manifest.get(f"variants/{unit.source}/{unit.model}")
+        variants = None
+        if variants_entry and variants_entry.get("status") == "done" and unit.norm == "postnorm" \
+                and unit.layer == variants_entry["layer"]:
+            variants = variants_dir(out, unit.source, unit.model)
+            params["variants"] = variants_entry["params_hash"]
         if manifest.is_done(unit.key, params, out):
             continue
-        files = analyze_unit(unit, len(source["classes"]), source["ignore_index"], options)
+        files = analyze_unit(unit, len(source["classes"]), source["ignore_index"], options, source, variants)
         _record(manifest, unit.key, params, out, unit.results_dir, files)
         done.append(unit.key)
     for _, entry in sorted(manifest.entries(prefix="extract/")):

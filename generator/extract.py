@@ -25,7 +25,16 @@ from generator.errors import PatchAtlasError, WeightsUnavailable
 from generator.models.encoder import NORMS, QKV_VIEWS, Encoder, load_encoder, resolve_layers
 from generator.models.registry import ModelEntry, get_model_entry
 from generator.sources.base import SegmentationSource
+from generator.sources.degradations import (
+    DEGRADATIONS,
+    TRANSFORMS,
+    apply_degradation,
+    apply_transform,
+    patch_correspondence,
+)
 from generator.sources.labels import LABEL_RULES, patch_labels, resize_mask
+from generator.sources.splits import PROBE_TRAIN_FRACTION, few_shot_split
+from generator.store.atomic import atomic_path
 from generator.store.manifest import Manifest, file_sha256, params_hash
 from generator.store.parquet import AttentionTableWriter, PatchTableWriter, PrefixTableWriter, write_images_table
 from generator.store.repo import (
@@ -52,6 +61,7 @@ class ExtractOptions:
     device: str = "cpu"
     weights: dict[str, str] = field(default_factory=dict)  # model name -> checkpoint path
     last_block_attention: bool = True  # CLS attention maps and q/k/v views of the last block
+    variants: bool = True  # last-layer tokens of degraded and transformed evaluation images
     cache_dir: str | None = None
     progress: bool = True
 
@@ -116,6 +126,7 @@ def record_source(source: SegmentationSource, manifest: Manifest) -> None:
         "name": source.name, "revision": source.revision, "license": source.license,
         "description": source.description, "params": source.params, "ignore_index": source.ignore_index,
         "classes": [dataclasses.asdict(c) for c in source.classes], "num_images": len(source),
+        "probes": source.probes,
     })
 
 
@@ -247,6 +258,8 @@ def _extract_unit(source: SegmentationSource, entry: ModelEntry, options: Extrac
                           else list(options.layers), options)
     if manifest.is_done(key, params, repo):
         done = manifest.get(key)
+        if options.variants:
+            _variants_unit(source, entry, options, repo.parent.parent, manifest, params, None)
         return ModelOutcome(entry.name, "reused", configs=[c["name"] for c in done["configs"]])
     try:
         encoder = load_encoder(entry, checkpoint=options.weights.get(entry.name),
@@ -259,15 +272,89 @@ def _extract_unit(source: SegmentationSource, entry: ModelEntry, options: Extrac
     layers = resolve_layers(options.layers, encoder.depth)
     written = extract_model(source, encoder, layers, options, repo)
     manifest.set(key, {
-        "status": "done", "params": params, "params_hash": params_hash(params), **written, "layers": layers, "grid": list(encoder.grid), "dim": encoder.embed_dim,
-        "weights": dataclasses.asdict(encoder.weights), "model": entry.name,
-        "source": source.name, "version": __version__,
+        "status": "done", "params": params, "params_hash": params_hash(params), **written, "layers": layers,
+        "grid": list(encoder.grid), "dim": encoder.embed_dim, "weights": dataclasses.asdict(encoder.weights),
+        "model": entry.name, "source": source.name, "version": __version__,
     })
     manifest.save()
+    if options.variants:
+        _variants_unit(source, entry, options, repo.parent.parent, manifest, params, encoder)
     del encoder
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     return ModelOutcome(entry.name, "done", configs=[c["name"] for c in written["configs"]])
+
+
+def variants_dir(out: Path, source_name: str, model: str) -> Path:
+    return Path(out) / "variants" / source_name / model
+
+
+def variant_name(kind: str, name: str, level) -> str:
+    return f"{kind}-{name}-{level}"
+
+
+def _variants_unit(source: SegmentationSource, entry: ModelEntry, options: ExtractOptions, out: Path,
+                   manifest: Manifest, extract_params: dict, encoder: Encoder | None) -> None:
+    """Last-layer post-norm tokens of the evaluation images, degraded and transformed.
+
+    They feed the robustness curves (probes trained on clean images, evaluated on degraded ones)
+    and retrieval under transformations. They are analysis inputs, not published data, so they
+    live under ``<out>/variants`` with a manifest unit of their own.
+    """
+    if not source.probes or len(source) < 2 or "postnorm" not in options.norms:
+        return
+    key = f"variants/{source.name}/{entry.name}"
+    params = {"extract": params_hash(extract_params), "degradations": DEGRADATIONS,
+              "transforms": {k: v for k, v in TRANSFORMS.items() if k not in DEGRADATIONS},
+              "train_fraction": PROBE_TRAIN_FRACTION, "version": EXTRACTOR_VERSION}
+    if manifest.is_done(key, params, out):
+        return
+    if encoder is None:
+        try:
+            encoder = load_encoder(entry, checkpoint=options.weights.get(entry.name), device=options.device,
+                                   cache_dir=options.cache_dir)
+        except WeightsUnavailable:
+            return  # the extract unit already records why this model is missing
+    _, val_ids = few_shot_split(source.dataset["image_id"])
+    val = source.dataset.select(range(len(source) - len(val_ids), len(source)))
+    images = [np.asarray(img.convert("RGB")) for img in val["image"]]
+    masks = [np.asarray(m) for m in val["mask"]]
+    variants = [("degraded", name, level) for name, levels in DEGRADATIONS.items() for level in levels] + [
+        ("transformed", name, level) for name, levels in TRANSFORMS.items() if name not in DEGRADATIONS
+        for level in levels]
+    folder = variants_dir(out, source.name, entry.name)
+    files = {}
+    for kind, name, level in tqdm(variants, disable=not options.progress, desc=f"{entry.name} variants",
+                                  unit="variant"):
+        if kind == "degraded":
+            changed = [apply_degradation(img, name, level, seed=i) for i, img in enumerate(images)]
+            new_masks = masks
+            correspondence = None
+        else:
+            results = [apply_transform(img, m, name, level, ignore_index=source.ignore_index)
+                       for img, m in zip(images, masks)]
+            changed, new_masks = [r.image for r in results], [r.mask for r in results]
+            correspondence = np.stack([patch_correspondence(r.to_source, r.image.shape[:2], encoder.grid)
+                                       for r in results])
+        labels = grid_labels(new_masks, encoder, options.label_rule, source.ignore_index)
+        tokens = []
+        for start in range(0, len(changed), options.batch_size):
+            batch = encoder.tokens(encoder.preprocess(changed[start:start + options.batch_size]),
+                                   [encoder.depth], ["postnorm"])
+            tokens.append(batch.layers[(encoder.depth, "postnorm")].patch.cpu().numpy())
+        arrays = {"tokens": np.concatenate(tokens).astype(np.float16), "labels": labels,
+                  "image_ids": np.asarray(val_ids)}
+        if correspondence is not None:
+            arrays["correspondence"] = correspondence
+        path = folder / f"{variant_name(kind, name, level)}.npz"
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as fh:
+                np.savez_compressed(fh, **arrays)
+        files[str(path.relative_to(out))] = file_sha256(path)
+    manifest.set(key, {"status": "done", "params": params, "params_hash": params_hash(params), "files": files,
+                       "layer": encoder.depth, "model": entry.name, "source": source.name,
+                       "val_ids": list(val_ids)})
+    manifest.save()
 
 
 def write_card(source: SegmentationSource, repo: Path, manifest: Manifest, repo_id: str | None = None) -> Path:

@@ -29,7 +29,7 @@ from generator.errors import PatchAtlasError
 from generator.analyses.position import position_cluster_histogram, position_mode_map
 from generator.figures.maps import thumbnail, to_png_bytes, upsample_nearest
 from generator.figures.palette import PALETTE, colorize
-from generator.figures.plots import heatmap_rgb, histogram_png, line_chart_png
+from generator.figures.plots import heatmap_rgb, histogram_png, line_chart_png, stacked_bars_png
 from generator.models.registry import MODELS, get_model_entry
 from generator.store.manifest import Manifest
 from generator.store.parquet import read_images_table
@@ -391,6 +391,14 @@ def render_docs(out: Path, docs: Path, options: RenderOptions) -> list[Path]:
     _write_page(docs / "positional-artifacts.md",
                 env.get_template("artifacts.md.j2").render(contexts=contexts, page_depth=""))
     pages.append(docs / "positional-artifacts.md")
+    probe_contexts = {}
+    for src in sources:
+        probe = _probe_context(out, docs, src, contexts[src["name"]]["families"])
+        if probe:
+            probe_contexts[src["name"]] = probe
+    _write_page(docs / "probe-metrics.md", env.get_template("probes.md.j2").render(contexts=probe_contexts,
+                                                                                   page_depth=""))
+    pages.append(docs / "probe-metrics.md")
     _write_page(docs / "downloads.md", env.get_template("downloads.md.j2").render(
         datasets=_downloads(out, manifest), page_depth=""))
     pages.append(docs / "downloads.md")
@@ -409,6 +417,79 @@ def render_docs(out: Path, docs: Path, options: RenderOptions) -> list[Path]:
     _write_page(docs / "index.md", home)
     pages.append(docs / "index.md")
     return pages
+
+
+def _probe_context(out: Path, docs: Path, src: dict, families: dict[str, str]) -> dict | None:
+    """Tables and charts of the few-shot probes of one source (analyses 6–10)."""
+    name = src["name"]
+    probes = _load_json((out / "results" / name).glob("*/*/probes.json"))
+    if not probes:
+        return None
+    assets = Path("assets") / name / "charts"
+    layer_rows = sorted(probes, key=lambda p: (families.get(p["model"], "?"), p["model"], p["layer"], p["norm"]))
+    last = {}
+    for p in probes:
+        if p["norm"] == "postnorm" and p["layer"] >= last.get(p["model"], {}).get("layer", -1):
+            last[p["model"]] = p
+    charts = {}
+
+    def series(model_rows, x_key, y_key):
+        return [{"label": model, "family": families.get(model, ""), "x": [r[x_key] for r in rows],
+                 "y": [r[y_key] for r in rows]} for model, rows in model_rows.items()]
+
+    by_model: dict[str, list[dict]] = {}
+    for p in layer_rows:
+        if p["norm"] == "postnorm":
+            by_model.setdefault(p["model"], []).append(p)
+    for metric in ("knn_miou", "linear_miou"):
+        rel = assets / f"layers-{metric}.png"
+        line_chart_png(series(by_model, "layer", metric), docs / rel, xlabel="layer",
+                       ylabel=metric.replace("_", " "), title=f"{metric.split('_')[0]} mIoU by layer on {name}")
+        charts[f"layers_{metric}"] = rel.as_posix()
+    with_variance = {m: p for m, p in last.items() if "variance" in p}
+    if with_variance:
+        rel = assets / "variance-spectrum.png"
+        line_chart_png([{"label": m, "family": families.get(m, ""), "x": list(range(1, len(p["variance"]["spectrum"]) + 1)),
+                         "y": p["variance"]["spectrum"]} for m, p in with_variance.items()], docs / rel,
+                       xlabel="dimension (sorted by train variance)", ylabel="variance",
+                       title=f"Feature variance spectrum on {name}", log_y=True)
+        charts["spectrum"] = rel.as_posix()
+        rel = assets / "variance-removal.png"
+        line_chart_png(series({m: p["variance"]["removal"] for m, p in with_variance.items()}, "n_removed",
+                              "knn_miou"), docs / rel, xlabel="top-variance dimensions removed",
+                       ylabel="k-NN mIoU", title=f"Removing high-variance dimensions on {name}")
+        charts["removal"] = rel.as_posix()
+        for degradation in ("blur", "noise", "frequency_band"):
+            rows = {m: [r for r in p.get("robustness", []) if r["degradation"] == degradation]
+                    for m, p in with_variance.items()}
+            if any(rows.values()):
+                rel = assets / f"robustness-{degradation}.png"
+                line_chart_png(series(rows, "level", "knn_miou"), docs / rel, xlabel=f"{degradation} level",
+                               ylabel="k-NN mIoU", title=f"Robustness to {degradation.replace('_', ' ')} on {name}")
+                charts[f"robustness_{degradation}"] = rel.as_posix()
+    retrieval_rows = []
+    for model, p in with_variance.items():
+        for r in p.get("retrieval", []):
+            if "shares" in r:
+                retrieval_rows.append({"model": model, "family": families.get(model, ""), **r})
+    strongest = {}
+    for r in retrieval_rows:
+        key = (r["model"], r["transform"], r["exclude_same_image"])
+        if key not in strongest or r["level"] > strongest[key]["level"] and r["transform"] != "scale":
+            strongest[key] = r
+    if retrieval_rows:
+        outcomes = ("same_patch", "same_fine", "same_super", "background", "wrong")
+        bars = [r for r in strongest.values() if not r["exclude_same_image"]]
+        bars.sort(key=lambda r: (r["transform"], r["model"]))
+        rel = assets / "retrieval.png"
+        stacked_bars_png([f"{r['model']} {r['transform']} {r['level']:g}" for r in bars],
+                         {o.replace("_", " "): [r["shares"][o] for r in bars] for o in outcomes}, docs / rel,
+                         ylabel="share of query patches", title=f"Nearest original patch on {name} (strongest level)")
+        charts["retrieval"] = rel.as_posix()
+    return {"last": sorted(last.values(), key=lambda p: (families.get(p["model"], "?"), p["model"])),
+            "layers": layer_rows, "charts": charts, "families": families,
+            "retrieval": sorted(retrieval_rows, key=lambda r: (r["model"], r["transform"], r["level"],
+                                                               r["exclude_same_image"]))}
 
 
 def _leaderboards(contexts: dict[str, dict]) -> dict[str, list[dict]]:

@@ -168,7 +168,8 @@ def test_unknown_model_is_rejected_before_any_work(tmp_path, capsys):
     assert not (tmp_path / "o" / "datasets").exists()
 
 
-@pytest.mark.parametrize("command", [[], ["build"], ["extract"], ["analyze"], ["render"], ["models"], ["datasets"]])
+@pytest.mark.parametrize("command", [[], ["build"], ["extract"], ["analyze"], ["render"], ["models"], ["datasets"],
+                                     ["doctor"], ["push"]])
 def test_every_command_has_help(command, capsys):
     assert main(command + ["--help"]) == 0
     assert "Usage:" in capsys.readouterr().out
@@ -194,3 +195,29 @@ def test_analyses_and_their_pages_are_written(built):
     model_page = (site / "models" / "tiny_reg" / "index.html").read_text()
     for src in re.findall(r'<img[^>]+src="([^"]+)"', model_page):
         assert (site / "models" / "tiny_reg" / src).resolve().is_file(), src
+
+
+def test_probes_variance_robustness_and_retrieval_are_analysed(built):
+    out = built["out"]
+    unit = out / "results" / "synthetic-scenes" / "tiny_reg" / "tiny_reg-L02-postnorm"
+    probes = json.loads((unit / "probes.json").read_text())
+    assert probes["n_train_images"] == 2 and probes["n_val_images"] == 2
+    assert 0 <= probes["knn_miou"] <= 1 and 0 <= probes["linear_miou"] <= 1
+    assert probes["knn_k"] == 1 and probes["knn_similarity"] == "dot"
+    assert [r["n_removed"] for r in probes["variance"]["removal"]] == [0, 10, 20, 30, 40, 50]  # capped below D=64
+    assert sorted(probes["variance"]["spectrum"], reverse=True) == probes["variance"]["spectrum"]
+    assert {r["degradation"] for r in probes["robustness"]} == {"blur", "noise", "frequency_band"}
+    assert len(probes["robustness"]) == 12
+    transforms = {r["transform"] for r in probes["retrieval"]}
+    assert transforms == {"shift", "rotate", "scale", "blur", "noise"}
+    # Every layer and view gets the probes; only the last post-norm layer gets the variants.
+    assert (out / "results" / "synthetic-scenes" / "tiny_reg" / "tiny_reg-L01-prenorm" / "probes.json").is_file()
+    assert "variance" not in json.loads(
+        (out / "results" / "synthetic-scenes" / "tiny_reg" / "tiny_reg-L01-postnorm" / "probes.json").read_text())
+    # Content-free inputs have no few-shot split: no probes, no variants.
+    assert not list((out / "results" / "content-free").glob("*/*/probes.json"))
+    assert not (out / "variants" / "content-free").exists()
+    page = (out / "site" / "probe-metrics" / "index.html").read_text()
+    assert "tiny_reg" in page and "Retrieval outcomes" in page
+    for src in re.findall(r'<img[^>]+src="([^"]+)"', page):
+        assert (out / "site" / "probe-metrics" / src).resolve().is_file(), src

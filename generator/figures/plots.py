@@ -46,7 +46,7 @@ def _save(fig, path: str | os.PathLike) -> Path:
 
 
 def line_chart_png(series: Sequence[dict], path: str | os.PathLike, *, xlabel: str, ylabel: str,
-                   title: str = "", baseline: float | None = None) -> Path:
+                   title: str = "", baseline: float | None = None, log_y: bool = False) -> Path:
     """One line per series: dicts with ``label``, ``x``, ``y`` and optionally ``family``."""
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for s in series:
@@ -56,6 +56,8 @@ def line_chart_png(series: Sequence[dict], path: str | os.PathLike, *, xlabel: s
         ax.axhline(baseline, color="black", linewidth=0.8, linestyle=":", label="random pairs")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
+    if log_y:
+        ax.set_yscale("log")
     if title:
         ax.set_title(title)
     ax.grid(alpha=0.3)
@@ -77,4 +79,22 @@ def histogram_png(histograms: Mapping[str, dict], path: str | os.PathLike, *, xl
         ax.set_title(title)
     if histograms:
         ax.legend(fontsize=7)
+    return _save(fig, path)
+
+
+def stacked_bars_png(categories: Sequence[str], stacks: Mapping[str, Sequence[float]], path: str | os.PathLike, *,
+                     ylabel: str, title: str = "") -> Path:
+    """One bar per category, split into the named stacks (e.g. retrieval outcomes per model)."""
+    fig, ax = plt.subplots(figsize=(max(4, 0.6 * len(categories) + 2), 3.6))
+    bottom = np.zeros(len(categories))
+    colours = plt.get_cmap("tab10")
+    for i, (label, values) in enumerate(stacks.items()):
+        values = np.asarray(values, dtype=float)
+        ax.bar(list(categories), values, bottom=bottom, label=label, color=colours(i))
+        bottom += values
+    ax.set_ylabel(ylabel)
+    if title:
+        ax.set_title(title)
+    ax.tick_params(axis="x", rotation=30)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     return _save(fig, path)

@@ -36,6 +36,9 @@ class SegmentationSource:
     license: str = "unknown"
     description: str = ""
     params: dict = field(default_factory=dict)
+    # Whether few-shot probes make sense: a split into train and evaluation images of the same
+    # kind. Inputs built to probe the model itself (content-free images) have none.
+    probes: bool = True
 
     @property
     def class_names(self) -> list[str]:

@@ -80,5 +80,5 @@ def content_free_source(size: int = 224, noise_images: int = 3, seed: int = 0) -
         ignore_index=255, revision=revision, license="CC0-1.0",
         description="Inputs without content (six constant colours and uniform noise): any structure in their "
                     "cluster maps comes from the model's positional biases, not from the image.",
-        params={"size": size, "noise_images": noise_images, "seed": seed},
+        params={"size": size, "noise_images": noise_images, "seed": seed}, probes=False,
     )
