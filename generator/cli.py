@@ -78,7 +78,7 @@ def _extract_options(f):
                      help="Parameter of a source, e.g. n_images=32 (repeatable); applies to every "
                           "source that has that parameter."),
         click.option("--models", default=None, help="Comma-separated model names (default: the default set)."),
-        click.option("--layers", default="quartiles", show_default=True,
+        click.option("--layers", default="all", show_default=True,
                      help="'all', 'last', 'quartiles' or block numbers like '4,8,12' (1-based)."),
         click.option("--norms", default="prenorm,postnorm", show_default=True, help="Token views to write."),
         click.option("--label-rule", type=click.Choice(["nearest", "majority"]), default="majority",

@@ -54,7 +54,7 @@ EXTRACTOR_VERSION = "1"
 
 @dataclass
 class ExtractOptions:
-    layers: str | Sequence[int] = "quartiles"
+    layers: str | Sequence[int] = "all"
     norms: Sequence[str] = NORMS
     label_rule: str = "majority"
     batch_size: int = 8

@@ -396,8 +396,8 @@ def render_docs(out: Path, docs: Path, options: RenderOptions) -> list[Path]:
         probe = _probe_context(out, docs, src, contexts[src["name"]]["families"])
         if probe:
             probe_contexts[src["name"]] = probe
-    _write_page(docs / "probe-metrics.md", env.get_template("probes.md.j2").render(contexts=probe_contexts,
-                                                                                   page_depth=""))
+    _write_page(docs / "probe-metrics.md", env.get_template("probes.md.j2").render(
+        contexts=probe_contexts, overlaps=_top_variance_overlaps(probe_contexts), page_depth=""))
     pages.append(docs / "probe-metrics.md")
     _write_page(docs / "downloads.md", env.get_template("downloads.md.j2").render(
         datasets=_downloads(out, manifest), page_depth=""))
@@ -490,6 +490,24 @@ def _probe_context(out: Path, docs: Path, src: dict, families: dict[str, str]) -
             "layers": layer_rows, "charts": charts, "families": families,
             "retrieval": sorted(retrieval_rows, key=lambda r: (r["model"], r["transform"], r["level"],
                                                                r["exclude_same_image"]))}
+
+
+def _top_variance_overlaps(probe_contexts: dict[str, dict], n: int = 200) -> list[dict]:
+    """How many of a model's top-n variance dimensions two datasets share (the paper: 196/200)."""
+    tops: dict[str, dict[str, list[int]]] = {}
+    for name, ctx in probe_contexts.items():
+        for p in ctx["last"]:
+            if "variance" in p:
+                tops.setdefault(p["model"], {})[name] = p["variance"]["top_dims"][:n]
+    rows = []
+    for model, by_source in sorted(tops.items()):
+        names = sorted(by_source)
+        for i, a in enumerate(names):
+            for b in names[i + 1:]:
+                size = min(len(by_source[a]), len(by_source[b]))
+                rows.append({"model": model, "a": a, "b": b, "n": size,
+                             "shared": len(set(by_source[a][:size]) & set(by_source[b][:size]))})
+    return rows
 
 
 def _leaderboards(contexts: dict[str, dict]) -> dict[str, list[dict]]:

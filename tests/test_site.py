@@ -77,3 +77,15 @@ def test_names_from_data_are_escaped_everywhere(hostile_site):
     assert "{{ 7*7 }}" in dataset_page
     card = (hostile_site / "datasets" / "hostile-names" / "README.md").read_text()
     assert "<script>alert(1)</script>" not in card.split("\n---\n", 1)[1]
+
+
+def test_top_variance_overlap_counts_shared_dimensions():
+    from generator.site import _top_variance_overlaps
+
+    def ctx(model, dims):
+        return {"last": [{"model": model, "variance": {"top_dims": dims}}]}
+
+    same = list(range(200))
+    contexts = {"a": ctx("m", same), "b": ctx("m", same[::-1]), "c": ctx("m", list(range(200, 400)))}
+    rows = {(r["a"], r["b"]): r["shared"] for r in _top_variance_overlaps(contexts)}
+    assert rows == {("a", "b"): 200, ("a", "c"): 0, ("b", "c"): 0}
