@@ -79,6 +79,10 @@ class AnalyzeOptions:
     def validate(self) -> None:
         if not self.ks or any(k < 2 for k in self.ks):
             raise PatchAtlasError(f"k values {list(self.ks)}: each k must be at least 2")
+        if self.knn_k < 1:
+            raise PatchAtlasError(f"--knn-k {self.knn_k}: must be at least 1")
+        if self.linear_epochs < 1:
+            raise PatchAtlasError(f"--linear-epochs {self.linear_epochs}: must be at least 1")
 
     def result_params(self) -> dict:
         """The options that change results (device and progress bars do not)."""

@@ -103,6 +103,11 @@ def _common(f):
 def _analyze_options(f):
     f = click.option("--k", "ks", default="4,8,16", show_default=True, help="Comma-separated k for k-means.")(f)
     f = click.option("--seed", type=int, default=0, show_default=True)(f)
+    f = click.option("--knn-k", type=int, default=1, show_default=True, help="Neighbours of the k-NN probe.")(f)
+    f = click.option("--knn-similarity", type=click.Choice(["dot", "cosine", "l2"]), default="dot",
+                     show_default=True, help="Similarity of the k-NN probe.")(f)
+    f = click.option("--linear-epochs", type=int, default=30, show_default=True,
+                     help="Training epochs of the linear probe.")(f)
     return f
 
 
@@ -145,14 +150,16 @@ def _do_extract(out, sources, source_options, models, layers, norms, label_rule,
     return outcomes
 
 
-def _do_analyze(out, ks, seed, device, quiet):
+def _do_analyze(out, ks, seed, knn_k, knn_similarity, linear_epochs, device, quiet):
     from generator.analyze import AnalyzeOptions, run_analyze
 
     try:
         k_values = [int(k) for k in _split(ks)]
     except ValueError:
         raise PatchAtlasError(f"--k {ks!r}: expected comma-separated integers such as 4,8,16") from None
-    return run_analyze(out, AnalyzeOptions(ks=k_values, seed=seed, device=_device(device), progress=not quiet))
+    return run_analyze(out, AnalyzeOptions(ks=k_values, seed=seed, knn_k=knn_k, knn_similarity=knn_similarity,
+                                           linear_epochs=linear_epochs, device=_device(device),
+                                           progress=not quiet))
 
 
 def _do_render(out, gallery_images, gallery_k, no_html, quiet=False):
@@ -179,10 +186,10 @@ def extract(out, sources, source_options, models, layers, norms, label_rule, bat
 @_out_option
 @_analyze_options
 @_common
-def analyze(out, ks, seed, device, quiet):
+def analyze(out, ks, seed, knn_k, knn_similarity, linear_epochs, device, quiet):
     """Run the analyses on what `extract` wrote; results go to OUT/results."""
     with output_lock(out):
-        done = _do_analyze(out, ks, seed, device, quiet)
+        done = _do_analyze(out, ks, seed, knn_k, knn_similarity, linear_epochs, device, quiet)
     click.echo(f"results: {out / 'results'} ({len(done)} configs analysed, the rest unchanged)")
 
 
@@ -204,12 +211,12 @@ def render(out, gallery_images, gallery_k, no_html, quiet):
 @_render_options
 @_common
 def build(out, sources, source_options, models, layers, norms, label_rule, batch_size, weights, offline,
-          ks, seed, gallery_images, gallery_k, no_html, device, quiet):
+          ks, seed, knn_k, knn_similarity, linear_epochs, gallery_images, gallery_k, no_html, device, quiet):
     """extract + analyze + render, resuming whatever is already done."""
     with output_lock(out):
         outcomes = _do_extract(out, sources, source_options, models, layers, norms, label_rule, batch_size,
                                weights, offline, device, quiet)
-        _do_analyze(out, ks, seed, device, quiet)
+        _do_analyze(out, ks, seed, knn_k, knn_similarity, linear_epochs, device, quiet)
         site = _do_render(out, gallery_images, gallery_k, no_html, quiet)
     click.echo("")
     click.echo("PatchAtlas build finished")
