@@ -127,6 +127,17 @@ def removal_counts_for(dim: int, counts: Sequence[int] = REMOVAL_COUNTS) -> list
     return [int(n) for n in counts if 0 <= n < dim]
 
 
+def _train_test_pair(train_x, test_x) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both as 2-D tensors on the train device, with the same number of features."""
+    tr = _as_tensor(train_x, "train_x")
+    te = _as_tensor(test_x, "test_x", tr.device)
+    _check_2d(tr, "train_x")
+    _check_2d(te, "test_x")
+    if tr.shape[1] != te.shape[1]:
+        raise PatchAtlasError(f"train_x has {tr.shape[1]} features but test_x has {te.shape[1]}")
+    return tr, te
+
+
 def batchnorm_normalise(train_x, test_x, eps: float = 1e-6):
     """Standardise train and test with the train mean and (population) std of each dimension.
 
@@ -134,12 +145,7 @@ def batchnorm_normalise(train_x, test_x, eps: float = 1e-6):
     normalised-features alternative to removing dimensions. Returns (train, test) in the
     inputs' float dtype, on the train tensor's device.
     """
-    tr = _as_tensor(train_x, "train_x")
-    te = _as_tensor(test_x, "test_x", tr.device)
-    _check_2d(tr, "train_x")
-    _check_2d(te, "test_x")
-    if tr.shape[1] != te.shape[1]:
-        raise PatchAtlasError(f"train_x has {tr.shape[1]} features but test_x has {te.shape[1]}")
+    tr, te = _train_test_pair(train_x, test_x)
     mean, var = _mean_and_variance(tr)
     scale = torch.rsqrt(var + eps)
     out_dtype = tr.dtype
@@ -179,12 +185,7 @@ def removal_curve(
     to skip the linear probe (its ``linear_miou`` is then None). Returns one dict per N:
     ``n_removed``, ``knn_miou``, ``knn_pixel_accuracy``, ``linear_miou``, ``linear_pixel_accuracy``.
     """
-    tr = _as_tensor(train_x, "train_x")
-    te = _as_tensor(test_x, "test_x", tr.device)
-    _check_2d(tr, "train_x")
-    _check_2d(te, "test_x")
-    if tr.shape[1] != te.shape[1]:
-        raise PatchAtlasError(f"train_x has {tr.shape[1]} features but test_x has {te.shape[1]}")
+    tr, te = _train_test_pair(train_x, test_x)
     target = np.asarray(test_y.cpu() if isinstance(test_y, torch.Tensor) else test_y).reshape(-1)
     if target.shape[0] != te.shape[0]:
         raise PatchAtlasError(f"test_y has {target.shape[0]} labels for {te.shape[0]} test rows")
