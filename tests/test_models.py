@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from generator.errors import PatchAtlasError, UnknownName, WeightsUnavailable
 from generator.models.encoder import load_encoder, resolve_layers
-from generator.models.registry import DEFAULT_MODELS, FAMILIES, MODELS, get_model_entry
+from generator.models.registry import DEFAULT_MODELS, FAMILIES, MODELS, ModelEntry, get_model_entry
 
 from conftest import TINY_RANDOM, TINY_REGISTERS, TINY_SUPERVISED
 
@@ -36,7 +36,7 @@ def _images(n=2, side=80, seed=0):
 def test_registry_rows_agree_with_timm_pretrained_configs():
     for entry in MODELS.values():
         assert entry.family in FAMILIES, entry.name
-        if not entry.pretrained:
+        if not entry.pretrained or entry.checkpoint_format:  # mapped checkpoints have no timm tag
             continue
         cfg = timm.models.get_pretrained_cfg(entry.timm_id)
         assert cfg is not None, f"{entry.timm_id} is not a timm pretrained tag"
@@ -185,3 +185,35 @@ def test_preprocess_resizes_and_normalises_with_the_model_statistics():
     assert pixels.shape == (1, 3, 64, 64)
     expected = (1.0 - torch.tensor(TINY_RANDOM.mean)) / torch.tensor(TINY_RANDOM.std)
     torch.testing.assert_close(pixels[0, :, 10, 10], expected)
+
+
+@pytest.mark.parametrize("name", ["ibot_vits16", "simmim_vitb16", "torchvision_vitb16"])
+def test_mapped_models_without_a_checkpoint_are_reported_not_randomised(name):
+    with pytest.raises(WeightsUnavailable, match=f"--weights {name}=PATH"):
+        load_encoder(MODELS[name])
+
+
+def test_beit_checkpoint_is_looked_up_in_the_hub_cache(tmp_path):
+    with pytest.raises(WeightsUnavailable, match="microsoft/beit-base-patch16-224-pt22k"):
+        load_encoder(MODELS["beit_vitb16_pt22k"], cache_dir=tmp_path)
+
+
+def test_original_torchvision_checkpoint_loads_through_load_encoder(tmp_path):
+    """A registry row with a checkpoint format: torchvision weights → timm ViT, same tokens."""
+    import torchvision
+
+    entry = ModelEntry("tiny_torchvision", "vit_tiny_patch16_224", "supervised", 16, 64, 64, 1,
+                       checkpoint_format="torchvision_vit", model_kwargs={"depth": 2})
+    torch.manual_seed(0)
+    original = torchvision.models.VisionTransformer(image_size=64, patch_size=16, num_layers=2, num_heads=3,
+                                                    hidden_dim=192, mlp_dim=768).eval()
+    torch.save(original.state_dict(), tmp_path / "vit.pth")
+    encoder = load_encoder(entry, checkpoint=tmp_path / "vit.pth")
+    pixels = torch.randn(2, 3, 64, 64)
+    with torch.inference_mode():
+        x = original._process_input(pixels)
+        x = torch.cat([original.class_token.expand(2, -1, -1), x], dim=1)
+        expected = original.encoder(x)  # final LayerNorm applied, as post-norm tokens
+    got = encoder.tokens(pixels, [2], ["postnorm"]).layers[(2, "postnorm")]
+    torch.testing.assert_close(got.patch.reshape(2, 16, 192), expected[:, 1:], rtol=0, atol=1e-4)
+    assert encoder.weights.source == "checkpoint"

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from generator.errors import PatchAtlasError, WeightsUnavailable
 from generator.models.attention import last_block_attention
+from generator.models.checkpoints import create_model_from_checkpoint
 from generator.models.registry import ModelEntry
 
 NORMS = ("prenorm", "postnorm")
@@ -231,6 +232,13 @@ def load_encoder(entry: ModelEntry, *, checkpoint: str | Path | None = None,
         model = timm.create_model(entry.architecture, pretrained=False, num_classes=0, **kwargs)
         return Encoder(entry, model, WeightsInfo("random-init", f"seed={RANDOM_INIT_SEED}", ""), device)
 
+    if entry.checkpoint_format:
+        path = Path(checkpoint).expanduser() if checkpoint is not None else _hub_file(entry, cache_dir)
+        if not path.is_file():
+            raise WeightsUnavailable(entry.name, f"checkpoint file not found: {path}")
+        model = create_model_from_checkpoint(path, entry.checkpoint_format, entry.architecture, **kwargs)
+        return Encoder(entry, model, WeightsInfo("checkpoint", str(path), _sha256_file(path)), device)
+
     if checkpoint is not None:
         path = Path(checkpoint).expanduser()
         if not path.is_file():
@@ -261,6 +269,22 @@ def load_encoder(entry: ModelEntry, *, checkpoint: str | Path | None = None,
         ) from err
     hub_id = model.pretrained_cfg.get("hf_hub_id") or entry.timm_id
     return Encoder(entry, model, WeightsInfo("hub", hub_id, _hub_revision(hub_id, cache_dir)), device)
+
+
+def _hub_file(entry: ModelEntry, cache_dir: str | Path | None) -> Path:
+    """The original checkpoint of a mapped model from the Hub (or its cache when offline)."""
+    if not entry.hub_file:
+        raise WeightsUnavailable(entry.name, f"timm has no weights for it; pass --weights {entry.name}=PATH to its "
+                                             f"original {entry.checkpoint_format} checkpoint")
+    from huggingface_hub import hf_hub_download
+
+    repo_id, filename = entry.hub_file.rsplit("/", 1)
+    try:
+        return Path(hf_hub_download(repo_id, filename, cache_dir=str(cache_dir) if cache_dir else None))
+    except (OSError, ConnectionError, ValueError) as err:
+        raise WeightsUnavailable(entry.name, f"not in the local Hugging Face cache ({entry.hub_file}); download it "
+                                             f"once with network or pass --weights {entry.name}=PATH "
+                                             f"({type(err).__name__})") from err
 
 
 def _hub_revision(repo_id: str, cache_dir: str | Path | None) -> str:

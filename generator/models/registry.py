@@ -47,6 +47,11 @@ class ModelEntry:
     input_policy: str = "fixed"  # "fixed" (a size the model was built for) | "dynamic" (dynamic_img_size)
     model_kwargs: dict = field(default_factory=dict)
     description: str = ""
+    # Set for models timm has no weights for: their original checkpoint format, loaded through
+    # an explicit key mapping (generator.models.checkpoints). ``hub_file`` is where the Hub holds
+    # such a checkpoint, when it does ("repo_id/filename").
+    checkpoint_format: str = ""
+    hub_file: str = ""
 
     @property
     def architecture(self) -> str:
@@ -124,6 +129,21 @@ MODELS: dict[str, ModelEntry] = {
                    mean=CLIP_MEAN, std=CLIP_STD, description="CLIP ViT-B/16 (OpenAI) image tower"),
         ModelEntry("siglip_vitb16", "vit_base_patch16_siglip_224.webli", "language", 16, 224, 224, 0,
                    mean=HALF, std=HALF, description="SigLIP ViT-B/16 image tower (no CLS token)"),
+        ModelEntry("ibot_vits16", "vit_small_patch16_224", "CL+MIM", 16, 224, 224, 1, checkpoint_format="ibot",
+                   description="iBOT ViT-S/16 (teacher), original checkpoint"),
+        ModelEntry("ibot_vitb16", "vit_base_patch16_224", "CL+MIM", 16, 224, 224, 1, checkpoint_format="ibot",
+                   description="iBOT ViT-B/16 (teacher), original checkpoint"),
+        ModelEntry("ibot_vitl16", "vit_large_patch16_224", "CL+MIM", 16, 224, 224, 1, checkpoint_format="ibot",
+                   description="iBOT ViT-L/16 (teacher), original checkpoint"),
+        ModelEntry("simmim_vitb16", "beit_base_patch16_224", "MIM", 16, 224, 224, 1, license="mit",
+                   checkpoint_format="simmim", description="SimMIM ViT-B/16 (800 epochs), original checkpoint"),
+        ModelEntry("beit_vitb16_pt22k", "beit_base_patch16_224", "MIM", 16, 224, 224, 1, mean=HALF, std=HALF,
+                   license="apache-2.0", checkpoint_format="beit_hf",
+                   hub_file="microsoft/beit-base-patch16-224-pt22k/model.safetensors",
+                   description="BEiT ViT-B/16 self-supervised on IN-22k (no fine-tuning)"),
+        ModelEntry("torchvision_vitb16", "vit_base_patch16_224", "supervised", 16, 224, 224, 1,
+                   interpolation="bilinear", license="bsd-3-clause", checkpoint_format="torchvision_vit",
+                   description="torchvision vit_b_16 (IMAGENET1K_V1), as in the local-representations paper"),
         ModelEntry("random", "vit_small_patch16_224", "random", 16, 224, 224, 1, pretrained=False,
                    description="Untrained ViT-S/16 (seeded timm initialisation): the baseline"),
     ]
