@@ -250,14 +250,20 @@ def doctor(out, weights, offline):
 
 
 @cli.command("models")
-def models_cmd():
-    """List the model zoo."""
-    from generator.models.registry import MODELS
+@click.option("--weights", multiple=True, metavar="MODEL=PATH", help="Local checkpoints to count as available.")
+def models_cmd(weights):
+    """List the model zoo: family, size, patch, input, licence, and whether weights are here."""
+    from generator.doctor import weights_available
+    from generator.models.registry import MODELS, parameter_count
 
-    click.echo(f"{'name':<22} {'family':<11} {'patch':>5} {'input':>5}  {'licence':<16} timm id")
+    local = _parse_weights(weights)
+    click.echo(f"{'name':<20} {'family':<10} {'params':>7} {'patch':>5} {'input':>5}  {'licence':<15} {'here':<4} source")
     for entry in MODELS.values():
-        click.echo(f"{entry.name:<22} {entry.family:<11} {entry.patch_size:>5} {entry.input_size:>5}  "
-                   f"{entry.license:<16} {entry.timm_id if entry.pretrained else '(untrained)'}")
+        source = entry.timm_id if entry.pretrained and not entry.checkpoint_format else (
+            f"{entry.checkpoint_format} checkpoint" if entry.checkpoint_format else "(untrained)")
+        here = "yes" if weights_available(entry, local) else "no"
+        click.echo(f"{entry.name:<20} {entry.family:<10} {parameter_count(entry) / 1e6:>6.0f}M {entry.patch_size:>5} "
+                   f"{entry.input_size:>5}  {entry.license:<15} {here:<4} {source}")
 
 
 @cli.command("datasets")

@@ -77,6 +77,25 @@ def cached_weights(hf_hub_id: str, cache_dir: str | None = None) -> str | None:
     return None
 
 
+def weights_available(entry, weights: dict[str, str], cache_dir: str | None = None) -> bool:
+    """Whether a build here could load the model without a download."""
+    import timm
+
+    if not entry.pretrained:
+        return True
+    if entry.name in weights:
+        return Path(weights[entry.name]).is_file()
+    if entry.checkpoint_format:
+        if not entry.hub_file:
+            return False
+        from huggingface_hub import try_to_load_from_cache
+
+        repo_id, filename = entry.hub_file.rsplit("/", 1)
+        return isinstance(try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir), str)
+    cfg = timm.models.get_pretrained_cfg(entry.timm_id)
+    return bool(cfg and cfg.hf_hub_id and cached_weights(cfg.hf_hub_id, cache_dir))
+
+
 def check_weights(weights: dict[str, str], cache_dir: str | None = None) -> list[Check]:
     import timm
 
@@ -90,6 +109,11 @@ def check_weights(weights: dict[str, str], cache_dir: str | None = None) -> list
             exists = Path(weights[entry.name]).is_file()
             checks.append(Check(f"weights {entry.name}", "ok" if exists else "fail",
                                 f"checkpoint {weights[entry.name]}" + ("" if exists else " not found")))
+        elif entry.checkpoint_format:
+            found = weights_available(entry, weights, cache_dir)
+            checks.append(Check(f"weights {entry.name}", "ok" if found else "warn",
+                                f"original checkpoint in the cache ({entry.hub_file})" if found else
+                                f"needs its original {entry.checkpoint_format} checkpoint: --weights {entry.name}=PATH"))
         else:
             cfg = timm.models.get_pretrained_cfg(entry.timm_id)
             hub_id = cfg.hf_hub_id if cfg else None

@@ -153,6 +153,16 @@ MODELS: dict[str, ModelEntry] = {
 DEFAULT_MODELS = ("dino_vits16", "dinov2_vits14_reg", "mae_vitb16", "random")
 
 
+def parameter_count(entry: ModelEntry) -> int:
+    """Parameters of the architecture, counted on the meta device (no memory, no weights)."""
+    import timm
+    import torch
+
+    with torch.device("meta"):
+        model = timm.create_model(entry.architecture, pretrained=False, num_classes=0, **entry.create_kwargs())
+    return sum(p.numel() for p in model.parameters())
+
+
 def get_model_entry(name: str) -> ModelEntry:
     try:
         return MODELS[name]
