@@ -231,19 +231,20 @@ def analyze_unit(unit: AnalysisUnit, n_classes: int, ignore_index: int, options:
     if len(image_ids) >= 2 and (source is None or source.get("probes", True)):
         # MAE-style models need standardised features for a linear probe (the paper's BatchNorm).
         batchnorm = unit.model in MODELS and MODELS[unit.model].family == "MIM"
-        probes = probe_results(tokens, labels, image_ids, n_classes, ignore_index, options, batchnorm)
+        train_count = (source or {}).get("probe_train_count")
+        probes = probe_results(tokens, labels, image_ids, n_classes, ignore_index, options, batchnorm, train_count)
         if variants is not None and source is not None:
             probes["variance"] = variance_results(tokens, labels, image_ids, n_classes, ignore_index, options,
-                                                  batchnorm)
+                                                  batchnorm, train_count)
             probes.update(robustness_and_retrieval(tokens, labels, image_ids, variants, source, options, batchnorm))
         atomic_write_json(unit.results_dir / "probes.json", {**header, **probes})
         written.append("probes.json")
     return written
 
 
-def _split_grids(image_ids: list[str], tokens: np.ndarray, labels: np.ndarray):
+def _split_grids(image_ids: list[str], tokens: np.ndarray, labels: np.ndarray, train_count: int | None = None):
     """Train/val grids by the few-shot split (first part of the images trains)."""
-    train_ids, _ = few_shot_split(image_ids)
+    train_ids, _ = few_shot_split(image_ids, train_count=train_count)
     n_train = len(train_ids)
     return tokens[:n_train], labels[:n_train], tokens[n_train:], labels[n_train:]
 
@@ -271,9 +272,9 @@ def _nan_to_none(values) -> list:
 
 
 def probe_results(tokens: np.ndarray, labels: np.ndarray, image_ids: list[str], n_classes: int, ignore_index: int,
-                  options: AnalyzeOptions, batchnorm: bool) -> dict:
+                  options: AnalyzeOptions, batchnorm: bool, train_count: int | None = None) -> dict:
     """Few-shot k-NN and linear probes on the patch tokens of one config (analyses 6 and 8)."""
-    tr_x, tr_y, te_x, te_y = _split_grids(image_ids, tokens, labels)
+    tr_x, tr_y, te_x, te_y = _split_grids(image_ids, tokens, labels, train_count)
     dim = tokens.shape[-1]
     train = torch.from_numpy(tr_x.reshape(-1, dim)).to(options.device)
     test = torch.from_numpy(te_x.reshape(-1, dim)).to(options.device)
@@ -283,9 +284,10 @@ def probe_results(tokens: np.ndarray, labels: np.ndarray, image_ids: list[str], 
 
 
 def variance_results(tokens: np.ndarray, labels: np.ndarray, image_ids: list[str], n_classes: int,
-                     ignore_index: int, options: AnalyzeOptions, batchnorm: bool) -> dict:
+                     ignore_index: int, options: AnalyzeOptions, batchnorm: bool,
+                     train_count: int | None = None) -> dict:
     """High-variance feature spectrum and removal curves on the train split (analysis 7)."""
-    tr_x, tr_y, te_x, te_y = _split_grids(image_ids, tokens, labels)
+    tr_x, tr_y, te_x, te_y = _split_grids(image_ids, tokens, labels, train_count)
     dim = tokens.shape[-1]
     train = torch.from_numpy(tr_x.reshape(-1, dim)).to(options.device)
     test = torch.from_numpy(te_x.reshape(-1, dim)).to(options.device)
@@ -310,7 +312,7 @@ def robustness_and_retrieval(tokens: np.ndarray, labels: np.ndarray, image_ids: 
     """Probes trained on clean train images, evaluated on degraded evaluation images (analysis 9),
     and retrieval of the original patch from transformed ones (analysis 10)."""
     n_classes, ignore_index = len(source["classes"]), source["ignore_index"]
-    tr_x, tr_y, te_x, te_y = _split_grids(image_ids, tokens, labels)
+    tr_x, tr_y, te_x, te_y = _split_grids(image_ids, tokens, labels, source.get("probe_train_count"))
     dim = tokens.shape[-1]
     train = torch.from_numpy(tr_x.reshape(-1, dim)).to(options.device)
     clean, probe = _probe(train, tr_y.reshape(-1), torch.from_numpy(te_x.reshape(-1, dim)).to(options.device),

@@ -17,6 +17,30 @@ from generator.store.lock import output_lock
 
 DEFAULT_OUT = "build"
 
+# Named protocols: defaults for several options at once (options given explicitly still win).
+PRESETS = {
+    "paper-cityscapes": {
+        # The local-representations paper's Cityscapes protocol: 72/30 split of 256-px tiles at
+        # 224 px, one sampled pixel per patch label (the authors' code), 1-NN on dot products.
+        "sources": "paper-cityscapes", "label_rule": "nearest", "layers": "all", "knn_k": 1,
+        "knn_similarity": "dot",
+    },
+}
+
+
+def _apply_preset(ctx, param, value):
+    # Eager, so the preset's defaults are in place before the other options are read.
+    if value:
+        ctx.default_map = {**(ctx.default_map or {}), **PRESETS[value]}
+    return value
+
+
+def _preset_option(f):
+    return click.option("--preset", type=click.Choice(sorted(PRESETS)), is_eager=True, expose_value=False,
+                        callback=_apply_preset,
+                        help="A named protocol setting several defaults, e.g. paper-cityscapes "
+                             "(with --source-option path=/path/to/cityscapes).")(f)
+
 
 def _set_offline(offline: bool | None) -> None:
     """Honour --offline/--online before any Hub call; the default follows HF_HUB_OFFLINE."""
@@ -171,6 +195,7 @@ def _do_render(out, gallery_images, gallery_k, no_html, quiet=False):
 
 @cli.command()
 @_out_option
+@_preset_option
 @_extract_options
 @_common
 def extract(out, sources, source_options, models, layers, norms, label_rule, batch_size, weights, offline,
@@ -184,6 +209,7 @@ def extract(out, sources, source_options, models, layers, norms, label_rule, bat
 
 @cli.command()
 @_out_option
+@_preset_option
 @_analyze_options
 @_common
 def analyze(out, ks, seed, knn_k, knn_similarity, linear_epochs, device, quiet):
@@ -206,6 +232,7 @@ def render(out, gallery_images, gallery_k, no_html, quiet):
 
 @cli.command()
 @_out_option
+@_preset_option
 @_extract_options
 @_analyze_options
 @_render_options

@@ -126,7 +126,7 @@ def record_source(source: SegmentationSource, manifest: Manifest) -> None:
         "name": source.name, "revision": source.revision, "license": source.license,
         "description": source.description, "params": source.params, "ignore_index": source.ignore_index,
         "classes": [dataclasses.asdict(c) for c in source.classes], "num_images": len(source),
-        "probes": source.probes,
+        "probes": source.probes, "probe_train_count": source.probe_train_count,
     })
 
 
@@ -306,7 +306,8 @@ def _variants_unit(source: SegmentationSource, entry: ModelEntry, options: Extra
     key = f"variants/{source.name}/{entry.name}"
     params = {"extract": params_hash(extract_params), "degradations": DEGRADATIONS,
               "transforms": {k: v for k, v in TRANSFORMS.items() if k not in DEGRADATIONS},
-              "train_fraction": PROBE_TRAIN_FRACTION, "version": EXTRACTOR_VERSION}
+              "train_fraction": PROBE_TRAIN_FRACTION, "train_count": source.probe_train_count,
+              "version": EXTRACTOR_VERSION}
     if manifest.is_done(key, params, out):
         return
     if encoder is None:
@@ -315,7 +316,7 @@ def _variants_unit(source: SegmentationSource, entry: ModelEntry, options: Extra
                                    cache_dir=options.cache_dir)
         except WeightsUnavailable:
             return  # the extract unit already records why this model is missing
-    _, val_ids = few_shot_split(source.dataset["image_id"])
+    _, val_ids = few_shot_split(source.dataset["image_id"], train_count=source.probe_train_count)
     val = source.dataset.select(range(len(source) - len(val_ids), len(source)))
     images = [np.asarray(img.convert("RGB")) for img in val["image"]]
     masks = [np.asarray(m) for m in val["mask"]]

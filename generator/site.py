@@ -52,6 +52,8 @@ def template_env() -> jinja2.Environment:
         undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
     )
     env.filters["md"] = md_escape
+    # Front matter is YAML, not Markdown: a JSON string is a safe YAML scalar for any name.
+    env.filters["yaml_str"] = lambda value: markupsafe.Markup(json.dumps(str(value)))
     env.filters["pct"] = lambda v: "—" if v is None else f"{100 * v:.1f}"
     env.filters["mib"] = lambda v: "—" if v is None else f"{v / 2**20:.2f} MiB"
     return env

@@ -39,6 +39,8 @@ class SegmentationSource:
     # Whether few-shot probes make sense: a split into train and evaluation images of the same
     # kind. Inputs built to probe the model itself (content-free images) have none.
     probes: bool = True
+    # Images (in dataset order) that train the probes; None: the default few-shot fraction.
+    probe_train_count: int | None = None
 
     @property
     def class_names(self) -> list[str]:

@@ -13,7 +13,10 @@ from typing import Any, Callable
 
 from generator.errors import PatchAtlasError, UnknownName
 from generator.sources.base import SegmentationSource
+from generator.sources.cityscapes import PAPER_CITYSCAPES_NAME, paper_cityscapes_source
 from generator.sources.content_free import CONTENT_FREE_NAME, content_free_source
+from generator.sources.hub import hub_source
+from generator.sources.local_folder import LOCAL_FOLDER_NAME, local_folder_source
 from generator.sources.synthetic import SYNTHETIC_NAME, synthetic_scenes
 
 
@@ -37,6 +40,25 @@ SOURCES: dict[str, SourceEntry] = {
             CONTENT_FREE_NAME, content_free_source,
             "inputs without content (constant colours, noise) that expose positional biases; offline",
             {"size": 224, "noise_images": 3, "seed": 0},
+        ),
+        SourceEntry(
+            LOCAL_FOLDER_NAME, local_folder_source,
+            "a local folder: images/<id>.jpg|png, masks/<id>.png (class ids), classes.json; needs path=",
+            {"path": "", "images": "images", "masks": "masks", "classes": "classes.json", "ignore_index": 255,
+             "name": ""},
+        ),
+        SourceEntry(
+            "hub", hub_source,
+            "a Hugging Face Hub segmentation dataset (repo_id=, classes=ade20k|cityscapes|pascal-voc); "
+            "needs a network or a cached copy",
+            {"repo_id": "", "split": "validation", "classes": "", "image_column": "", "mask_column": "",
+             "revision": "", "config": "", "id_column": "", "ignore_index": None, "limit": None, "name": ""},
+        ),
+        SourceEntry(
+            PAPER_CITYSCAPES_NAME, paper_cityscapes_source,
+            "Cityscapes as in the local-representations paper: 72/30 few-shot split, 256-px tiles at 224; "
+            "needs path= (official leftImg8bit/ + gtFine/ layout)",
+            {"path": "", "seed": 0},
         ),
     )
 }

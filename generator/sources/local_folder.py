@@ -1,0 +1,295 @@
+"""A local folder of images and class masks as a segmentation source.
+
+Layout (names of the three parts are parameters)::
+
+    <path>/
+      classes.json          [{"id": 0, "name": "road", "super_name": "flat", "is_background": true}, ...]
+      images/<stem>.jpg     (.jpg, .jpeg or .png; sub-folders allowed, e.g. images/<city>/<stem>.png)
+      masks/<stem>.png      one single-channel PNG per image, same relative path and stem
+
+A mask's pixel values are class ids from ``classes.json``, or the ignore index where a pixel is
+unlabelled. Palette PNGs are read by their indices (never their colours), so a VOC-style
+palette mask whose indices are class ids works as is; colour-coded RGB masks are rejected,
+because a colour is not a class id until someone says which.
+
+Everything is checked when the source is loaded (pairs, sizes, mask values, decodability), so
+a bad file is named up front rather than failing deep inside an extraction. The revision is a
+hash of every file the source reads, so it changes whenever any image, mask or the class list
+changes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from generator.errors import PatchAtlasError
+from generator.sources.base import ClassInfo, SegmentationSource
+
+LOCAL_FOLDER_NAME = "local-folder"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
+MASK_SUFFIX = ".png"
+_HASH_CHUNK = 1 << 20
+# Single-channel modes whose pixel values can be class ids as stored.
+_INDEX_MODES = ("L", "P", "1", "I", "I;16", "I;16L", "I;16B", "I;16N")
+_SIXTEEN_BIT_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
+
+CLASSES_EXAMPLE = ('[{"id": 0, "name": "road", "super_name": "flat", "is_background": true}, '
+                   '{"id": 1, "name": "car", "super_name": "vehicle", "is_background": false}]')
+
+
+# ---------------------------------------------------------------------------------------------
+# Hashing (streamed: a file is never held whole in memory for its digest)
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(_HASH_CHUNK), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def folder_revision(root: Path, files: list[Path]) -> str:
+    """sha256 over (relative path, size, content sha256) of ``files``, in path order; 12 hex digits."""
+    digest = hashlib.sha256()
+    for path in sorted(files, key=lambda p: p.relative_to(root).as_posix()):
+        record = json.dumps([path.relative_to(root).as_posix(), path.stat().st_size, file_sha256(path)])
+        digest.update(record.encode("utf-8") + b"\n")
+    return digest.hexdigest()[:12]
+
+
+# ---------------------------------------------------------------------------------------------
+# Class list
+
+def _as_int(value, what: str) -> int:
+    if isinstance(value, bool):
+        raise PatchAtlasError(f"{what}={value!r}: expected an integer")
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        raise PatchAtlasError(f"{what}={value!r}: expected an integer") from None
+    if str(value).strip() != str(number) and number != value:
+        raise PatchAtlasError(f"{what}={value!r}: expected an integer")
+    return number
+
+
+def parse_classes(entries, ignore_index: int, where: str) -> list[ClassInfo]:
+    """Check a classes.json list and turn it into ``ClassInfo`` rows sorted by id."""
+    hint = f"; it must be a JSON list like {CLASSES_EXAMPLE}"
+    if not isinstance(entries, list) or not entries:
+        raise PatchAtlasError(f"{where}: expected a non-empty list of classes{hint}")
+    classes, ids, names = [], set(), set()
+    for i, entry in enumerate(entries):
+        if not isinstance(entry, dict) or "id" not in entry or "name" not in entry:
+            raise PatchAtlasError(f"{where}: entry {i} ({entry!r}) needs at least \"id\" and \"name\"{hint}")
+        unknown = sorted(set(entry) - {"id", "name", "super_name", "is_background"})
+        if unknown:
+            raise PatchAtlasError(f"{where}: entry {i} has unknown keys {unknown}; "
+                                  "allowed: id, name, super_name, is_background")
+        cid = _as_int(entry["id"], f"{where}: entry {i} id")
+        name = entry["name"]
+        super_name = entry.get("super_name", name)
+        is_background = entry.get("is_background", False)
+        if not isinstance(name, str) or not name or not isinstance(super_name, str) or not super_name:
+            raise PatchAtlasError(f"{where}: entry {i}: name and super_name must be non-empty strings")
+        if not isinstance(is_background, bool):
+            raise PatchAtlasError(f"{where}: entry {i}: is_background must be true or false")
+        if cid < 0 or cid == ignore_index:
+            raise PatchAtlasError(f"{where}: class {name!r} has id {cid}; ids must be >= 0 and differ from the "
+                                  f"ignore index {ignore_index}")
+        if cid in ids or name in names:
+            raise PatchAtlasError(f"{where}: class id {cid} or name {name!r} appears twice; ids and names must be unique")
+        ids.add(cid)
+        names.add(name)
+        classes.append(ClassInfo(cid, name, super_name, is_background))
+    return sorted(classes, key=lambda c: c.id)
+
+
+def _read_classes(path: Path, ignore_index: int) -> list[ClassInfo]:
+    if not path.is_file():
+        raise PatchAtlasError(f"{path}: class list not found; write it as a JSON list like {CLASSES_EXAMPLE}")
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise PatchAtlasError(f"{path}: not valid JSON ({err}); it must be a list like {CLASSES_EXAMPLE}") from None
+    return parse_classes(entries, ignore_index, str(path))
+
+
+# ---------------------------------------------------------------------------------------------
+# Pixels (pure: PIL image in, array / PIL image out)
+
+def image_to_rgb(img: Image.Image, where: str = "image") -> Image.Image:
+    """An 8-bit RGB copy of ``img``: grayscale, palette, RGBA (alpha dropped), CMYK and 16-bit inputs."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in _SIXTEEN_BIT_MODES:
+        # 16-bit grayscale: 65535 -> 255 (PIL's own convert would clip, not scale).
+        grey = np.asarray(img).astype(np.float64)
+        grey = np.round(np.clip(grey, 0, 65535) / 257.0).astype(np.uint8)
+        return Image.fromarray(grey).convert("RGB")
+    if img.mode == "F":
+        raise PatchAtlasError(f"{where}: floating-point image (mode F); save it as an 8-bit JPEG or PNG")
+    try:
+        return img.convert("RGB")
+    except (ValueError, OSError) as err:
+        raise PatchAtlasError(f"{where}: cannot convert image mode {img.mode} to RGB ({err}); "
+                              "save it as an 8-bit RGB JPEG or PNG") from None
+
+
+def mask_to_ids(mask: Image.Image, where: str = "mask") -> np.ndarray:
+    """The class ids of a single-channel mask ([H, W] integers); palette masks give their indices."""
+    if mask.mode not in _INDEX_MODES:
+        raise PatchAtlasError(
+            f"{where}: mask has mode {mask.mode} ({len(mask.getbands())} channels); a mask must be a single-channel "
+            "PNG whose pixel values are class ids (mode L, a palette PNG, or 16-bit). Colour-coded masks must be "
+            "converted to class ids first")
+    ids = np.asarray(mask)
+    if ids.dtype == bool:
+        ids = ids.astype(np.uint8)
+    return ids
+
+
+def check_mask_values(ids: np.ndarray, class_ids: set[int], ignore_index: int, where: str) -> None:
+    values = {int(v) for v in np.unique(ids)}
+    stray = sorted(values - class_ids - {ignore_index})
+    if stray:
+        shown = ", ".join(str(v) for v in stray[:10]) + (" ..." if len(stray) > 10 else "")
+        raise PatchAtlasError(f"{where}: mask values {shown} are neither class ids in classes.json nor the ignore "
+                              f"index {ignore_index}; add them to classes.json or set them to {ignore_index}")
+
+
+def _png_bytes(img: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    img.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def _open_decoded(path: Path, what: str) -> Image.Image:
+    try:
+        img = Image.open(path)
+        img.load()
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise PatchAtlasError(f"{path}: cannot read this {what} ({type(err).__name__}: {err}); the file is "
+                              f"corrupt or not an image: replace it or remove it (and its pair)") from None
+    return img
+
+
+# ---------------------------------------------------------------------------------------------
+# Folder scan
+
+def _stem_key(root: Path, path: Path) -> str:
+    """The image id: the path below ``root`` without its suffix (``city/frame`` for nested folders)."""
+    return path.relative_to(root).with_suffix("").as_posix()
+
+
+def _scan(root: Path, suffixes: tuple[str, ...], what: str, hint: str) -> dict[str, Path]:
+    found: dict[str, Path] = {}
+    for path in sorted(root.rglob("*")):
+        if not path.is_file() or any(part.startswith(".") for part in path.relative_to(root).parts):
+            continue  # hidden files (.DS_Store, editor swap files) are not data
+        if path.suffix.lower() not in suffixes:
+            raise PatchAtlasError(f"{path}: not a {what} file ({hint}); move it out of {root}")
+        key = _stem_key(root, path)
+        if key in found:
+            raise PatchAtlasError(f"{path} and {found[key]}: two {what} files with the same name; keep one")
+        found[key] = path
+    return found
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-.") or LOCAL_FOLDER_NAME
+
+
+def local_folder_source(
+    path: str,
+    images: str = "images",
+    masks: str = "masks",
+    classes: str = "classes.json",
+    ignore_index: int = 255,
+    name: str | None = None,
+) -> SegmentationSource:
+    """The folder ``path`` (images/, masks/, classes.json) as a segmentation source, fully checked."""
+    import datasets
+
+    if not path:
+        raise PatchAtlasError(f"source {LOCAL_FOLDER_NAME!r} needs a folder: pass "
+                              "`--source local-folder --source-option path=/path/to/folder`")
+    ignore_index = _as_int(ignore_index, "ignore_index")
+    if not 0 <= ignore_index <= 65535:
+        raise PatchAtlasError(f"ignore_index={ignore_index}: must lie in 0..65535 (a mask pixel value)")
+    root = Path(path).expanduser()
+    if not root.is_dir():
+        raise PatchAtlasError(f"{root}: folder not found; pass an existing folder holding {images}/, {masks}/ "
+                              f"and {classes}")
+    image_dir, mask_dir, classes_path = root / images, root / masks, root / classes
+    for folder, what in ((image_dir, "images"), (mask_dir, "masks")):
+        if not folder.is_dir():
+            raise PatchAtlasError(f"{folder}: {what} folder not found; put the {what} in {folder} "
+                                  f"(or name another folder with --source-option {what}=...)")
+    class_list = _read_classes(classes_path, ignore_index)
+    class_ids = {c.id for c in class_list}
+
+    image_files = _scan(image_dir, IMAGE_SUFFIXES, "image", "images must be .jpg, .jpeg or .png")
+    mask_files = _scan(mask_dir, (MASK_SUFFIX,), "mask", "masks must be lossless .png files")
+    if not image_files:
+        raise PatchAtlasError(f"{image_dir}: no images found; add .jpg/.jpeg/.png images with a mask of the same "
+                              f"name in {mask_dir}")
+    for key, file in image_files.items():
+        if key not in mask_files:
+            raise PatchAtlasError(f"{file}: image without a mask; add {mask_dir / (key + MASK_SUFFIX)} or remove "
+                                  "the image")
+    for key, file in mask_files.items():
+        if key not in image_files:
+            raise PatchAtlasError(f"{file}: mask without an image; add {image_dir / key}.jpg (or .png) or remove "
+                                  "the mask")
+
+    ids, image_cells, mask_cells = [], [], []
+    for key in sorted(image_files):
+        image_path, mask_path = image_files[key], mask_files[key]
+        img = _open_decoded(image_path, "image")
+        mask = _open_decoded(mask_path, "mask")
+        if img.size != mask.size:
+            raise PatchAtlasError(f"{mask_path}: mask is {mask.size[0]}x{mask.size[1]} but its image {image_path} is "
+                                  f"{img.size[0]}x{img.size[1]} (width x height); masks must match their images "
+                                  "pixel for pixel")
+        mask_ids = mask_to_ids(mask, str(mask_path))
+        check_mask_values(mask_ids, class_ids, ignore_index, str(mask_path))
+        rgb = image_to_rgb(img, str(image_path))
+        # An 8-bit RGB file is kept by path (decoded on use); anything converted is stored as PNG.
+        if img.mode == "RGB":
+            image_cells.append({"path": str(image_path), "bytes": None})
+        else:
+            image_cells.append({"path": None, "bytes": _png_bytes(rgb)})
+        # Masks are re-encoded without a palette, so any reader sees class ids, never colours.
+        if mask_ids.max(initial=0) <= 255:
+            mask_img = Image.fromarray(mask_ids.astype(np.uint8))
+        else:
+            mask_img = Image.fromarray(mask_ids.astype(np.uint16))
+        mask_cells.append({"path": None, "bytes": _png_bytes(mask_img)})
+        ids.append(key)
+
+    revision = folder_revision(root, [classes_path, *image_files.values(), *mask_files.values()])
+    features = datasets.Features({
+        "image_id": datasets.Value("string"),
+        "image": datasets.Image(),
+        "mask": datasets.Image(),
+    })
+    dataset = datasets.Dataset.from_dict({"image_id": ids, "image": image_cells, "mask": mask_cells},
+                                         features=features)
+    return SegmentationSource(
+        name=_slug(name) if name else _slug(f"local-{root.resolve().name}"),
+        dataset=dataset,
+        classes=class_list,
+        ignore_index=ignore_index,
+        revision=revision,
+        license="unknown",
+        description=f"Images and class masks from the local folder {root} ({len(ids)} images).",
+        params={"path": str(root), "images": images, "masks": masks, "classes": classes,
+                "ignore_index": ignore_index},
+    )
