@@ -19,6 +19,12 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 install: $(VENV)/.installed
+	@# A real browser for tests/test_browser.py: Debian's chromium and its chromedriver.
+	@if command -v chromedriver >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null) \
+	  || echo "note: apt-get could not install chromium chromium-driver; the browser tests will be skipped"; \
+	else echo "note: no chromedriver, and no root apt-get to install chromium-driver; the browser tests will be skipped"; fi
 
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/patchatlas build --out $(OUT)
