@@ -9,7 +9,7 @@ OUT ?= build
 # admits a compatible range for other installs.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install demo test clean
+.PHONY: install browser demo test clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -19,6 +19,9 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 install: $(VENV)/.installed
+
+# A real browser for tests/test_browser.py, installed only for the tests.
+browser:
 	@# A real browser for tests/test_browser.py: Debian's chromium and its chromedriver.
 	@if command -v chromedriver >/dev/null 2>&1; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
@@ -29,7 +32,7 @@ install: $(VENV)/.installed
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/patchatlas build --out $(OUT)
 
-test: install
+test: install browser
 	$(BIN)/python -m pytest -q
 
 clean:
