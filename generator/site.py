@@ -132,6 +132,14 @@ class PngWriter:
     def submit(self, rgb: np.ndarray, path: Path) -> None:
         self._futures.append(self._pool.submit(self._write, np.ascontiguousarray(rgb), path))
 
+    def submit_bytes(self, data: bytes, path: Path) -> None:
+        self._futures.append(self._pool.submit(self._write_bytes, data, path))
+
+    @staticmethod
+    def _write_bytes(data: bytes, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
     @staticmethod
     def _write(rgb: np.ndarray, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -166,9 +174,13 @@ class SourceFigures:
             rgb = thumbnail(rgb.reshape(img["height"], img["width"], -1)[..., :3], options.thumb_side)
             self.sizes[img["image_id"]] = rgb.shape[:2]
             image_rel = self._save_rgb(rgb, "images", img["image_id"])
+            # The stored original opens on click; galleries show the thumbnail.
+            full_rel = (self.assets / "full" / f"{img['image_id']}.png").as_posix()
+            self.writer.submit_bytes(img["image_png"], self.docs / full_rel)
             mask = upsample_nearest(colorize(_decode_png(img["mask_png"]), self.ignore_index), rgb.shape[:2])
             mask_rel = self._save_rgb(mask, "masks", img["image_id"])
-            self.base_rows.append({"image_id": img["image_id"], "image": image_rel, "mask": mask_rel})
+            self.base_rows.append({"image_id": img["image_id"], "image": image_rel, "image_full": full_rel,
+                                   "mask": mask_rel})
 
     def _save_rgb(self, rgb: np.ndarray, *parts: str) -> str:
         rel = self.assets.joinpath(*parts[:-1]) / f"{parts[-1]}.png"

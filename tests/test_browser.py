@@ -325,8 +325,8 @@ def test_gallery_image_opens_full_size_in_the_lightbox(driver, base_url, site_di
     page = "datasets/synthetic-scenes/"
     open_page(driver, urljoin(base_url, page))
     thumbs = [a for a in driver.find_elements(By.CSS_SELECTOR, "a.glightbox")
-              if "/images/" in (a.get_attribute("href") or "") and a.is_displayed()]
-    assert thumbs, "no visible gallery image links (a.glightbox → assets/<dataset>/images/) on the dataset page"
+              if "/full/" in (a.get_attribute("href") or "") and a.is_displayed()]
+    assert thumbs, "no visible gallery image links (a.glightbox → assets/<dataset>/full/) on the dataset page"
     link = thumbs[0]
     target = link.get_attribute("href")
     thumb_width = link.find_element(By.TAG_NAME, "img").rect["width"]
