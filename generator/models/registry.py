@@ -121,8 +121,10 @@ MODELS: dict[str, ModelEntry] = {
                    license="cc-by-nc-4.0", description="MAE ViT-L/16 (encoder, no masking)"),
         ModelEntry("mae_vith14", "vit_huge_patch14_224.mae", "MIM", 14, 224, 224, 1,
                    license="cc-by-nc-4.0", description="MAE ViT-H/14 (encoder, no masking)"),
-        ModelEntry("eva02_vitb14_mim", "eva02_base_patch14_224.mim_in22k", "MIM", 14, 224, 224, 1,
-                   mean=CLIP_MEAN, std=CLIP_STD, license="mit", description="EVA-02 ViT-B/14 MIM (IN-22k)"),
+        *[ModelEntry(f"eva02_vit{size[0]}14_mim", f"eva02_{size}_patch14_224.mim_in22k", "MIM", 14, 224, 224, 1,
+                     mean=CLIP_MEAN, std=CLIP_STD, license="mit",
+                     description=f"EVA-02 ViT-{size[0].upper()}/14 MIM (IN-22k)")
+          for size in ("tiny", "small", "base", "large")],
         ModelEntry("supervised_vitb16", "vit_base_patch16_224.augreg_in21k_ft_in1k", "supervised", 16, 224, 224, 1,
                    mean=HALF, std=HALF, description="Supervised ViT-B/16 (AugReg IN-21k → IN-1k)"),
         ModelEntry("clip_vitb16", "vit_base_patch16_clip_224.openai", "language", 16, 224, 224, 1,
