@@ -50,3 +50,32 @@ def _hub_offline(monkeypatch, tmp_path_factory):
     cache = tmp_path_factory.mktemp("hf-cache")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
     monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path_factory.mktemp("hf-datasets")))
+
+
+def save_untrained_weights(entry: ModelEntry, path, seed: int) -> dict:
+    """Weights of an untrained model saved as a checkpoint file: what tests load as 'pretrained'."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(seed)
+    model = timm.create_model(entry.timm_id, pretrained=False, **entry.create_kwargs())
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    save_file(state, str(path))
+    return state
+
+
+def offline_tiny_zoo(tmp_path_factory) -> pytest.MonkeyPatch:
+    """For module-scoped builds: the tiny models registered, the Hub offline with an empty cache.
+
+    The caller undoes the returned MonkeyPatch when its module is done.
+    """
+    from huggingface_hub import constants
+
+    mp = pytest.MonkeyPatch()
+    for entry in TINY_ENTRIES:
+        mp.setitem(MODELS, entry.name, entry)
+    mp.setattr(constants, "HF_HUB_OFFLINE", True)
+    mp.setattr(constants, "HF_HUB_CACHE", str(tmp_path_factory.mktemp("empty-hub-cache")))
+    mp.setenv("HF_DATASETS_CACHE", str(tmp_path_factory.mktemp("datasets-cache")))
+    return mp

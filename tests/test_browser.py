@@ -32,15 +32,11 @@ from pathlib import Path
 from urllib.parse import unquote, urljoin, urlsplit, urlunsplit
 
 import pytest
-import timm
-import torch
 from PIL import Image
-from safetensors.torch import save_file
 
 from generator.cli import main
-from generator.models.registry import MODELS
 
-from conftest import TINY_ENTRIES, TINY_REGISTERS
+from conftest import TINY_REGISTERS, offline_tiny_zoo, save_untrained_weights
 
 # Larger than the gallery's 120 px display cap, so "opens full size" is a visible difference.
 SIDE = 160
@@ -125,18 +121,10 @@ def find_browser_pair() -> tuple[str, str]:
 @pytest.fixture(scope="module")
 def site_dir(tmp_path_factory) -> Path:
     """A small built site: two tiny models (one from a local checkpoint) over both sources."""
-    mp = pytest.MonkeyPatch()
-    for entry in TINY_ENTRIES:
-        mp.setitem(MODELS, entry.name, entry)
-    from huggingface_hub import constants
-    mp.setattr(constants, "HF_HUB_OFFLINE", True)
-    mp.setattr(constants, "HF_HUB_CACHE", str(tmp_path_factory.mktemp("empty-hub-cache")))
-    mp.setenv("HF_DATASETS_CACHE", str(tmp_path_factory.mktemp("datasets-cache")))
+    mp = offline_tiny_zoo(tmp_path_factory)
     root = tmp_path_factory.mktemp("browser-build")
     ckpt = root / "tiny_reg.safetensors"
-    torch.manual_seed(3)
-    model = timm.create_model(TINY_REGISTERS.timm_id, pretrained=False, **TINY_REGISTERS.create_kwargs())
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt))
+    save_untrained_weights(TINY_REGISTERS, ckpt, seed=3)
     out = root / "out"
     code = main(["build", "--out", str(out), "--models", ",".join(MODEL_NAMES), "--layers", "all",
                  "--source-option", f"n_images={N_IMAGES}", "--source-option", f"size={SIDE}",

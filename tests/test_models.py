@@ -15,16 +15,11 @@ from generator.errors import PatchAtlasError, UnknownName, WeightsUnavailable
 from generator.models.encoder import load_encoder, resolve_layers
 from generator.models.registry import DEFAULT_MODELS, FAMILIES, MODELS, ModelEntry, get_model_entry
 
-from conftest import TINY_RANDOM, TINY_REGISTERS, TINY_SUPERVISED
+from conftest import TINY_RANDOM, TINY_REGISTERS, TINY_SUPERVISED, save_untrained_weights
 
 
 def _save_random_weights(entry, path: Path, seed: int = 1) -> dict:
-    """Weights of an untrained model saved as a checkpoint file: what tests load as 'pretrained'."""
-    torch.manual_seed(seed)
-    model = timm.create_model(entry.timm_id, pretrained=False, **entry.create_kwargs())
-    state = {k: v.contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(path))
-    return state
+    return save_untrained_weights(entry, path, seed)
 
 
 def _images(n=2, side=80, seed=0):

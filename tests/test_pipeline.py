@@ -13,17 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import timm
-import torch
 import yaml
-from safetensors.torch import save_file
 
 from generator.cli import main
 from generator.models.encoder import load_encoder
 from generator.models.registry import MODELS
 from generator.sources.registry import load_source
 
-from conftest import TINY_ENTRIES, TINY_REGISTERS
+from conftest import TINY_REGISTERS, offline_tiny_zoo, save_untrained_weights
 
 N_IMAGES = 4
 SIDE = 64
@@ -37,18 +34,10 @@ def _tree_digest(root: Path) -> dict[str, tuple[int, int]]:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """One build: tiny_random runs, tiny_reg loads a local checkpoint, tiny_vit has no weights."""
-    mp = pytest.MonkeyPatch()
-    for entry in TINY_ENTRIES:
-        mp.setitem(MODELS, entry.name, entry)
-    from huggingface_hub import constants
-    mp.setattr(constants, "HF_HUB_OFFLINE", True)
-    mp.setattr(constants, "HF_HUB_CACHE", str(tmp_path_factory.mktemp("empty-hub-cache")))
-    mp.setenv("HF_DATASETS_CACHE", str(tmp_path_factory.mktemp("datasets-cache")))
+    mp = offline_tiny_zoo(tmp_path_factory)
     root = tmp_path_factory.mktemp("build")
     ckpt = root / "tiny_reg.safetensors"
-    torch.manual_seed(7)
-    model = timm.create_model(TINY_REGISTERS.timm_id, pretrained=False, **TINY_REGISTERS.create_kwargs())
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt))
+    save_untrained_weights(TINY_REGISTERS, ckpt, seed=7)
     out = root / "out"
     args = ["build", "--out", str(out), "--models", "tiny_random,tiny_reg,tiny_vit", "--layers", "all",
             "--source-option", f"n_images={N_IMAGES}", "--source-option", f"size={SIDE}",
