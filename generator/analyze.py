@@ -231,36 +231,41 @@ def analyze_unit(unit: AnalysisUnit, n_classes: int, ignore_index: int, options:
     if len(image_ids) >= 2 and (source is None or source.get("probes", True)):
         # MAE-style models need standardised features for a linear probe (the paper's BatchNorm).
         batchnorm = unit.model in MODELS and MODELS[unit.model].family == "MIM"
-        train_count = (source or {}).get("probe_train_count")
-        probes = probe_results(tokens, labels, image_ids, n_classes, ignore_index, options, batchnorm, train_count)
+        data = few_shot_data(image_ids, tokens, labels, (source or {}).get("probe_train_count"), options.device)
+        probes, probe = probe_results(data, n_classes, ignore_index, options, batchnorm)
         if variants is not None and source is not None:
-            probes["variance"] = variance_results(tokens, labels, image_ids, n_classes, ignore_index, options,
-                                                  batchnorm, train_count)
-            probes.update(robustness_and_retrieval(tokens, labels, image_ids, variants, source, options, batchnorm))
+            probes["variance"] = variance_results(data, n_classes, ignore_index, options, batchnorm)
+            probes.update(robustness_and_retrieval(data, probe, variants, source, options))
+            probes["clean"] = {"knn_miou": probes["knn_miou"], "linear_miou": probes["linear_miou"]}
         atomic_write_json(unit.results_dir / "probes.json", {**header, **probes})
         written.append("probes.json")
     return written
 
 
-def _split_grids(image_ids: list[str], tokens: np.ndarray, labels: np.ndarray, train_count: int | None = None):
-    """Train/val grids by the few-shot split (first part of the images trains)."""
-    train_ids, _ = few_shot_split(image_ids, train_count=train_count)
-    n_train = len(train_ids)
-    return tokens[:n_train], labels[:n_train], tokens[n_train:], labels[n_train:]
+@dataclass
+class FewShotData:
+    """One config's tokens split for the probes: flat train/test rows on the device, and the
+    test images' grids for retrieval. Built once per config and shared by every probe."""
+
+    train: torch.Tensor  # [N_train, D]
+    train_y: np.ndarray  # [N_train]
+    test: torch.Tensor  # [N_test, D]
+    test_y: np.ndarray  # [N_test]
+    test_grid: np.ndarray  # [n_test_images, gh, gw, D]
+    test_labels: np.ndarray  # [n_test_images, gh, gw]
+    n_train_images: int
 
 
-def _probe(train_x: torch.Tensor, train_y: np.ndarray, test_x: torch.Tensor, test_y: np.ndarray, n_classes: int,
-           ignore_index: int, options: AnalyzeOptions, batchnorm: bool) -> dict:
-    knn = knn_predict(train_x, train_y, test_x, k=options.knn_k, similarity=options.knn_similarity,
-                      n_classes=n_classes, ignore_index=ignore_index)
-    knn_m = segmentation_metrics(_np(knn), test_y, n_classes, ignore_index)
-    probe = LinearProbe(n_classes=n_classes, epochs=options.linear_epochs, lr=options.linear_lr,
-                        batchnorm=batchnorm, seed=options.seed, ignore_index=ignore_index).fit(train_x, train_y)
-    lin_m = segmentation_metrics(_np(probe.predict(test_x)), test_y, n_classes, ignore_index)
-    return {"knn_miou": knn_m["miou"], "knn_pixel_accuracy": knn_m["pixel_accuracy"],
-            "linear_miou": lin_m["miou"], "linear_pixel_accuracy": lin_m["pixel_accuracy"],
-            "knn_per_class_iou": _nan_to_none(knn_m["per_class_iou"]),
-            "linear_per_class_iou": _nan_to_none(lin_m["per_class_iou"])}, probe
+def few_shot_data(image_ids: list[str], tokens: np.ndarray, labels: np.ndarray, train_count: int | None,
+                  device: str) -> FewShotData:
+    """Split by the few-shot rule (the first part of the images trains)."""
+    n_train = len(few_shot_split(image_ids, train_count=train_count)[0])
+    dim = tokens.shape[-1]
+    return FewShotData(
+        train=torch.from_numpy(tokens[:n_train].reshape(-1, dim)).to(device), train_y=labels[:n_train].reshape(-1),
+        test=torch.from_numpy(tokens[n_train:].reshape(-1, dim)).to(device), test_y=labels[n_train:].reshape(-1),
+        test_grid=tokens[n_train:], test_labels=labels[n_train:], n_train_images=n_train,
+    )
 
 
 def _np(x) -> np.ndarray:
@@ -271,55 +276,54 @@ def _nan_to_none(values) -> list:
     return [None if np.isnan(v) else float(v) for v in np.asarray(values, dtype=float)]
 
 
-def probe_results(tokens: np.ndarray, labels: np.ndarray, image_ids: list[str], n_classes: int, ignore_index: int,
-                  options: AnalyzeOptions, batchnorm: bool, train_count: int | None = None) -> dict:
-    """Few-shot k-NN and linear probes on the patch tokens of one config (analyses 6 and 8)."""
-    tr_x, tr_y, te_x, te_y = _split_grids(image_ids, tokens, labels, train_count)
-    dim = tokens.shape[-1]
-    train = torch.from_numpy(tr_x.reshape(-1, dim)).to(options.device)
-    test = torch.from_numpy(te_x.reshape(-1, dim)).to(options.device)
-    metrics, _ = _probe(train, tr_y.reshape(-1), test, te_y.reshape(-1), n_classes, ignore_index, options, batchnorm)
-    return {**metrics, "n_train_images": int(tr_x.shape[0]), "n_val_images": int(te_x.shape[0]),
-            "knn_k": options.knn_k, "knn_similarity": options.knn_similarity, "linear_batchnorm": batchnorm}
+def probe_results(data: FewShotData, n_classes: int, ignore_index: int, options: AnalyzeOptions,
+                  batchnorm: bool) -> tuple[dict, LinearProbe]:
+    """Few-shot k-NN and linear probes on the patch tokens of one config (analyses 6 and 8).
+
+    Returns the metrics and the fitted linear probe, which the robustness curves evaluate again.
+    """
+    knn = knn_predict(data.train, data.train_y, data.test, k=options.knn_k, similarity=options.knn_similarity,
+                      n_classes=n_classes, ignore_index=ignore_index)
+    knn_m = segmentation_metrics(_np(knn), data.test_y, n_classes, ignore_index)
+    probe = LinearProbe(n_classes=n_classes, epochs=options.linear_epochs, lr=options.linear_lr,
+                        batchnorm=batchnorm, seed=options.seed, ignore_index=ignore_index).fit(data.train, data.train_y)
+    lin_m = segmentation_metrics(_np(probe.predict(data.test)), data.test_y, n_classes, ignore_index)
+    return {"knn_miou": knn_m["miou"], "knn_pixel_accuracy": knn_m["pixel_accuracy"],
+            "linear_miou": lin_m["miou"], "linear_pixel_accuracy": lin_m["pixel_accuracy"],
+            "knn_per_class_iou": _nan_to_none(knn_m["per_class_iou"]),
+            "linear_per_class_iou": _nan_to_none(lin_m["per_class_iou"]),
+            "n_train_images": data.n_train_images, "n_val_images": int(data.test_grid.shape[0]),
+            "knn_k": options.knn_k, "knn_similarity": options.knn_similarity, "linear_batchnorm": batchnorm}, probe
 
 
-def variance_results(tokens: np.ndarray, labels: np.ndarray, image_ids: list[str], n_classes: int,
-                     ignore_index: int, options: AnalyzeOptions, batchnorm: bool,
-                     train_count: int | None = None) -> dict:
+def variance_results(data: FewShotData, n_classes: int, ignore_index: int, options: AnalyzeOptions,
+                     batchnorm: bool) -> dict:
     """High-variance feature spectrum and removal curves on the train split (analysis 7)."""
-    tr_x, tr_y, te_x, te_y = _split_grids(image_ids, tokens, labels, train_count)
-    dim = tokens.shape[-1]
-    train = torch.from_numpy(tr_x.reshape(-1, dim)).to(options.device)
-    test = torch.from_numpy(te_x.reshape(-1, dim)).to(options.device)
-    var = feature_variance(train)
-    spectrum, order = variance_spectrum(var)
+    spectrum, order = variance_spectrum(feature_variance(data.train))
     knn_kwargs = {"k": options.knn_k, "similarity": options.knn_similarity}
     linear_kwargs = {"epochs": options.linear_epochs, "lr": options.linear_lr, "batchnorm": batchnorm,
                      "seed": options.seed}
-    curve = removal_curve(train, tr_y.reshape(-1), test, te_y.reshape(-1), removal_counts_for(dim),
+    curve = removal_curve(data.train, data.train_y, data.test, data.test_y, removal_counts_for(data.train.shape[1]),
                           n_classes=n_classes, ignore_index=ignore_index, knn_kwargs=knn_kwargs,
                           linear_kwargs=linear_kwargs)
-    bn_train, bn_test = batchnorm_normalise(train, test)
-    bn_knn = knn_predict(bn_train, tr_y.reshape(-1), bn_test, n_classes=n_classes, ignore_index=ignore_index,
+    bn_train, bn_test = batchnorm_normalise(data.train, data.test)
+    bn_knn = knn_predict(bn_train, data.train_y, bn_test, n_classes=n_classes, ignore_index=ignore_index,
                          **knn_kwargs)
-    bn = segmentation_metrics(_np(bn_knn), te_y.reshape(-1), n_classes, ignore_index)
+    bn = segmentation_metrics(_np(bn_knn), data.test_y, n_classes, ignore_index)
     return {"spectrum": _np(spectrum).astype(float).tolist(), "top_dims": _np(order)[:200].tolist(),
             "removal": curve, "batchnorm_knn_miou": bn["miou"]}
 
 
-def robustness_and_retrieval(tokens: np.ndarray, labels: np.ndarray, image_ids: list[str], variants: Path,
-                             source: dict, options: AnalyzeOptions, batchnorm: bool) -> dict:
+def robustness_and_retrieval(data: FewShotData, probe: LinearProbe, variants: Path, source: dict,
+                             options: AnalyzeOptions) -> dict:
     """Probes trained on clean train images, evaluated on degraded evaluation images (analysis 9),
     and retrieval of the original patch from transformed ones (analysis 10)."""
     n_classes, ignore_index = len(source["classes"]), source["ignore_index"]
-    tr_x, tr_y, te_x, te_y = _split_grids(image_ids, tokens, labels, source.get("probe_train_count"))
-    dim = tokens.shape[-1]
-    train = torch.from_numpy(tr_x.reshape(-1, dim)).to(options.device)
-    clean, probe = _probe(train, tr_y.reshape(-1), torch.from_numpy(te_x.reshape(-1, dim)).to(options.device),
-                          te_y.reshape(-1), n_classes, ignore_index, options, batchnorm)
+    dim = data.train.shape[1]
     supers = sorted({c["super_name"] for c in source["classes"]})
     fine_to_super = np.array([supers.index(c["super_name"]) for c in source["classes"]])
     background = [c["id"] for c in source["classes"] if c.get("is_background")]
+    originals = torch.from_numpy(data.test_grid).to(options.device)
     robustness, retrieval = [], []
     for path in sorted(variants.glob("*.npz")):
         kind, name, level = path.stem.split("-", 2)
@@ -329,7 +333,7 @@ def robustness_and_retrieval(tokens: np.ndarray, labels: np.ndarray, image_ids: 
             correspondence = npz["correspondence"] if "correspondence" in npz.files else None
         flat = torch.from_numpy(var_tokens.reshape(-1, dim)).to(options.device)
         if kind == "degraded":
-            knn = knn_predict(train, tr_y.reshape(-1), flat, k=options.knn_k, similarity=options.knn_similarity,
+            knn = knn_predict(data.train, data.train_y, flat, k=options.knn_k, similarity=options.knn_similarity,
                               n_classes=n_classes, ignore_index=ignore_index)
             knn_m = segmentation_metrics(_np(knn), var_labels.reshape(-1), n_classes, ignore_index)
             lin_m = segmentation_metrics(_np(probe.predict(flat)), var_labels.reshape(-1), n_classes, ignore_index)
@@ -342,7 +346,7 @@ def robustness_and_retrieval(tokens: np.ndarray, labels: np.ndarray, image_ids: 
                 correspondence = np.broadcast_to(np.stack([rows, cols], -1), (*var_labels.shape, 2)).copy()
             for exclude in (False, True):
                 try:
-                    result = retrieval_outcomes(torch.from_numpy(te_x).to(options.device), te_y,
+                    result = retrieval_outcomes(originals, data.test_labels,
                                                 torch.from_numpy(var_tokens).to(options.device), var_labels,
                                                 correspondence, fine_to_super, background,
                                                 exclude_same_image=exclude, ignore_index=ignore_index)
@@ -353,8 +357,7 @@ def robustness_and_retrieval(tokens: np.ndarray, labels: np.ndarray, image_ids: 
                 retrieval.append({"transform": name, "level": float(level), "exclude_same_image": exclude,
                                   "shares": {k: float(v) for k, v in result["shares"].items()},
                                   "n_queries": int(result["n_queries"]), "upper_bound": float(result["upper_bound"])})
-    return {"clean": {"knn_miou": clean["knn_miou"], "linear_miou": clean["linear_miou"]},
-            "robustness": robustness, "retrieval": retrieval}
+    return {"robustness": robustness, "retrieval": retrieval}
 
 
 def analyze_attention(table: Path, labels_table: Path, background_ids: list[int], ignore_index: int,
