@@ -256,6 +256,11 @@ class CheckpointFormat:
     model_kwargs: dict = field(default_factory=dict)
 
 
+# A timm `beit` with one relative position bias shared by all blocks, layer scale 0.1 and the
+# final norm on every token: how both SimMIM's ViT-B and BEiT pt22k are built.
+SHARED_REL_POS_BEIT_KWARGS = {"use_abs_pos_emb": False, "use_rel_pos_bias": False,
+                              "use_shared_rel_pos_bias": True, "init_values": 0.1, "global_pool": "token"}
+
 CHECKPOINT_FORMATS: dict[str, CheckpointFormat] = {
     f.name: f
     for f in [
@@ -272,9 +277,7 @@ CHECKPOINT_FORMATS: dict[str, CheckpointFormat] = {
             nested_keys=("model", "state_dict"),
             # SimMIM's ViT-B config: USE_APE False, USE_RPB False, USE_SHARED_RPB True,
             # INIT_VALUES 0.1, USE_MEAN_POOLING False (the final norm is applied to every token).
-            model_kwargs={"use_abs_pos_emb": False, "use_rel_pos_bias": False,
-                          "use_shared_rel_pos_bias": True, "init_values": 0.1,
-                          "global_pool": "token"},
+            model_kwargs=SHARED_REL_POS_BEIT_KWARGS,
         ),
         CheckpointFormat(
             "beit_hf", "beit_base_patch16_224", beit_to_timm,
@@ -282,9 +285,7 @@ CHECKPOINT_FORMATS: dict[str, CheckpointFormat] = {
             nested_keys=("model", "state_dict"),
             # The pt22k masked-image-modeling model: shared relative position bias, a final norm
             # over every token (BeitForMaskedImageModeling.layernorm).
-            model_kwargs={"use_abs_pos_emb": False, "use_rel_pos_bias": False,
-                          "use_shared_rel_pos_bias": True, "init_values": 0.1,
-                          "global_pool": "token"},
+            model_kwargs=SHARED_REL_POS_BEIT_KWARGS,
         ),
         CheckpointFormat(
             "torchvision_vit", "vit_base_patch16_224", torchvision_vit_to_timm,
