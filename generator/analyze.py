@@ -97,7 +97,7 @@ class AnalysisUnit:
     config: str
     layer: int
     norm: str
-    table: Path
+    tables: list[Path]  # the config's shards, in order
     results_dir: Path
 
     @property
@@ -130,7 +130,7 @@ def analysis_units(out: Path, manifest: Manifest) -> list[AnalysisUnit]:
         for cfg in entry["configs"]:
             units.append(AnalysisUnit(
                 source=entry["source"], model=entry["model"], config=cfg["name"], layer=cfg["layer"],
-                norm=cfg["norm"], table=repo / cfg["path"],
+                norm=cfg["norm"], tables=[repo / rel for rel in cfg["paths"]],
                 results_dir=results_dir(out, entry["source"], entry["model"], cfg["name"]),
             ))
     return units
@@ -208,7 +208,7 @@ def analyze_unit(unit: AnalysisUnit, n_classes: int, ignore_index: int, options:
     ``variants`` (the degraded/transformed tokens of this model) is given for the config they
     were extracted from — the last layer's post-norm tokens — which also gets the variance study.
     """
-    image_ids, tokens, labels = patch_grid(read_patch_table(unit.table))
+    image_ids, tokens, labels = patch_grid(read_patch_table(unit.tables))
     tokens_t = torch.from_numpy(tokens).to(options.device)
     header = {"source": unit.source, "model": unit.model, "config": unit.config, "layer": unit.layer,
               "norm": unit.norm, "image_ids": list(image_ids), "grid": list(labels.shape[1:])}
@@ -360,7 +360,7 @@ def robustness_and_retrieval(data: FewShotData, probe: LinearProbe, variants: Pa
     return {"robustness": robustness, "retrieval": retrieval}
 
 
-def analyze_attention(table: Path, labels_table: Path, background_ids: list[int], ignore_index: int,
+def analyze_attention(table: list[Path], labels_table: list[Path], background_ids: list[int], ignore_index: int,
                       unit_dir: Path, options: AnalyzeOptions) -> list[str]:
     """CLS attention of the last block: per-head foreground Jaccard of the 60 %-mass masks."""
     image_ids, maps = read_attention_table(table)
@@ -391,7 +391,7 @@ def run_analyze(out: Path, options: AnalyzeOptions) -> list[str]:
     done = []
     for unit in tqdm(units, disable=not options.progress, desc="analyses", unit="config"):
         source = _source_record(out, unit.source, manifest)
-        params = {"version": ANALYSIS_VERSION, "table_sha256": file_sha256(unit.table), **options.result_params(),
+        params = {"version": ANALYSIS_VERSION, "table_sha256": [file_sha256(t) for t in unit.tables], **options.result_params(),
                   "n_classes": len(source["classes"]), "ignore_index": source["ignore_index"]}
         variants_entry = manifest.get(f"variants/{unit.source}/{unit.model}")
         variants = None
@@ -405,14 +405,15 @@ def run_analyze(out: Path, options: AnalyzeOptions) -> list[str]:
         _record(manifest, unit.key, params, out, unit.results_dir, files)
         done.append(unit.key)
     for _, entry in sorted(manifest.entries(prefix="extract/")):
-        if entry.get("status") != "done" or not entry.get("attention_path"):
+        if entry.get("status") != "done" or not entry.get("attention_paths"):
             continue
         source = _source_record(out, entry["source"], manifest)
         repo = dataset_repo_dir(out, entry["source"])
-        table, labels_table = repo / entry["attention_path"], repo / entry["configs"][0]["path"]
+        table = [repo / rel for rel in entry["attention_paths"]]
+        labels_table = [repo / rel for rel in entry["configs"][0]["paths"]]
         background = [c["id"] for c in source["classes"] if c.get("is_background")]
         key = f"analyze/{entry['source']}/{entry['model']}/attention"
-        params = {"version": ANALYSIS_VERSION, "table_sha256": file_sha256(table), "mass": options.attention_mass,
+        params = {"version": ANALYSIS_VERSION, "table_sha256": [file_sha256(t) for t in table], "mass": options.attention_mass,
                   "background": background}
         if manifest.is_done(key, params, out):
             continue

@@ -55,9 +55,13 @@ def _set_offline(offline: bool | None) -> None:
         pass
 
 
-def _device(name: str) -> str:
+def _device(name: str, worker_rank: int | None = None) -> str:
     import torch
 
+    if name in ("auto", "cuda") and worker_rank is not None and torch.cuda.is_available():
+        # One GPU per worker: torchrun's LOCAL_RANK on multi-GPU nodes, else the global rank.
+        local = int(os.environ.get("LOCAL_RANK", worker_rank))
+        return f"cuda:{local % torch.cuda.device_count()}"
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
@@ -108,6 +112,10 @@ def _extract_options(f):
         click.option("--label-rule", type=click.Choice(["nearest", "majority"]), default="majority",
                      show_default=True, help="How a patch's label is taken from the mask."),
         click.option("--batch-size", type=int, default=8, show_default=True),
+        click.option("--embedding-dtype", type=click.Choice(["float16", "float32"]), default="float16",
+                     show_default=True, help="Precision of the published embeddings."),
+        click.option("--shard-mb", type=click.FloatRange(min=0, min_open=True), default=500, show_default=True,
+                     help="Largest Parquet shard, in MB (10^6 bytes)."),
         click.option("--weights", multiple=True, metavar="MODEL=PATH",
                      help="Local checkpoint for a model (repeatable); otherwise the Hub or its cache."),
         click.option("--offline/--online", default=None,
@@ -149,8 +157,8 @@ def cli():
     """PatchAtlas: what self-supervised vision transformers see, patch by patch."""
 
 
-def _do_extract(out, sources, source_options, models, layers, norms, label_rule, batch_size, weights,
-                offline, device, quiet):
+def _do_extract(out, sources, source_options, models, layers, norms, label_rule, batch_size, embedding_dtype,
+                shard_mb, weights, offline, device, quiet, rank=0, world_size=1):
     _set_offline(offline)
     from generator.extract import ExtractOptions, run_extract
     from generator.models.registry import DEFAULT_MODELS
@@ -165,7 +173,9 @@ def _do_extract(out, sources, source_options, models, layers, norms, label_rule,
                                   f"parameter; see `patchatlas datasets`")
     loaded = [load_source(name, **{k: v for k, v in params.items() if k in accepted[name]}) for name in names]
     options = ExtractOptions(layers=layers, norms=_split(norms), label_rule=label_rule, batch_size=batch_size,
-                             device=_device(device), weights=_parse_weights(weights), progress=not quiet)
+                             device=_device(device, rank if world_size > 1 else None),
+                             weights=_parse_weights(weights), progress=not quiet, embedding_dtype=embedding_dtype,
+                             shard_bytes=int(shard_mb * 1e6), rank=rank, world_size=world_size)
     outcomes = run_extract(out, loaded, _split(models) if models else list(DEFAULT_MODELS), options)
     for source, rows in outcomes.items():
         for row in rows:
@@ -197,13 +207,30 @@ def _do_render(out, gallery_images, gallery_k, no_html, quiet=False):
 @_out_option
 @_preset_option
 @_extract_options
+@click.option("--rank", type=click.IntRange(min=0), default=0, envvar="RANK", show_default=True,
+              help="This worker's rank in a distributed extract (torchrun sets RANK).")
+@click.option("--world-size", type=click.IntRange(min=1), default=1, envvar="WORLD_SIZE", show_default=True,
+              help="Workers sharing the shards (torchrun sets WORLD_SIZE); 1 runs everything here.")
 @_common
-def extract(out, sources, source_options, models, layers, norms, label_rule, batch_size, weights, offline,
-            device, quiet):
-    """Run models over datasets; write patch-embedding dataset repos under OUT/datasets."""
-    with output_lock(out):
-            _do_extract(out, sources, source_options, models, layers, norms, label_rule, batch_size, weights,
-                    offline, device, quiet)
+def extract(out, sources, source_options, models, layers, norms, label_rule, batch_size, embedding_dtype, shard_mb,
+            weights, offline, rank, world_size, device, quiet):
+    """Run models over datasets; write patch-embedding dataset repos under OUT/datasets.
+
+    Distributed: `torchrun --nproc-per-node N -m generator.cli extract ...` runs N workers that
+    split the (model, shard) jobs and each record their share under OUT/manifest.d; then one
+    `patchatlas extract` (or `build`) with the same options merges them and writes the cards.
+    """
+    worker = (rank, world_size) if world_size > 1 else None
+    with output_lock(out, worker=worker):
+        outcomes = _do_extract(out, sources, source_options, models, layers, norms, label_rule, batch_size,
+                               embedding_dtype, shard_mb, weights, offline, device, quiet, rank, world_size)
+    if worker:
+        for source, rows in outcomes.items():
+            for row in rows:
+                if row.status == "worker":
+                    click.echo(f"worker {rank}/{world_size}: {source} × {row.model}: {row.reason}")
+        click.echo(f"worker {rank} of {world_size} done; when every worker is, run `patchatlas extract` with the "
+                   f"same options (no RANK/WORLD_SIZE) to merge")
     click.echo(f"datasets: {out / 'datasets'}")
 
 
@@ -237,12 +264,12 @@ def render(out, gallery_images, gallery_k, no_html, quiet):
 @_analyze_options
 @_render_options
 @_common
-def build(out, sources, source_options, models, layers, norms, label_rule, batch_size, weights, offline,
-          ks, seed, knn_k, knn_similarity, linear_epochs, gallery_images, gallery_k, no_html, device, quiet):
+def build(out, sources, source_options, models, layers, norms, label_rule, batch_size, embedding_dtype, shard_mb,
+          weights, offline, ks, seed, knn_k, knn_similarity, linear_epochs, gallery_images, gallery_k, no_html, device, quiet):
     """extract + analyze + render, resuming whatever is already done."""
     with output_lock(out):
         outcomes = _do_extract(out, sources, source_options, models, layers, norms, label_rule, batch_size,
-                               weights, offline, device, quiet)
+                               embedding_dtype, shard_mb, weights, offline, device, quiet)
         _do_analyze(out, ks, seed, knn_k, knn_similarity, linear_epochs, device, quiet)
         site = _do_render(out, gallery_images, gallery_k, no_html, quiet)
     click.echo("")

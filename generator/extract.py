@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from generator import __version__
 from generator.errors import PatchAtlasError, WeightsUnavailable
 from generator.models.encoder import NORMS, QKV_VIEWS, Encoder, load_encoder, resolve_layers
-from generator.models.registry import ModelEntry, get_model_entry
+from generator.models.registry import Geometry, ModelEntry, get_model_entry, model_geometry
 from generator.sources.base import SegmentationSource
 from generator.sources.degradations import (
     DEGRADATIONS,
@@ -36,7 +36,8 @@ from generator.sources.labels import LABEL_RULES, patch_labels, resize_mask
 from generator.sources.splits import PROBE_TRAIN_FRACTION, few_shot_split
 from generator.store.atomic import atomic_path
 from generator.store.manifest import Manifest, file_sha256, params_hash
-from generator.store.parquet import AttentionTableWriter, PatchTableWriter, PrefixTableWriter, write_images_table
+from generator.store.parquet import AttentionTableWriter, PatchTableWriter, PrefixTableWriter, write_images_shards
+from generator.store.schema import DEFAULT_EMBEDDING_DTYPE, check_embedding_dtype
 from generator.store.repo import (
     ATTENTION_CONFIG_SUFFIX,
     IMAGES_CONFIG,
@@ -49,7 +50,14 @@ from generator.store.repo import (
 )
 
 # Bumped whenever extraction would produce different tokens or rows for the same inputs.
-EXTRACTOR_VERSION = "1"
+EXTRACTOR_VERSION = "2"
+# The Hub's guidance for Parquet shards: at most about 500 MB each.
+SHARD_BYTES = 500 * 1000 * 1000
+# Bytes of a patch row besides its embedding (row, col, label as int16 and the image id's
+# dictionary index), rounded up so that the shard bound holds.
+ROW_OVERHEAD_BYTES = 16
+# Where the workers of a distributed run record what they did, one file each.
+WORKER_MANIFESTS = "manifest.d"
 
 
 @dataclass
@@ -64,8 +72,18 @@ class ExtractOptions:
     variants: bool = True  # last-layer tokens of degraded and transformed evaluation images
     cache_dir: str | None = None
     progress: bool = True
+    embedding_dtype: str = DEFAULT_EMBEDDING_DTYPE  # what the published tables store
+    shard_bytes: int = SHARD_BYTES  # the most bytes of one Parquet shard
+    rank: int = 0  # this worker, of world_size workers sharing the shards (torchrun's RANK)
+    world_size: int = 1
 
     def validate(self) -> None:
+        check_embedding_dtype(self.embedding_dtype)
+        if self.shard_bytes < 1:
+            raise PatchAtlasError(f"shard size {self.shard_bytes} bytes: must be positive")
+        if self.world_size < 1 or not 0 <= self.rank < self.world_size:
+            raise PatchAtlasError(f"worker rank {self.rank} of world size {self.world_size}: expected "
+                                  f"0 ≤ rank < world size (torchrun sets RANK and WORLD_SIZE)")
         if self.label_rule not in LABEL_RULES:
             raise PatchAtlasError(f"label rule {self.label_rule!r}: expected one of {', '.join(LABEL_RULES)}")
         for norm in self.norms:
@@ -78,7 +96,7 @@ class ExtractOptions:
 @dataclass
 class ModelOutcome:
     model: str
-    status: str  # "done" | "skipped" | "reused"
+    status: str  # "done" | "skipped" | "reused" | "worker" (a share of the shards, in a distributed run)
     reason: str = ""
     configs: list[str] = field(default_factory=list)
 
@@ -130,9 +148,10 @@ def record_source(source: SegmentationSource, manifest: Manifest) -> None:
     })
 
 
-def write_images(source: SegmentationSource, repo: Path, manifest: Manifest) -> None:
+def write_images(source: SegmentationSource, repo: Path, manifest: Manifest, shard_bytes: int) -> None:
     key = images_key(source.name)
-    params = {"source": source.name, "revision": source.revision, "extractor": EXTRACTOR_VERSION}
+    params = {"source": source.name, "revision": source.revision, "shard_bytes": shard_bytes,
+              "extractor": EXTRACTOR_VERSION}
     if manifest.is_done(key, params, repo):
         return
     raw = source.dataset.cast_column("image", datasets.Image(decode=False)).cast_column(
@@ -145,10 +164,9 @@ def write_images(source: SegmentationSource, repo: Path, manifest: Manifest) -> 
             yield {"image_id": row["image_id"], "image_png": image_png, "mask_png": mask_png,
                    "width": width, "height": height}
 
-    relative = f"{IMAGES_CONFIG}/{shard_name()}"
-    write_images_table(repo / relative, rows())
+    paths = write_images_shards(repo / IMAGES_CONFIG, rows(), shard_bytes)
     manifest.set(key, {"status": "done", "params": params, "params_hash": params_hash(params),
-                       "files": {relative: file_sha256(repo / relative)}})
+                       "files": {str(p.relative_to(repo)): file_sha256(p) for p in paths}})
     manifest.save()
 
 
@@ -165,48 +183,96 @@ def model_params(entry: ModelEntry, source: SegmentationSource, layers: list[int
         "norms": list(options.norms),
         "last_block_attention": options.last_block_attention,
         "label_rule": options.label_rule,
+        "embedding_dtype": options.embedding_dtype,
+        "shard_bytes": options.shard_bytes,
         "extractor": EXTRACTOR_VERSION,
     }
 
 
-def extract_model(source: SegmentationSource, encoder: Encoder, layers: list[int],
-                  options: ExtractOptions, repo: Path) -> dict:
-    """Run one model over one source and write its tables.
+@dataclass(frozen=True)
+class Shard:
+    """Images ``start:stop`` of a source: one file per table of a model's configs."""
 
-    Returns what the manifest records: the written files (relative path → sha256), one record
-    per patch config, and the relative paths of the prefix and attention tables (None when the
-    model has no prefix tokens, or attention was not asked for).
+    index: int
+    total: int
+    start: int
+    stop: int
+
+    @property
+    def file_name(self) -> str:
+        return shard_name(self.index, self.total)
+
+
+def images_per_shard(grid: tuple[int, int], dim: int, dtype: str, shard_bytes: int) -> int:
+    """How many images fill a shard of one config without passing ``shard_bytes``.
+
+    Counted from the uncompressed row size (zstd barely shrinks float tokens), so the bound
+    holds for the files as written. It depends only on the model and the options, never on the
+    batch size or the number of workers, so every run cuts the same shards.
     """
-    entry, dim = encoder.entry, encoder.embed_dim
+    row_bytes = dim * np.dtype(dtype).itemsize + ROW_OVERHEAD_BYTES
+    return max(1, shard_bytes // (grid[0] * grid[1] * row_bytes))
+
+
+def plan_shards(num_images: int, per_shard: int) -> list[Shard]:
+    total = max(1, -(-num_images // per_shard))
+    return [Shard(i, total, i * per_shard, min(num_images, (i + 1) * per_shard)) for i in range(total)]
+
+
+def shard_key(source_name: str, model: str, shard: Shard) -> str:
+    return f"shards/{source_name}/{model}/{shard.index:05d}-of-{shard.total:05d}"
+
+
+class JobCounter:
+    """Numbers the jobs of a run in plan order; job j belongs to worker j mod world_size.
+
+    Every worker walks the same plan, so they agree on who does what without talking.
+    """
+
+    def __init__(self, rank: int = 0, world_size: int = 1):
+        self.rank, self.world_size, self.next = rank, world_size, 0
+
+    def take(self) -> bool:
+        """Number the next job; True when it is this worker's."""
+        mine = self.next % self.world_size == self.rank
+        self.next += 1
+        return mine
+
+
+def extract_shard(source: SegmentationSource, encoder: Encoder, layers: list[int], shard: Shard,
+                  options: ExtractOptions, repo: Path) -> dict[str, str]:
+    """Run one model over one shard's images and write that shard of each of its tables.
+
+    Returns the written files (path relative to ``repo`` → sha256).
+    """
+    entry, dim, dtype = encoder.entry, encoder.embed_dim, options.embedding_dtype
     kinds = ["cls"] * (encoder.num_prefix_tokens - entry.num_registers) + ["register"] * entry.num_registers
-    views = {(layer, norm): f"{config_data_dir(entry.name, layer, norm)}/{shard_name()}"
-             for layer in layers for norm in options.norms}
-    if options.last_block_attention:
-        views.update({(encoder.depth, view): f"{config_data_dir(entry.name, encoder.depth, view)}/{shard_name()}"
-                      for view in QKV_VIEWS})
-    prefix_rel = f"{entry.name}/prefix/{shard_name()}" if encoder.num_prefix_tokens else None
-    attention_rel = (f"{entry.name}/attention/{shard_name()}"
-                     if options.last_block_attention and encoder.num_prefix_tokens else None)
+    views = table_paths(entry.name, encoder.depth, encoder.num_prefix_tokens, layers, options, shard.file_name)
+    patch_views, prefix_rel, attention_rel = views["patches"], views["prefix"], views["attention"]
+    images = source.dataset.select(range(shard.start, shard.stop))
     # ExitStack hands an exception to every writer, so none of them renames a partial file.
     with contextlib.ExitStack() as stack:
         # q/k/v concatenate the heads: heads × head_dim, the embedding width in timm ViTs.
-        writers = {key: stack.enter_context(PatchTableWriter(repo / rel, dim)) for key, rel in views.items()}
-        prefix_writer = stack.enter_context(PrefixTableWriter(repo / prefix_rel, dim)) if prefix_rel else None
+        writers = {key: stack.enter_context(PatchTableWriter(repo / rel, dim, dtype=dtype))
+                   for key, rel in patch_views.items()}
+        prefix_writer = (stack.enter_context(PrefixTableWriter(repo / prefix_rel, dim, dtype=dtype))
+                         if prefix_rel else None)
         attention_writer = stack.enter_context(AttentionTableWriter(repo / attention_rel)) if attention_rel else None
-        batches = iter_batches(source.dataset, options.batch_size)
-        total = -(-len(source) // options.batch_size)
-        for image_ids, images, masks in tqdm(batches, total=total, disable=not options.progress,
-                                             desc=f"{entry.name} on {source.name}", unit="batch"):
+        batches = iter_batches(images, options.batch_size)
+        total = -(-len(images) // options.batch_size)
+        desc = f"{entry.name} on {source.name}" + (f" [{shard.index + 1}/{shard.total}]" if shard.total > 1 else "")
+        for image_ids, pixels_uint8, masks in tqdm(batches, total=total, disable=not options.progress,
+                                                   desc=desc, unit="batch"):
             labels = grid_labels(masks, encoder, options.label_rule, source.ignore_index)
-            pixels = encoder.preprocess(images)
+            pixels = encoder.preprocess(pixels_uint8)
             batch = encoder.tokens(pixels, layers, options.norms)
-            patch_views = {key: toks.patch for key, toks in batch.layers.items()}
+            tokens = {key: toks.patch for key, toks in batch.layers.items()}
             if options.last_block_attention:
                 attention = encoder.attention(pixels)
-                patch_views.update({(encoder.depth, view): t for view, t in attention.views.items()})
+                tokens.update({(encoder.depth, view): t for view, t in attention.views.items()})
                 if attention_writer is not None:
                     attention_writer.write_batch(image_ids, attention.cls_maps.cpu().numpy())
-            for (layer, view), patch in patch_views.items():
+            for (layer, view), patch in tokens.items():
                 patch = patch.cpu().numpy()
                 if not np.isfinite(patch).all():
                     raise PatchAtlasError(
@@ -216,73 +282,176 @@ def extract_model(source: SegmentationSource, encoder: Encoder, layers: list[int
             if prefix_writer is not None:
                 for (layer, norm), toks in batch.layers.items():
                     prefix_writer.write_batch(image_ids, layer, norm, toks.prefix.cpu().numpy(), kinds)
+    written = list(patch_views.values()) + [rel for rel in (prefix_rel, attention_rel) if rel]
+    return {rel: file_sha256(repo / rel) for rel in written}
 
-    written = list(views.values()) + [rel for rel in (prefix_rel, attention_rel) if rel]
-    configs = [{
-        "name": config_name(entry.name, layer, view), "path": rel, "layer": layer, "norm": view,
-        "dim": dim, "num_rows": len(source) * encoder.grid[0] * encoder.grid[1],
-        "num_bytes": (repo / rel).stat().st_size,
-    } for (layer, view), rel in views.items()]
-    return {"files": {rel: file_sha256(repo / rel) for rel in written}, "configs": configs,
-            "prefix_path": prefix_rel, "attention_path": attention_rel}
+
+def table_paths(model: str, depth: int, num_prefix_tokens: int, layers: list[int], options: ExtractOptions,
+                file_name: str) -> dict:
+    """Where one shard of each of a model's tables goes, relative to the repository root."""
+    patches = {(layer, norm): f"{config_data_dir(model, layer, norm)}/{file_name}"
+               for layer in layers for norm in options.norms}
+    if options.last_block_attention:
+        patches.update({(depth, view): f"{config_data_dir(model, depth, view)}/{file_name}" for view in QKV_VIEWS})
+    return {
+        "patches": patches,
+        "prefix": f"{model}/prefix/{file_name}" if num_prefix_tokens else None,
+        "attention": f"{model}/attention/{file_name}" if options.last_block_attention and num_prefix_tokens
+        else None,
+    }
+
+
+def _worker_manifest_path(out: Path, rank: int, world_size: int) -> Path:
+    return out / WORKER_MANIFESTS / f"rank-{rank:04d}-of-{world_size:04d}.json"
+
+
+def open_manifest(out: Path, options: ExtractOptions) -> Manifest:
+    """The manifest this run records into.
+
+    A single process folds in what workers of a distributed run recorded (``manifest.d/``) and
+    owns ``manifest.json``. A worker starts from ``manifest.json`` (to reuse what is done) and
+    writes its own file, so workers never write the same file.
+    """
+    main = Manifest.load(out / "manifest.json")
+    workers = sorted((out / WORKER_MANIFESTS).glob("rank-*.json"))
+    if options.world_size == 1:
+        for path in workers:
+            main.merge(Manifest.load(path))
+        if workers:
+            main.save()
+            for path in workers:
+                path.unlink()
+        return main
+    worker = Manifest(_worker_manifest_path(out, options.rank, options.world_size))
+    worker.merge(main)
+    own = worker.path
+    if own.exists():
+        worker.merge(Manifest.load(own))
+    return worker
 
 
 def run_extract(out: Path, sources: Sequence[SegmentationSource], model_names: Sequence[str],
                 options: ExtractOptions) -> dict[str, list[ModelOutcome]]:
-    """The stage: every (source, model) unit not already done, then the dataset cards."""
+    """The stage: every (source, model) shard not already done, then each model's configs and the cards.
+
+    With ``world_size > 1`` this process is one worker of a distributed run: it extracts only
+    its share of the shards and records them in its own manifest; a later single-process run
+    (``patchatlas extract`` or ``build`` with the same options) merges the workers' records,
+    reuses their shards and finishes the configs and cards.
+    """
     options.validate()
     out = Path(out)
-    manifest = Manifest.load(out / "manifest.json")
+    manifest = open_manifest(out, options)
     entries = [get_model_entry(name) for name in model_names]  # unknown names fail before any work
     for name in options.weights:
         get_model_entry(name)
+    jobs = JobCounter(options.rank, options.world_size)
     outcomes: dict[str, list[ModelOutcome]] = {}
     for source in sources:
         if len(source) == 0:
             raise PatchAtlasError(f"dataset {source.name!r} has no images; nothing to extract")
         repo = dataset_repo_dir(out, source.name)
         record_source(source, manifest)
-        write_images(source, repo, manifest)
+        if jobs.take():
+            write_images(source, repo, manifest, options.shard_bytes)
         outcomes[source.name] = []
         for entry in entries:
-            outcomes[source.name].append(_extract_unit(source, entry, options, repo, manifest))
-        write_card(source, repo, manifest)
+            outcomes[source.name].append(_extract_unit(source, entry, options, repo, manifest, jobs))
+        if options.world_size == 1:
+            write_card(source, repo, manifest)
         manifest.save()
     return outcomes
 
 
 def _extract_unit(source: SegmentationSource, entry: ModelEntry, options: ExtractOptions,
-                  repo: Path, manifest: Manifest) -> ModelOutcome:
+                  repo: Path, manifest: Manifest, jobs: JobCounter) -> ModelOutcome:
     key = extract_key(source.name, entry.name)
     params = model_params(entry, source, options.layers if isinstance(options.layers, str)
                           else list(options.layers), options)
-    if manifest.is_done(key, params, repo):
+    geometry = model_geometry(entry)
+    shards = plan_shards(len(source), images_per_shard(entry.grid_size(), geometry.embed_dim,
+                                                       options.embedding_dtype, options.shard_bytes))
+    mine = [jobs.take() for _ in shards]
+    variants_mine = jobs.take()
+    worker = options.world_size > 1
+    if not worker and manifest.is_done(key, params, repo):
         done = manifest.get(key)
         if options.variants:
             _variants_unit(source, entry, options, repo.parent.parent, manifest, params, None)
         return ModelOutcome(entry.name, "reused", configs=[c["name"] for c in done["configs"]])
-    try:
-        encoder = load_encoder(entry, checkpoint=options.weights.get(entry.name),
-                               device=options.device, cache_dir=options.cache_dir)
-    except WeightsUnavailable as err:
-        manifest.set(key, {"status": "skipped", "reason": str(err), "params": params,
-                           "params_hash": params_hash(params), "files": {}})
+    layers = resolve_layers(options.layers, geometry.depth)
+    unit_hash = params_hash(params)
+    encoder: Encoder | None = None
+    computed = 0
+    for shard, is_mine in zip(shards, mine):
+        shard_params = {"unit": unit_hash, "shard": shard.index, "of": shard.total,
+                        "images": [shard.start, shard.stop]}
+        if not is_mine or manifest.is_done(shard_key(source.name, entry.name, shard), shard_params, repo):
+            continue
+        if encoder is None:
+            try:
+                encoder = load_encoder(entry, checkpoint=options.weights.get(entry.name),
+                                       device=options.device, cache_dir=options.cache_dir)
+            except WeightsUnavailable as err:
+                manifest.set(key, {"status": "skipped", "reason": str(err), "params": params,
+                                   "params_hash": unit_hash, "files": {}})
+                manifest.save()
+                return ModelOutcome(entry.name, "skipped", reason=str(err))
+        files = extract_shard(source, encoder, layers, shard, options, repo)
+        manifest.set(shard_key(source.name, entry.name, shard), {
+            "status": "done", "params": shard_params, "files": files,
+            "weights": dataclasses.asdict(encoder.weights)})
         manifest.save()
-        return ModelOutcome(entry.name, "skipped", reason=str(err))
-    layers = resolve_layers(options.layers, encoder.depth)
-    written = extract_model(source, encoder, layers, options, repo)
-    manifest.set(key, {
-        "status": "done", "params": params, "params_hash": params_hash(params), **written, "layers": layers,
-        "grid": list(encoder.grid), "dim": encoder.embed_dim, "weights": dataclasses.asdict(encoder.weights),
-        "model": entry.name, "source": source.name, "version": __version__,
-    })
-    manifest.save()
-    if options.variants:
+        computed += 1
+    if not worker:
+        _finish_unit(source, entry, geometry, layers, shards, params, options, repo, manifest)
+    if options.variants and variants_mine:
         _variants_unit(source, entry, options, repo.parent.parent, manifest, params, encoder)
     del encoder
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-    return ModelOutcome(entry.name, "done", configs=[c["name"] for c in written["configs"]])
+    if worker:
+        return ModelOutcome(entry.name, "worker", reason=f"{computed} of {len(shards)} shards extracted here")
+    done = manifest.get(key)
+    return ModelOutcome(entry.name, "done" if computed else "reused", configs=[c["name"] for c in done["configs"]])
+
+
+def _finish_unit(source: SegmentationSource, entry: ModelEntry, geometry: Geometry, layers: list[int],
+                 shards: list[Shard], params: dict, options: ExtractOptions, repo: Path,
+                 manifest: Manifest) -> None:
+    """Record a (source, model) unit whose shards are all done: its configs, files and weights.
+
+    Parquet files under the model's folder that this unit does not list (shards or configs of
+    an earlier run with other options) are removed, so the repository holds exactly what the
+    card describes.
+    """
+    records = [manifest.get(shard_key(source.name, entry.name, shard)) for shard in shards]
+    files = {rel: digest for record in records for rel, digest in record["files"].items()}
+    names = [shard.file_name for shard in shards]
+    tables = [table_paths(entry.name, geometry.depth, geometry.num_prefix_tokens, layers, options, name)
+              for name in names]
+    grid = entry.grid_size()
+    configs = []
+    for layer, view in tables[0]["patches"]:
+        paths = [t["patches"][(layer, view)] for t in tables]
+        configs.append({
+            "name": config_name(entry.name, layer, view), "paths": paths, "layer": layer, "norm": view,
+            "dim": geometry.embed_dim, "dtype": options.embedding_dtype,
+            "num_rows": len(source) * grid[0] * grid[1],
+            "num_bytes": sum((repo / rel).stat().st_size for rel in paths),
+        })
+    model_dir = repo / entry.name
+    for stale in set(model_dir.rglob("*.parquet")) - {repo / rel for rel in files}:
+        stale.unlink()
+    manifest.set(extract_key(source.name, entry.name), {
+        "status": "done", "params": params, "params_hash": params_hash(params), "files": files,
+        "configs": configs, "layers": layers, "grid": list(grid), "dim": geometry.embed_dim,
+        "prefix_paths": [t["prefix"] for t in tables] if tables[0]["prefix"] else None,
+        "attention_paths": [t["attention"] for t in tables] if tables[0]["attention"] else None,
+        "shards": len(shards), "weights": records[0]["weights"], "model": entry.name, "source": source.name,
+        "version": __version__,
+    })
+    manifest.save()
 
 
 def variants_dir(out: Path, source_name: str, model: str) -> Path:
@@ -367,22 +536,22 @@ def write_card(source: SegmentationSource, repo: Path, manifest: Manifest, repo_
             continue
         entry = get_model_entry(unit["model"])
         weights = unit.get("weights", {})
-        if unit.get("prefix_path"):
+        if unit.get("prefix_paths"):
             extra_configs.append({"name": f"{entry.name}{PREFIX_CONFIG_SUFFIX}", "model": entry.timm_id,
                                   "kind": "CLS and register tokens",
-                                  "data_files": str(Path(unit["prefix_path"]).parent / "*.parquet")})
-        if unit.get("attention_path"):
+                                  "data_files": str(Path(unit["prefix_paths"][0]).parent / "*.parquet")})
+        if unit.get("attention_paths"):
             extra_configs.append({"name": f"{entry.name}{ATTENTION_CONFIG_SUFFIX}", "model": entry.timm_id,
                                   "kind": "last-block CLS attention",
-                                  "data_files": str(Path(unit["attention_path"]).parent / "*.parquet")})
+                                  "data_files": str(Path(unit["attention_paths"][0]).parent / "*.parquet")})
         for cfg in unit["configs"]:
             cards.append(ConfigCardInfo(
-                name=cfg["name"], data_files=str(Path(cfg["path"]).parent / "*.parquet"),
+                name=cfg["name"], data_files=str(Path(cfg["paths"][0]).parent / "*.parquet"),
                 model=entry.name, model_id=entry.timm_id if entry.pretrained else "random",
                 revision=weights.get("revision", ""), layer=cfg["layer"], norm=cfg["norm"],
                 input_size=entry.input_size, patch_size=entry.patch_size,
                 label_rule=unit["params"]["label_rule"], dim=cfg["dim"], num_rows=cfg["num_rows"],
-                num_bytes=cfg["num_bytes"], license=entry.license,
+                num_bytes=cfg["num_bytes"], license=entry.license, dtype=cfg["dtype"],
             ))
     info = {
         "name": source.name, "description": source.description, "license": source.license,

@@ -566,11 +566,11 @@ def _downloads(out: Path, manifest: Manifest) -> list[dict]:
                 continue
             for cfg in unit["configs"]:
                 configs.append({"name": cfg["name"], "rows": cfg["num_rows"], "bytes": cfg["num_bytes"],
-                                "schema": f"patches, embedding float32[{cfg['dim']}]"})
-            for path_key, suffix, schema in (("prefix_path", "-prefix", "prefix tokens"),
-                                             ("attention_path", "-attention", "CLS attention")):
+                                "schema": f"patches, embedding {cfg['dtype']}[{cfg['dim']}]"})
+            for path_key, suffix, schema in (("prefix_paths", "-prefix", "prefix tokens"),
+                                             ("attention_paths", "-attention", "CLS attention")):
                 if unit.get(path_key):
-                    size = (out / "datasets" / src["name"] / unit[path_key]).stat().st_size
+                    size = sum((out / "datasets" / src["name"] / rel).stat().st_size for rel in unit[path_key])
                     configs.append({"name": f"{unit['model']}{suffix}", "rows": None, "bytes": size, "schema": schema})
         datasets_.append({"name": src["name"], "license": src["license"], "configs": configs})
     return datasets_

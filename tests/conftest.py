@@ -49,7 +49,16 @@ def _hub_offline(monkeypatch, tmp_path_factory):
     # An empty private Hub cache: nothing a developer downloaded can make a test pass.
     cache = tmp_path_factory.mktemp("hf-cache")
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(cache))
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path_factory.mktemp("hf-datasets")))
+    _private_datasets_cache(monkeypatch, tmp_path_factory.mktemp("hf-datasets"))
+
+
+def _private_datasets_cache(mp: pytest.MonkeyPatch, cache) -> None:
+    """A datasets cache of the test's own: a load never reuses what another run prepared."""
+    import datasets
+
+    mp.setenv("HF_DATASETS_CACHE", str(cache))
+    # datasets reads the variable once, at import; its resolved setting is patched as well.
+    mp.setattr(datasets.config, "HF_DATASETS_CACHE", cache)
 
 
 def save_untrained_weights(entry: ModelEntry, path, seed: int) -> dict:
@@ -77,5 +86,5 @@ def offline_tiny_zoo(tmp_path_factory) -> pytest.MonkeyPatch:
         mp.setitem(MODELS, entry.name, entry)
     mp.setattr(constants, "HF_HUB_OFFLINE", True)
     mp.setattr(constants, "HF_HUB_CACHE", str(tmp_path_factory.mktemp("empty-hub-cache")))
-    mp.setenv("HF_DATASETS_CACHE", str(tmp_path_factory.mktemp("datasets-cache")))
+    _private_datasets_cache(mp, tmp_path_factory.mktemp("datasets-cache"))
     return mp

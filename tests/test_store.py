@@ -81,29 +81,34 @@ def _png(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _write_tiny_repo(root: Path, rng: np.random.Generator, source_info: dict | None = None) -> dict:
-    """Two images of a 3×4 grid, two patch configs, a prefix and an attention config, the images."""
+def _write_tiny_repo(root: Path, rng: np.random.Generator, source_info: dict | None = None,
+                     dtype: str = "float16") -> dict:
+    """Two images of a 3×4 grid, two patch configs, a prefix and an attention config, the images.
+
+    The planted tokens are given as float32 and recorded as the ``dtype`` values the tables hold.
+    """
     model = "tiny_vit"
     planted = {"tokens": {}, "labels": rng.integers(0, 3, (2, *GRID)).astype(np.int16)}
     cards = []
     for layer, norm in VIEWS:
         tokens = rng.standard_normal((2, *GRID, DIM)).astype(np.float32)
-        planted["tokens"][config_name(model, layer, norm)] = tokens
+        planted["tokens"][config_name(model, layer, norm)] = tokens.astype(dtype).astype(np.float32)
         rel = f"{config_data_dir(model, layer, norm)}/{shard_name()}"
         # Two batches of one image each, as a streaming extraction writes them.
-        with PatchTableWriter(root / rel, DIM) as writer:
+        with PatchTableWriter(root / rel, DIM, dtype=dtype) as writer:
             writer.write_batch(IDS[:1], tokens[:1], planted["labels"][:1])
             writer.write_batch(IDS[1:], tokens[1:], planted["labels"][1:])
         cards.append(ConfigCardInfo(
             name=config_name(model, layer, norm), data_files=data_files_glob(config_data_dir(model, layer, norm)),
             model=model, model_id="timm/tiny_vit.test", revision="0123abc", layer=layer, norm=norm,
             input_size=64, patch_size=16, label_rule="majority", dim=DIM, num_rows=2 * GRID[0] * GRID[1],
-            num_bytes=(root / rel).stat().st_size, license="apache-2.0"))
+            num_bytes=(root / rel).stat().st_size, license="apache-2.0", dtype=dtype))
     prefix = {view: rng.standard_normal((2, len(KINDS), DIM)).astype(np.float32) for view in VIEWS}
-    with PrefixTableWriter(root / prefix_data_dir(model) / shard_name(), DIM) as writer:
+    with PrefixTableWriter(root / prefix_data_dir(model) / shard_name(), DIM, dtype=dtype) as writer:
         for (layer, norm), toks in prefix.items():
             writer.write_batch(IDS, layer, norm, toks, KINDS)
-    planted["prefix"] = prefix
+    planted["prefix"] = {view: toks.astype(dtype).astype(np.float32) for view, toks in prefix.items()}
+    planted["dtype"] = dtype
     attention = rng.random((2, 3, *GRID)).astype(np.float32)
     with AttentionTableWriter(root / attention_data_dir(model) / shard_name()) as writer:
         writer.write_batch(IDS, attention)
@@ -134,9 +139,10 @@ def _front_matter(text: str) -> dict:
     return yaml.safe_load(match.group(1))
 
 
-def test_every_config_in_the_card_loads_bit_exactly_with_datasets(tmp_path, _private_datasets_cache):
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_every_config_in_the_card_loads_bit_exactly_with_datasets(tmp_path, _private_datasets_cache, dtype):
     repo = tmp_path / "tiny"
-    planted = _write_tiny_repo(repo, np.random.default_rng(0))
+    planted = _write_tiny_repo(repo, np.random.default_rng(0), dtype=dtype)
     front = _front_matter(planted["card"].read_text(encoding="utf-8"))
     assert front["task_categories"] == ["image-segmentation", "image-feature-extraction"]
     assert front["license"] == "cc0-1.0"
@@ -154,7 +160,7 @@ def test_every_config_in_the_card_loads_bit_exactly_with_datasets(tmp_path, _pri
                 np.testing.assert_array_equal(np.asarray(row["image"]), image)
                 np.testing.assert_array_equal(np.asarray(row["mask"]), mask)
         elif name.endswith("-prefix"):
-            assert ds.features == prefix_features(DIM)
+            assert ds.features == prefix_features(DIM, dtype)
             table = ds.with_format("numpy")[:]
             for i, ((layer, norm), toks) in enumerate(planted["prefix"].items()):
                 block = slice(i * 4, (i + 1) * 4)  # 2 images × 2 prefix tokens per view
@@ -166,9 +172,8 @@ def test_every_config_in_the_card_loads_bit_exactly_with_datasets(tmp_path, _pri
             weights = ds.with_format("numpy")[:]["weight"].reshape(planted["attention"].shape)
             np.testing.assert_array_equal(weights, planted["attention"])
         else:
-            assert ds.features == patch_features(DIM)
+            assert ds.features == patch_features(DIM, dtype)
             table = ds.with_format("numpy")[:]
-            assert table["embedding"].dtype == np.float32
             np.testing.assert_array_equal(table["embedding"].reshape(2, *GRID, DIM), planted["tokens"][name])
             np.testing.assert_array_equal(table["label"].reshape(2, *GRID), planted["labels"])
             rows, cols = np.divmod(np.arange(GRID[0] * GRID[1]), GRID[1])
@@ -200,7 +205,7 @@ def test_card_states_provenance_and_licences(tmp_path):
     row = next(line for line in body.splitlines() if line.startswith("| tiny\\_vit-L02-postnorm |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells == ["tiny\\_vit-L02-postnorm", "timm/tiny\\_vit.test", "0123abc", "2", "postnorm", "64 px",
-                     "16 px", "majority", "8", "24", str(planted["cards"][1].num_bytes), "apache-2.0"]
+                     "16 px", "majority", "float16[8]", "24", str(planted["cards"][1].num_bytes), "apache-2.0"]
     assert "- tiny\\_vit (timm/tiny\\_vit.test): apache-2.0" in body
     assert "under CC0-1.0" in body
 
@@ -274,7 +279,7 @@ def test_parquet_schema_carries_the_datasets_features(tmp_path):
     assert schema.remove_metadata().equals(patch_schema(DIM).remove_metadata())
     embedding = schema.field("embedding").type
     assert pa.types.is_fixed_size_list(embedding) and embedding.list_size == DIM
-    assert embedding.value_type == pa.float32()
+    assert embedding.value_type == pa.float16()
     assert features_from_schema(pq.read_schema(tmp_path / "images" / shard_name())) == image_features()
     assert features_from_schema(pq.read_schema(tmp_path / prefix_data_dir("tiny_vit") / shard_name())) \
         == prefix_features(DIM)
@@ -288,13 +293,14 @@ def test_parquet_schema_carries_the_datasets_features(tmp_path):
     np.testing.assert_array_equal(maps, planted["attention"])
 
 
-def test_row_groups_span_batches_and_the_writer_copies_what_it_keeps(tmp_path):
+@pytest.mark.parametrize("dtype", ["float16", "float32"])
+def test_row_groups_span_batches_and_the_writer_copies_what_it_keeps(tmp_path, dtype):
     rng = np.random.default_rng(5)
     ids = [f"i{n}" for n in range(5)]
     tokens = rng.standard_normal((5, *GRID, DIM)).astype(np.float32)
     labels = rng.integers(-1, 300, (5, *GRID))  # int64 labels beyond uint8 still fit int16
     path = tmp_path / "t.parquet"
-    with PatchTableWriter(path, DIM, row_group_rows=10) as writer:
+    with PatchTableWriter(path, DIM, row_group_rows=10, dtype=dtype) as writer:
         for i in range(5):
             batch = tokens[i:i + 1].copy()
             writer.write_batch(ids[i:i + 1], batch, labels[i:i + 1])
@@ -303,7 +309,8 @@ def test_row_groups_span_batches_and_the_writer_copies_what_it_keeps(tmp_path):
     assert [metadata.row_group(i).num_rows for i in range(metadata.num_row_groups)] == [10] * 6
     got_ids, got_tokens, got_labels = patch_grid(read_patch_table(path))
     assert got_ids == ids
-    np.testing.assert_array_equal(got_tokens, tokens)
+    assert got_tokens.dtype == np.float32  # analyses always get float32, whatever is stored
+    np.testing.assert_array_equal(got_tokens, tokens.astype(dtype).astype(np.float32))
     np.testing.assert_array_equal(got_labels, labels)
 
 
@@ -347,7 +354,7 @@ def test_patch_grid_finds_holes_and_duplicates(tmp_path):
     tokens = rng.standard_normal((3, *GRID, DIM)).astype(np.float32)
     labels = rng.integers(0, 5, (3, *GRID)).astype(np.int16)
     ids = ["z", "a", "m"]  # stored order, not sorted order, must come back
-    with PatchTableWriter(tmp_path / "ok.parquet", DIM) as writer:
+    with PatchTableWriter(tmp_path / "ok.parquet", DIM, dtype="float32") as writer:
         writer.write_batch(ids, tokens, labels)
     table = pq.read_table(tmp_path / "ok.parquet")
     got_ids, got_tokens, got_labels = patch_grid(read_patch_table(tmp_path / "ok.parquet"))

@@ -155,14 +155,32 @@ MODELS: dict[str, ModelEntry] = {
 DEFAULT_MODELS = ("dino_vits16", "dinov2_vits14_reg", "mae_vitb16", "random")
 
 
-def parameter_count(entry: ModelEntry) -> int:
-    """Parameters of the architecture, counted on the meta device (no memory, no weights)."""
+def _meta_model(entry: ModelEntry):
+    """The architecture built on the meta device: shapes only, no memory, no weights."""
     import timm
     import torch
 
     with torch.device("meta"):
-        model = timm.create_model(entry.architecture, pretrained=False, num_classes=0, **entry.create_kwargs())
-    return sum(p.numel() for p in model.parameters())
+        return timm.create_model(entry.architecture, pretrained=False, num_classes=0, **entry.create_kwargs())
+
+
+def parameter_count(entry: ModelEntry) -> int:
+    """Parameters of the architecture."""
+    return sum(p.numel() for p in _meta_model(entry).parameters())
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """The shapes of a model's tokens, known before (and without) its weights."""
+
+    depth: int
+    embed_dim: int
+    num_prefix_tokens: int
+
+
+def model_geometry(entry: ModelEntry) -> Geometry:
+    model = _meta_model(entry)
+    return Geometry(len(model.blocks), int(model.embed_dim), int(getattr(model, "num_prefix_tokens", 0)))
 
 
 def get_model_entry(name: str) -> ModelEntry:

@@ -150,6 +150,19 @@ class Manifest:
         self._entries.pop(key, None)
         self._updated_at.pop(key, None)
 
+    def merge(self, other: "Manifest") -> None:
+        """Take ``other``'s entries that this manifest lacks or holds in an older state.
+
+        Used to fold the manifests of a distributed run's workers into the main one: workers
+        record disjoint shards, so an entry is new, or the same as here, or newer than here.
+        """
+        for key, entry in other._entries.items():
+            theirs, ours = other._updated_at.get(key, ""), self._updated_at.get(key, "")
+            if key not in self._entries or theirs >= ours:
+                self._entries[key] = entry
+                if theirs:
+                    self._updated_at[key] = theirs
+
     def updated_at(self, key: str) -> str | None:
         return self._updated_at.get(key)
 

@@ -7,7 +7,10 @@ leaves the previous file (or none) untouched and no temporary file behind.
 Rows are gathered into a preallocated buffer of one row group and written when it is full, so
 row groups have a useful size whatever the batch size, memory per writer stays bounded, and the
 caller's arrays are free again as soon as ``write_batch`` returns. The buffer is handed to Arrow
-without copying: embeddings become a fixed-size list over the flat float32 buffer.
+without copying: embeddings become a fixed-size list over the flat float16/float32 buffer.
+
+A config's tokens may span several shard files (``train-00000-of-00003.parquet`` ...); the
+readers take one path or the list of a config's shards, in order.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence
+from typing import Iterable, Mapping, Sequence, Union
 
 import numpy as np
 import pyarrow as pa
@@ -24,7 +27,9 @@ import pyarrow.parquet as pq
 from generator.errors import PatchAtlasError
 from generator.store.atomic import atomic_path
 from generator.store.schema import (
+    DEFAULT_EMBEDDING_DTYPE,
     PREFIX_KINDS,
+    check_embedding_dtype,
     attention_schema,
     image_schema,
     patch_schema,
@@ -32,17 +37,21 @@ from generator.store.schema import (
 )
 
 # A row group of about this many bytes of embeddings: large enough to compress well and to
-# amortise the page index, small enough that a few dozen open writers fit in memory.
+# amortise the page index, small enough that a few dozen open writers fit in memory, and far
+# below the 100 MB the Hub's dataset viewer reads at once.
 ROW_GROUP_BYTES = 32 * 1024 * 1024
 MIN_ROW_GROUP_ROWS = 1024
 MAX_ROW_GROUP_ROWS = 128 * 1024
 IMAGES_PER_ROW_GROUP = 64
 _INT16 = np.iinfo(np.int16)
+_FLOAT16_MAX = float(np.finfo(np.float16).max)
+PathOrPaths = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
 
 
-def default_row_group_rows(dim: int) -> int:
+def default_row_group_rows(dim: int, dtype: str = DEFAULT_EMBEDDING_DTYPE) -> int:
     """Rows per row group for embeddings of width ``dim`` (about ``ROW_GROUP_BYTES`` each)."""
-    return int(np.clip(ROW_GROUP_BYTES // (4 * max(dim, 1)), MIN_ROW_GROUP_ROWS, MAX_ROW_GROUP_ROWS))
+    itemsize = np.dtype(check_embedding_dtype(dtype)).itemsize
+    return int(np.clip(ROW_GROUP_BYTES // (itemsize * max(dim, 1)), MIN_ROW_GROUP_ROWS, MAX_ROW_GROUP_ROWS))
 
 
 def _parquet_options(dictionary_columns: Sequence[str]) -> dict:
@@ -198,12 +207,19 @@ def _check_ids(path: Path, image_ids: Sequence[str], batch: int) -> np.ndarray:
     return ids
 
 
-def _check_tokens(path: Path, tokens: np.ndarray, ndim: int, dim: int, what: str) -> np.ndarray:
+def _check_tokens(path: Path, tokens: np.ndarray, ndim: int, dim: int, what: str, dtype: str) -> np.ndarray:
     tokens = np.asarray(tokens)
     if tokens.ndim != ndim or tokens.shape[-1] != dim or not np.issubdtype(tokens.dtype, np.floating):
         raise PatchAtlasError(
             f"{path}: {what} of shape {tokens.shape} and dtype {tokens.dtype} does not fit a table of "
-            f"float32 embeddings of dimension {dim}")
+            f"{dtype} embeddings of dimension {dim}")
+    if dtype == "float16" and tokens.dtype != np.float16 and tokens.size:
+        # A value beyond float16's range would be stored as inf: refuse instead of corrupting it.
+        peak = float(np.abs(tokens).max())
+        if peak > _FLOAT16_MAX:
+            raise PatchAtlasError(
+                f"{path}: {what} reach |{peak:.4g}|, beyond float16's range (±{_FLOAT16_MAX:.0f}); "
+                f"write this model's embeddings as float32 (--embedding-dtype float32)")
     return tokens
 
 
@@ -219,14 +235,16 @@ def _check_int16(path: Path, name: str, values: np.ndarray) -> np.ndarray:
 class PatchTableWriter(TableWriter):
     """Rows of (image_id, row, col, label, embedding), row-major within each image."""
 
-    def __init__(self, path: str | os.PathLike, dim: int, *, row_group_rows: int | None = None):
-        super().__init__(path, patch_schema(dim), row_group_rows=row_group_rows or default_row_group_rows(dim),
+    def __init__(self, path: str | os.PathLike, dim: int, *, dtype: str = DEFAULT_EMBEDDING_DTYPE,
+                 row_group_rows: int | None = None):
+        super().__init__(path, patch_schema(dim, dtype),
+                         row_group_rows=row_group_rows or default_row_group_rows(dim, dtype),
                          dictionary_columns=("image_id",))
-        self.dim = dim
+        self.dim, self.dtype = dim, dtype
 
     def write_batch(self, image_ids: Sequence[str], tokens: np.ndarray, labels: np.ndarray) -> None:
         """``tokens`` [B, gh, gw, D] floating, ``labels`` [B, gh, gw] integer: one row per patch."""
-        tokens = _check_tokens(self.path, tokens, 4, self.dim, "tokens")
+        tokens = _check_tokens(self.path, tokens, 4, self.dim, "tokens", self.dtype)
         batch, gh, gw, dim = tokens.shape
         labels = np.asarray(labels)
         if labels.shape != (batch, gh, gw):
@@ -250,16 +268,18 @@ class PatchTableWriter(TableWriter):
 class PrefixTableWriter(TableWriter):
     """Rows of (image_id, layer, norm, token_index, kind, embedding) for CLS and register tokens."""
 
-    def __init__(self, path: str | os.PathLike, dim: int, *, row_group_rows: int | None = None):
+    def __init__(self, path: str | os.PathLike, dim: int, *, dtype: str = DEFAULT_EMBEDDING_DTYPE,
+                 row_group_rows: int | None = None):
         # norm and kind repeat a handful of values, so they get dictionaries too.
-        super().__init__(path, prefix_schema(dim), row_group_rows=row_group_rows or default_row_group_rows(dim),
+        super().__init__(path, prefix_schema(dim, dtype),
+                         row_group_rows=row_group_rows or default_row_group_rows(dim, dtype),
                          dictionary_columns=("image_id", "norm", "kind"))
-        self.dim = dim
+        self.dim, self.dtype = dim, dtype
 
     def write_batch(self, image_ids: Sequence[str], layer: int, norm: str, tokens: np.ndarray,
                     kinds: Sequence[str]) -> None:
         """``tokens`` [B, P, D]: the P prefix tokens of each image, ``kinds[p]`` naming token p."""
-        tokens = _check_tokens(self.path, tokens, 3, self.dim, "prefix tokens")
+        tokens = _check_tokens(self.path, tokens, 3, self.dim, "prefix tokens", self.dtype)
         batch, count, dim = tokens.shape
         kinds = list(kinds)
         if len(kinds) != count or any(k not in PREFIX_KINDS for k in kinds):
@@ -324,6 +344,61 @@ def _image_rows_table(path: Path, rows: list[dict], schema: pa.Schema) -> pa.Tab
     ], schema=schema)
 
 
+def write_images_shards(folder: str | os.PathLike, rows: Iterable[dict], shard_bytes: int) -> list[Path]:
+    """Images and masks in shards of at most about ``shard_bytes`` of PNG, in the given order.
+
+    Encoded sizes are known only as rows arrive, so shards are filled one after another under
+    provisional names and given their final ``train-0000k-of-0000N`` names once N is known.
+    Any other Parquet file in ``folder`` (shards of an earlier, larger run) is removed last.
+    """
+    from generator.store.repo import shard_name
+
+    folder = Path(folder)
+    parts: list[Path] = []
+    schema = image_schema()
+    chunk: list[dict] = []
+    writer: TableWriter | None = None
+    filled = 0
+
+    def flush() -> None:
+        nonlocal chunk
+        if chunk:
+            writer.write_table(_image_rows_table(folder, chunk, schema))
+            chunk = []
+
+    try:
+        for row in rows:
+            size = len(row.get("image_png") or b"") + len(row.get("mask_png") or b"")
+            if writer is not None and filled and filled + size > shard_bytes:
+                flush()
+                writer.close()
+                writer = None
+            if writer is None:
+                parts.append(folder / f".part-{len(parts):05d}.parquet")
+                writer = TableWriter(parts[-1], schema, row_group_rows=IMAGES_PER_ROW_GROUP)
+                filled = 0
+            chunk.append(row)
+            filled += size
+            if len(chunk) == IMAGES_PER_ROW_GROUP:
+                flush()
+        if writer is None:
+            raise PatchAtlasError(f"{folder}: no images to write")
+        flush()
+        writer.close()
+    except BaseException as err:
+        if writer is not None:
+            writer.abort(err)
+        for part in parts:
+            part.unlink(missing_ok=True)
+        raise
+    final = [folder / shard_name(i, len(parts)) for i in range(len(parts))]
+    for part, path in zip(parts, final):
+        os.replace(part, path)
+    for stale in set(folder.glob("*.parquet")) - set(final):
+        stale.unlink()
+    return final
+
+
 def write_images_table(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
     """Images and masks as encoded PNG bytes (``datasets.Image`` cells), in the given order.
 
@@ -343,8 +418,16 @@ def write_images_table(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
     return path
 
 
-def _read(path: str | os.PathLike, required: Mapping[str, pa.DataType], what: str) -> pa.Table:
-    path = Path(path)
+def _as_paths(paths: PathOrPaths) -> list[Path]:
+    if isinstance(paths, (str, os.PathLike)):
+        return [Path(paths)]
+    paths = [Path(p) for p in paths]
+    if not paths:
+        raise PatchAtlasError("no table files given; rerun `patchatlas extract` for this output folder")
+    return paths
+
+
+def _read_one(path: Path, required: Mapping[str, pa.DataType], what: str) -> pa.Table:
     if not path.is_file():
         raise PatchAtlasError(f"{path}: {what} not found; rerun `patchatlas extract` for this output folder")
     try:
@@ -358,10 +441,23 @@ def _read(path: str | os.PathLike, required: Mapping[str, pa.DataType], what: st
     return table
 
 
-def read_images_table(path: str | os.PathLike) -> list[dict]:
+def _read(paths: PathOrPaths, required: Mapping[str, pa.DataType], what: str) -> tuple[pa.Table, Path]:
+    """The shards of one table, concatenated in order, and the path errors should name."""
+    paths = _as_paths(paths)
+    tables = [_read_one(p, required, what) for p in paths]
+    first = tables[0].schema.remove_metadata()
+    for path, table in zip(paths[1:], tables[1:]):
+        if not table.schema.remove_metadata().equals(first):
+            raise PatchAtlasError(f"{path}: its schema differs from {paths[0]}'s; the shards come from different "
+                                  f"runs. Delete the folder and rerun `patchatlas extract`")
+    name = paths[0] if len(paths) == 1 else paths[0].parent
+    return (tables[0] if len(tables) == 1 else pa.concat_tables(tables)), name
+
+
+def read_images_table(path: PathOrPaths) -> list[dict]:
     """Rows of (image_id, image_png, mask_png, width, height) in stored order."""
     schema = image_schema()
-    table = _read(path, {f.name: f.type for f in schema}, "images table")
+    table, _ = _read(path, {f.name: f.type for f in schema}, "images table")
     return [{"image_id": r["image_id"], "image_png": r["image"]["bytes"], "mask_png": r["mask"]["bytes"],
              "width": r["width"], "height": r["height"]} for r in table.to_pylist()]
 
@@ -374,21 +470,21 @@ class PatchTable:
     rows: np.ndarray  # [N] int16
     cols: np.ndarray  # [N] int16
     labels: np.ndarray  # [N] int16
-    embeddings: np.ndarray  # [N, D] float32; a read-only view of Arrow memory when stored as one row group
-    path: Path
+    embeddings: np.ndarray  # [N, D] float32; a read-only view of Arrow memory for one float32 row group
+    path: Path  # the file, or the folder of a config's shards
 
 
 def _fixed_size_values(path: Path, column: pa.ChunkedArray) -> np.ndarray:
-    """[N, D] float32 values of a fixed-size-list column.
+    """[N, D] float32 values of a fixed-size-list column of float16 or float32.
 
-    One chunk is viewed in place (read-only Arrow memory); several chunks (one per row group)
-    are copied once into one writable array.
+    One float32 chunk is viewed in place (read-only Arrow memory); several chunks (one per row
+    group) or float16 values are converted once into one writable float32 array.
     """
     if column.null_count:
         raise PatchAtlasError(f"{path}: {column.null_count} null embeddings; delete the file and rerun extract")
     dim = column.type.list_size
     chunks = [chunk.flatten() for chunk in column.chunks]  # flatten honours slice offsets
-    if len(chunks) == 1:
+    if len(chunks) == 1 and column.type.value_type == pa.float32():
         return chunks[0].to_numpy(zero_copy_only=True).reshape(-1, dim)
     values = np.empty((len(column), dim), dtype=np.float32)
     start = 0
@@ -399,15 +495,16 @@ def _fixed_size_values(path: Path, column: pa.ChunkedArray) -> np.ndarray:
     return values
 
 
-def read_patch_table(path: str | os.PathLike) -> PatchTable:
-    path = Path(path)
+def read_patch_table(path: PathOrPaths) -> PatchTable:
+    """One patch table, or a config's shards in order, with embeddings as float32."""
     expected = patch_schema(1)
     required = {f.name: f.type for f in expected if f.name != "embedding"}
-    table = _read(path, required, "patch table")
+    table, path = _read(path, required, "patch table")
     embedding = table.schema.field("embedding").type if "embedding" in table.column_names else None
-    if embedding is None or not pa.types.is_fixed_size_list(embedding) or embedding.value_type != pa.float32():
+    if embedding is None or not pa.types.is_fixed_size_list(embedding) \
+            or embedding.value_type not in (pa.float16(), pa.float32()):
         raise PatchAtlasError(f"{path}: not a patch table: column 'embedding' should be "
-                              f"fixed_size_list<float32>, found {embedding or 'missing'}")
+                              f"fixed_size_list<float16 or float32>, found {embedding or 'missing'}")
     return PatchTable(
         image_ids=table.column("image_id").to_numpy(zero_copy_only=False),
         rows=table.column("row").to_numpy(), cols=table.column("col").to_numpy(),
@@ -460,9 +557,9 @@ def patch_grid(table: PatchTable) -> tuple[list[str], np.ndarray, np.ndarray]:
     return ids, tokens, labels
 
 
-def read_attention_table(path: str | os.PathLike) -> tuple[list[str], np.ndarray]:
-    """(image ids in stored order, CLS attention maps [n, heads, gh, gw])."""
-    table = _read(path, {f.name: f.type for f in attention_schema()}, "attention table")
+def read_attention_table(path: PathOrPaths) -> tuple[list[str], np.ndarray]:
+    """(image ids in stored order, CLS attention maps [n, heads, gh, gw]) of one table or its shards."""
+    table, path = _read(path, {f.name: f.type for f in attention_schema()}, "attention table")
     if table.num_rows == 0:
         raise PatchAtlasError(f"{path}: the attention table has no rows; rerun extract")
     ids, image_index = _first_seen_codes(table.column("image_id").to_numpy(zero_copy_only=False))

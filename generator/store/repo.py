@@ -108,6 +108,7 @@ class ConfigCardInfo:
     num_rows: int
     num_bytes: int
     license: str
+    dtype: str = "float16"  # of the embedding column
 
 
 def yaml_str(value) -> markupsafe.Markup:

@@ -8,9 +8,13 @@ embeddings exactly instead of guessing them from the Arrow types.
 Tables:
 
 - patches: ``image_id`` string, ``row`` / ``col`` / ``label`` int16,
-  ``embedding`` fixed_size_list<float32>[D]
+  ``embedding`` fixed_size_list<float16 | float32>[D]
 - prefix (CLS and register tokens): ``image_id``, ``layer`` int16, ``norm`` string,
-  ``token_index`` int16, ``kind`` string (``cls`` | ``register``), ``embedding`` float32[D]
+  ``token_index`` int16, ``kind`` string (``cls`` | ``register``), ``embedding`` float16/32[D]
+
+Embeddings are float16 by default: half the bytes to write, push and download, read back
+exactly by ``datasets``, DuckDB and polars (tests/test_store.py checks all three), and within
+the bf16 precision the encoders run at on GPUs. float32 stays available for exact CPU tokens.
 - attention (last block, CLS → patch): ``image_id``, ``head`` / ``row`` / ``col`` int16,
   ``weight`` float32
 - images: ``image_id``, ``image`` and ``mask`` (``datasets.Image``: struct {bytes, path}),
@@ -28,6 +32,8 @@ from generator.errors import PatchAtlasError
 
 HF_METADATA_KEY = b"huggingface"
 PREFIX_KINDS = ("cls", "register")
+EMBEDDING_DTYPES = ("float16", "float32")
+DEFAULT_EMBEDDING_DTYPE = "float16"
 
 
 def _check_dim(dim: int) -> int:
@@ -36,23 +42,29 @@ def _check_dim(dim: int) -> int:
     return dim
 
 
-def _embedding(dim: int) -> datasets.List:
+def check_embedding_dtype(dtype: str) -> str:
+    if dtype not in EMBEDDING_DTYPES:
+        raise PatchAtlasError(f"embedding dtype {dtype!r}: expected one of {', '.join(EMBEDDING_DTYPES)}")
+    return dtype
+
+
+def _embedding(dim: int, dtype: str) -> datasets.List:
     # A List with a length is what datasets maps to Arrow's fixed_size_list.
-    return datasets.List(datasets.Value("float32"), length=_check_dim(dim))
+    return datasets.List(datasets.Value(check_embedding_dtype(dtype)), length=_check_dim(dim))
 
 
-def patch_features(dim: int) -> datasets.Features:
+def patch_features(dim: int, dtype: str = DEFAULT_EMBEDDING_DTYPE) -> datasets.Features:
     """One row per patch: where it is, its ground-truth label, its token."""
     return datasets.Features({
         "image_id": datasets.Value("string"),
         "row": datasets.Value("int16"),
         "col": datasets.Value("int16"),
         "label": datasets.Value("int16"),
-        "embedding": _embedding(dim),
+        "embedding": _embedding(dim, dtype),
     })
 
 
-def prefix_features(dim: int) -> datasets.Features:
+def prefix_features(dim: int, dtype: str = DEFAULT_EMBEDDING_DTYPE) -> datasets.Features:
     """One row per prefix token (CLS, registers) per image, layer and view."""
     return datasets.Features({
         "image_id": datasets.Value("string"),
@@ -60,7 +72,7 @@ def prefix_features(dim: int) -> datasets.Features:
         "norm": datasets.Value("string"),
         "token_index": datasets.Value("int16"),
         "kind": datasets.Value("string"),
-        "embedding": _embedding(dim),
+        "embedding": _embedding(dim, dtype),
     })
 
 
@@ -93,12 +105,12 @@ def arrow_schema(features: datasets.Features) -> pa.Schema:
     return features.arrow_schema.with_metadata({HF_METADATA_KEY: payload.encode("utf-8")})
 
 
-def patch_schema(dim: int) -> pa.Schema:
-    return arrow_schema(patch_features(dim))
+def patch_schema(dim: int, dtype: str = DEFAULT_EMBEDDING_DTYPE) -> pa.Schema:
+    return arrow_schema(patch_features(dim, dtype))
 
 
-def prefix_schema(dim: int) -> pa.Schema:
-    return arrow_schema(prefix_features(dim))
+def prefix_schema(dim: int, dtype: str = DEFAULT_EMBEDDING_DTYPE) -> pa.Schema:
+    return arrow_schema(prefix_features(dim, dtype))
 
 
 def attention_schema() -> pa.Schema:
