@@ -32,8 +32,8 @@ from generator.figures.palette import PALETTE, colorize
 from generator.figures.plots import heatmap_rgb, histogram_png, line_chart_png, stacked_bars_png
 from generator.models.registry import MODELS, get_model_entry
 from generator.store.manifest import Manifest
-from generator.store.parquet import read_images_table
-from generator.store.repo import IMAGES_CONFIG, shard_name
+from generator.store.parquet import read_first_images
+from generator.store.repo import IMAGES_CONFIG
 
 # Characters that would start Markdown or HTML syntax when they come from data (names, labels).
 _MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+!|~])")
@@ -165,7 +165,7 @@ class SourceFigures:
         self.assets = Path("assets") / self.name
         self.ignore_index = source["ignore_index"]
         repo = out / "datasets" / self.name
-        self.images = read_images_table(repo / IMAGES_CONFIG / shard_name())[: options.gallery_images]
+        self.images = read_first_images(repo / IMAGES_CONFIG, options.gallery_images)
         self.ids = [img["image_id"] for img in self.images]
         self.base_rows = []
         self.sizes = {}

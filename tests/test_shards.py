@@ -237,3 +237,24 @@ def test_a_build_killed_after_n_shards_resumes_to_the_same_bytes(reference, ckpt
     for rel, before in finished.items():
         after = (out / "datasets/synthetic-scenes" / rel).stat()
         assert (after.st_ino, after.st_mtime_ns) == (before.st_ino, before.st_mtime_ns), f"{rel} was rewritten"
+
+
+def test_a_build_killed_while_analysing_resumes_to_the_same_results(ckpt, tmp_path):
+    reference, out = tmp_path / "reference", tmp_path / "out"
+    args = lambda o: _args(o, ckpt, command="build") + ["--no-html", "--k", "2,4"]  # noqa: E731
+    _run(args(reference))
+    proc = subprocess.Popen([sys.executable, str(TESTS / "tiny_cli.py"), *args(out)], env=_env(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 300
+    while proc.poll() is None and time.monotonic() < deadline and not any(
+            (out / "results").rglob("*.json") if (out / "results").exists() else ()):
+        time.sleep(0.002)
+    assert proc.poll() is None, "the build ended before it could be killed while analysing"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=60)
+
+    _run(args(out))
+    published = {k: v for k, v in _published(out).items() if not k.startswith("docs/")}
+    expected = {k: v for k, v in _published(reference).items() if not k.startswith("docs/")}
+    assert published == expected
+    assert _entries(out) == _entries(reference)

@@ -462,6 +462,19 @@ def read_images_table(path: PathOrPaths) -> list[dict]:
              "width": r["width"], "height": r["height"]} for r in table.to_pylist()]
 
 
+def read_first_images(folder: str | os.PathLike, count: int) -> list[dict]:
+    """The first ``count`` rows of a folder of images shards, reading no more shards than needed."""
+    shards = sorted(Path(folder).glob("train-*.parquet"))
+    if not shards:
+        raise PatchAtlasError(f"{folder}: no images table found; rerun `patchatlas extract` for this output folder")
+    rows: list[dict] = []
+    for shard in shards:
+        if len(rows) >= count:
+            break
+        rows += read_images_table(shard)
+    return rows[:count]
+
+
 @dataclass
 class PatchTable:
     """A patch table in memory: one entry per row, in stored order."""
