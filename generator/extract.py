@@ -265,10 +265,12 @@ def extract_shard(source: SegmentationSource, encoder: Encoder, layers: list[int
                                                    desc=desc, unit="batch"):
             labels = grid_labels(masks, encoder, options.label_rule, source.ignore_index)
             pixels = encoder.preprocess(pixels_uint8)
-            batch = encoder.tokens(pixels, layers, options.norms)
+            if options.last_block_attention:
+                batch, attention = encoder.tokens_and_attention(pixels, layers, options.norms)
+            else:
+                batch = encoder.tokens(pixels, layers, options.norms)
             tokens = {key: toks.patch for key, toks in batch.layers.items()}
             if options.last_block_attention:
-                attention = encoder.attention(pixels)
                 tokens.update({(encoder.depth, view): t for view, t in attention.views.items()})
                 if attention_writer is not None:
                     attention_writer.write_batch(image_ids, attention.cls_maps.cpu().numpy())

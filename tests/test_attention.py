@@ -218,3 +218,36 @@ def test_jaccard_against_set_arithmetic():
     empty = torch.zeros(2, GH, GW, dtype=torch.bool)
     per_mask, mean = jaccard(torch.stack([a[0], empty[0]]), torch.stack([a[0], empty[0]]))
     assert per_mask[0] == 1.0 and np.isnan(per_mask[1]) and mean == 1.0
+
+
+@pytest.mark.parametrize("layers", [[1, 2], [1]])
+@pytest.mark.parametrize("arch, kwargs", [
+    ("vit_tiny_patch16_224", {"depth": 2, "img_size": 64}),
+    ("vit_small_patch16_dinov3", {"depth": 2, "img_size": 64, "embed_dim": 64, "num_heads": 2}),
+])
+def test_one_pass_tokens_and_attention_equal_two_passes(arch, kwargs, layers):
+    """Extraction reads layer tokens and last-block attention from one forward pass; it must
+    give exactly what the separate token pass and attention pass give, even when the last
+    layer's tokens are not asked for."""
+    from generator.models.encoder import Encoder, WeightsInfo
+    from generator.models.registry import ModelEntry
+
+    torch.manual_seed(0)
+    model = timm.create_model(arch, pretrained=False, num_classes=0, **kwargs).eval()
+    prefix = int(model.num_prefix_tokens)
+    entry = ModelEntry("one_pass", arch, "random", 16, 64, 64, prefix, pretrained=False,
+                       num_registers=prefix - 1, model_kwargs=kwargs)
+    encoder = Encoder(entry, model, WeightsInfo("random-init", "test", ""))
+    pixels = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(1))
+    tokens, attention = encoder.tokens_and_attention(pixels, layers, ["prenorm", "postnorm"])
+    separate_tokens = encoder.tokens(pixels, layers, ["prenorm", "postnorm"])
+    separate_attention = encoder.attention(pixels)
+    assert set(tokens.layers) == {(layer, norm) for layer in layers for norm in ("prenorm", "postnorm")}
+    for key, toks in separate_tokens.layers.items():
+        torch.testing.assert_close(tokens.layers[key].patch, toks.patch, rtol=0, atol=0)
+        torch.testing.assert_close(tokens.layers[key].prefix, toks.prefix, rtol=0, atol=0)
+    torch.testing.assert_close(attention.cls_maps, separate_attention.cls_maps, rtol=0, atol=0)
+    for view in ("queries", "keys", "values"):
+        torch.testing.assert_close(attention.views[view], separate_attention.views[view], rtol=0, atol=0)
+    # The model is left as it was: a later plain pass records nothing and still works.
+    assert "forward" not in vars(model.blocks[-1].attn)

@@ -14,8 +14,10 @@ Pure model side, no I/O: a module and pixels in, tensors out.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -23,7 +25,7 @@ from torch.overrides import TorchFunctionMode
 
 from generator.errors import PatchAtlasError
 
-__all__ = ["AttentionOutput", "last_block_attention"]
+__all__ = ["AttentionOutput", "attention_output", "capture_last_block_attention", "last_block_attention"]
 
 
 @dataclass
@@ -99,23 +101,13 @@ def _grid(model: torch.nn.Module, pixels: torch.Tensor) -> tuple[int, int]:
     return height // ph, width // pw
 
 
-@torch.no_grad()
-def last_block_attention(model: torch.nn.Module, pixels: torch.Tensor) -> AttentionOutput:
-    """Attention weights and q, k, v of the last transformer block of a timm ViT.
-
-    ``pixels`` [B, 3, H, W] are already preprocessed for the model, which must be in eval
-    mode. The whole ``forward_features`` pass runs (under whatever autocast the caller has
-    set); only the last block's attention call is intercepted, and the model's settings are
-    restored afterwards.
-    Works for timm's VisionTransformer and Eva (DINOv3, EVA-02) attention modules.
-    """
+def _check_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The last block's attention module, after checking the model is a timm ViT in eval mode."""
     blocks = getattr(model, "blocks", None)
     if blocks is None or len(blocks) == 0 or not hasattr(blocks[-1], "attn"):
         raise PatchAtlasError(
             f"{type(model).__name__} has no transformer blocks with an 'attn' module; expected a timm ViT"
         )
-    if not isinstance(pixels, torch.Tensor) or pixels.ndim != 4:
-        raise PatchAtlasError(f"pixels must be a tensor [B, 3, H, W], got {getattr(pixels, 'shape', type(pixels))}")
     if model.training:
         raise PatchAtlasError(
             f"{type(model).__name__} is in training mode, where attention dropout would make the "
@@ -127,7 +119,17 @@ def last_block_attention(model: torch.nn.Module, pixels: torch.Tensor) -> Attent
             f"{type(attn_module).__name__} is not a timm attention module with a fused path; "
             "last_block_attention cannot read its weights"
         )
+    return attn_module
 
+
+@contextlib.contextmanager
+def capture_last_block_attention(model: torch.nn.Module) -> Iterator[_CaptureAttention]:
+    """While active, any forward pass through the model records its last block's attention.
+
+    The caller runs the forward it needs anyway (e.g. ``forward_intermediates`` for the layer
+    tokens), so the attention costs no second pass; :func:`attention_output` reads the record.
+    """
+    attn_module = _check_model(model)
     capture = _CaptureAttention()
     original_forward = attn_module.forward
     original_fused = attn_module.fused_attn
@@ -139,11 +141,14 @@ def last_block_attention(model: torch.nn.Module, pixels: torch.Tensor) -> Attent
     attn_module.fused_attn = True  # the unfused path computes the weights but never calls sdpa
     attn_module.forward = forward_with_capture
     try:
-        model.forward_features(pixels)
+        yield capture
     finally:
         del attn_module.forward  # the class's forward shows through again
         attn_module.fused_attn = original_fused
 
+
+def attention_output(model: torch.nn.Module, pixels: torch.Tensor, capture: _CaptureAttention) -> AttentionOutput:
+    """What one forward pass of ``pixels`` under :func:`capture_last_block_attention` recorded."""
     if len(capture.calls) != 1:
         raise PatchAtlasError(
             f"the last block of {type(model).__name__} made {len(capture.calls)} attention calls, "
@@ -159,3 +164,21 @@ def last_block_attention(model: torch.nn.Module, pixels: torch.Tensor) -> Attent
             f"{grid[0]}×{grid[1]} patch grid make {num_prefix + grid[0] * grid[1]}"
         )
     return AttentionOutput(attn=weights, q=q, k=k, v=v, num_prefix_tokens=num_prefix, grid=grid)
+
+
+@torch.no_grad()
+def last_block_attention(model: torch.nn.Module, pixels: torch.Tensor) -> AttentionOutput:
+    """Attention weights and q, k, v of the last transformer block of a timm ViT.
+
+    ``pixels`` [B, 3, H, W] are already preprocessed for the model, which must be in eval
+    mode. The whole ``forward_features`` pass runs (under whatever autocast the caller has
+    set); only the last block's attention call is intercepted, and the model's settings are
+    restored afterwards.
+    Works for timm's VisionTransformer and Eva (DINOv3, EVA-02) attention modules.
+    """
+    _check_model(model)
+    if not isinstance(pixels, torch.Tensor) or pixels.ndim != 4:
+        raise PatchAtlasError(f"pixels must be a tensor [B, 3, H, W], got {getattr(pixels, 'shape', type(pixels))}")
+    with capture_last_block_attention(model) as capture:
+        model.forward_features(pixels)
+    return attention_output(model, pixels, capture)

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from generator.errors import PatchAtlasError, WeightsUnavailable
-from generator.models.attention import last_block_attention
+from generator.models.attention import attention_output, capture_last_block_attention, last_block_attention
 from generator.models.checkpoints import create_model_from_checkpoint
 from generator.models.registry import ModelEntry
 
@@ -146,11 +146,25 @@ class Encoder:
     def tokens(self, pixels: torch.Tensor, layers: Sequence[int],
                norms: Sequence[str] = NORMS) -> TokenBatch:
         """Patch and prefix tokens of the given 1-based layers, in float32."""
+        return self._forward(pixels, layers, norms, attention=False)[0]
+
+    @torch.inference_mode()
+    def tokens_and_attention(self, pixels: torch.Tensor, layers: Sequence[int],
+                             norms: Sequence[str] = NORMS) -> tuple[TokenBatch, "AttentionBatch"]:
+        """``tokens`` and ``attention`` from one forward pass (the last block's attention is
+        recorded on the way; the pass runs to the last block even when it is not asked for)."""
+        return self._forward(pixels, layers, norms, attention=True)
+
+    def _forward(self, pixels: torch.Tensor, layers: Sequence[int], norms: Sequence[str],
+                 attention: bool) -> tuple[TokenBatch, "AttentionBatch | None"]:
         for norm in norms:
             if norm not in NORMS:
                 raise PatchAtlasError(f"norm {norm!r}: expected one of {', '.join(NORMS)}")
         indices = [layer - 1 for layer in layers]
-        with self._autocast():
+        if attention and self.depth - 1 not in indices:
+            indices.append(self.depth - 1)  # the pass must reach the last block's attention
+        capture = capture_last_block_attention(self.model) if attention else contextlib.nullcontext()
+        with capture as recorded, self._autocast():
             outputs = self.model.forward_intermediates(
                 pixels, indices=indices, norm=False, return_prefix_tokens=True,
                 output_fmt="NLC", intermediates_only=True,
@@ -173,24 +187,29 @@ class Encoder:
                     patch=p.float().reshape(batch, grid[0], grid[1], -1),
                     prefix=q.float(),
                 )
-        return TokenBatch(grid=grid, layers=result)
+        tokens = TokenBatch(grid=grid, layers=result)
+        return tokens, (_attention_batch(attention_output(self.model, pixels, recorded)) if attention else None)
 
     @torch.inference_mode()
     def attention(self, pixels: torch.Tensor) -> AttentionBatch:
         """The last block's CLS attention maps and its q/k/v of the patch tokens, in float32."""
         with self._autocast():
             out = last_block_attention(self.model, pixels)
-        batch = pixels.shape[0]
-        gh, gw = out.grid
-        prefix = out.num_prefix_tokens
+        return _attention_batch(out)
 
-        def patches(x: torch.Tensor) -> torch.Tensor:  # [B, heads, N, hd] → [B, gh, gw, heads·hd]
-            return x[:, :, prefix:].permute(0, 2, 1, 3).reshape(batch, gh, gw, -1).float()
 
-        # Row 0 is the CLS query; its weights on the patch keys form one map per head.
-        cls_maps = out.attn[:, :, 0, prefix:].float().reshape(batch, -1, gh, gw) if prefix >= 1 else None
-        return AttentionBatch(cls_maps=cls_maps, views={"queries": patches(out.q), "keys": patches(out.k),
-                                                         "values": patches(out.v)})
+def _attention_batch(out) -> "AttentionBatch":
+    batch = out.q.shape[0]
+    gh, gw = out.grid
+    prefix = out.num_prefix_tokens
+
+    def patches(x: torch.Tensor) -> torch.Tensor:  # [B, heads, N, hd] → [B, gh, gw, heads·hd]
+        return x[:, :, prefix:].permute(0, 2, 1, 3).reshape(batch, gh, gw, -1).float()
+
+    # Row 0 is the CLS query; its weights on the patch keys form one map per head.
+    cls_maps = out.attn[:, :, 0, prefix:].float().reshape(batch, -1, gh, gw) if prefix >= 1 else None
+    return AttentionBatch(cls_maps=cls_maps, views={"queries": patches(out.q), "keys": patches(out.k),
+                                                     "values": patches(out.v)})
 
 
 @dataclass
