@@ -21,6 +21,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from generator import __version__
+from generator.concurrency import BackgroundCalls, prefetched
 from generator.errors import PatchAtlasError, WeightsUnavailable
 from generator.models.encoder import NORMS, QKV_VIEWS, Encoder, load_encoder, resolve_layers
 from generator.models.registry import Geometry, ModelEntry, get_model_entry, model_geometry
@@ -250,7 +251,13 @@ def extract_shard(source: SegmentationSource, encoder: Encoder, layers: list[int
     views = table_paths(entry.name, encoder.depth, encoder.num_prefix_tokens, layers, options, shard.file_name)
     patch_views, prefix_rel, attention_rel = views["patches"], views["prefix"], views["attention"]
     images = source.dataset.select(range(shard.start, shard.stop))
-    # ExitStack hands an exception to every writer, so none of them renames a partial file.
+
+    def labelled(batches):  # runs on the prefetch thread: decoding and labels overlap the model
+        for image_ids, pixels_uint8, masks in batches:
+            yield image_ids, pixels_uint8, grid_labels(masks, encoder, options.label_rule, source.ignore_index)
+
+    # ExitStack hands an exception to every writer, so none of them renames a partial file; the
+    # background writer is entered last, so it is drained (or stopped) before the files close.
     with contextlib.ExitStack() as stack:
         # q/k/v concatenate the heads: heads × head_dim, the embedding width in timm ViTs.
         writers = {key: stack.enter_context(PatchTableWriter(repo / rel, dim, dtype=dtype))
@@ -258,32 +265,38 @@ def extract_shard(source: SegmentationSource, encoder: Encoder, layers: list[int
         prefix_writer = (stack.enter_context(PrefixTableWriter(repo / prefix_rel, dim, dtype=dtype))
                          if prefix_rel else None)
         attention_writer = stack.enter_context(AttentionTableWriter(repo / attention_rel)) if attention_rel else None
-        batches = iter_batches(images, options.batch_size)
-        total = -(-len(images) // options.batch_size)
-        desc = f"{entry.name} on {source.name}" + (f" [{shard.index + 1}/{shard.total}]" if shard.total > 1 else "")
-        for image_ids, pixels_uint8, masks in tqdm(batches, total=total, disable=not options.progress,
-                                                   desc=desc, unit="batch"):
-            labels = grid_labels(masks, encoder, options.label_rule, source.ignore_index)
-            pixels = encoder.preprocess(pixels_uint8)
-            if options.last_block_attention:
-                batch, attention = encoder.tokens_and_attention(pixels, layers, options.norms)
-            else:
-                batch = encoder.tokens(pixels, layers, options.norms)
-            tokens = {key: toks.patch for key, toks in batch.layers.items()}
-            if options.last_block_attention:
-                tokens.update({(encoder.depth, view): t for view, t in attention.views.items()})
-                if attention_writer is not None:
-                    attention_writer.write_batch(image_ids, attention.cls_maps.cpu().numpy())
-            for (layer, view), patch in tokens.items():
-                patch = patch.cpu().numpy()
+        background = stack.enter_context(BackgroundCalls(depth=2))
+
+        def write(image_ids, labels, patches, prefixes, cls_maps):  # runs on the writer thread
+            for (layer, view), patch in patches.items():
                 if not np.isfinite(patch).all():
                     raise PatchAtlasError(
                         f"{entry.name} produced NaN/inf tokens at layer {layer} ({view}) on images "
                         f"{image_ids[0]}..{image_ids[-1]}; the weights or the inputs are broken")
                 writers[(layer, view)].write_batch(image_ids, patch, labels)
+            if attention_writer is not None:
+                attention_writer.write_batch(image_ids, cls_maps)
             if prefix_writer is not None:
-                for (layer, norm), toks in batch.layers.items():
-                    prefix_writer.write_batch(image_ids, layer, norm, toks.prefix.cpu().numpy(), kinds)
+                for (layer, norm), prefix in prefixes.items():
+                    prefix_writer.write_batch(image_ids, layer, norm, prefix, kinds)
+
+        batches = prefetched(labelled(iter_batches(images, options.batch_size)), depth=2)
+        total = -(-len(images) // options.batch_size)
+        desc = f"{entry.name} on {source.name}" + (f" [{shard.index + 1}/{shard.total}]" if shard.total > 1 else "")
+        for image_ids, pixels_uint8, labels in tqdm(batches, total=total, disable=not options.progress,
+                                                    desc=desc, unit="batch"):
+            pixels = encoder.preprocess(pixels_uint8)
+            if options.last_block_attention:
+                batch, attention = encoder.tokens_and_attention(pixels, layers, options.norms)
+            else:
+                batch, attention = encoder.tokens(pixels, layers, options.norms), None
+            patches = {key: toks.patch for key, toks in batch.layers.items()}
+            if attention is not None:
+                patches.update({(encoder.depth, view): t for view, t in attention.views.items()})
+            background.submit(
+                write, image_ids, labels, {key: t.cpu().numpy() for key, t in patches.items()},
+                {key: toks.prefix.cpu().numpy() for key, toks in batch.layers.items()},
+                attention.cls_maps.cpu().numpy() if attention is not None and attention_writer is not None else None)
     written = list(patch_views.values()) + [rel for rel in (prefix_rel, attention_rel) if rel]
     return {rel: file_sha256(repo / rel) for rel in written}
 
