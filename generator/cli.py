@@ -25,6 +25,12 @@ PRESETS = {
         "sources": "paper-cityscapes", "label_rule": "nearest", "layers": "all", "knn_k": 1,
         "knn_similarity": "dot",
     },
+    "paper-ade20k": {
+        # The same probe settings on ADE20K: train images from the training split, val images
+        # from the validation split, each at its own size.
+        "sources": "paper-ade20k", "label_rule": "nearest", "layers": "all", "knn_k": 1,
+        "knn_similarity": "dot",
+    },
 }
 
 

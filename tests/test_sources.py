@@ -367,7 +367,8 @@ def test_load_source_applies_params_over_defaults():
 def test_unknown_source_suggests_near_matches_and_lists_known_names():
     with pytest.raises(UnknownName, match=r"(?i)did you mean 'synthetic-scenes'") as err:
         load_source("synthetic-scene")
-    assert "Known sources: content-free, hub, local-folder, paper-cityscapes, synthetic-scenes" in str(err.value)
+    assert ("Known sources: content-free, hub, local-folder, paper-ade20k, paper-cityscapes, synthetic-scenes"
+            in str(err.value))
     with pytest.raises(UnknownName) as err:
         load_source("qqqq-zzzz")
     assert "did you mean" not in str(err.value).lower() and "synthetic-scenes" in str(err.value)

@@ -7,6 +7,8 @@ All pure functions over image ids (or ``(image_id, city)`` records) and arrays:
 - ``tile_256``: a 1024 x 2048 Cityscapes frame, zero-padded to a multiple of 256 if needed,
   cut into 256 x 256 tiles (4 x 8) and each tile resized to 224 (bicubic image, nearest mask).
 - ``ade20k_fewshot_split``: disjoint random train / val subsets of ADE20K ids.
+- ``ade20k_train_val_split``: ``n_train`` ids drawn from the ADE20K training split and
+  ``n_val`` from the validation split.
 
 Choices are seeded per city (from the seed and the city's name), so adding or dropping one
 city never changes the images picked in another, and the same seed always gives the same split.
@@ -134,6 +136,45 @@ def ade20k_fewshot_split(ids: Iterable[str], n_train: int, n_val: int, seed: int
     order = np.random.default_rng(seed).permutation(len(ids))
     ordered = sorted(ids)
     return ([ordered[i] for i in order[:n_train]], [ordered[i] for i in order[n_train:n_train + n_val]])
+
+
+def _unique_ids(ids: Iterable[str], pool: str) -> list[str]:
+    ids = [str(i) for i in ids]
+    if len(set(ids)) != len(ids):
+        raise PatchAtlasError(f"ADE20K {pool} ids: some appear twice; ids must be unique")
+    return sorted(ids)
+
+
+def _draw(ids: list[str], count: int, seed: int, pool: str) -> list[str]:
+    """``count`` of the sorted ``ids`` drawn with a stream of its own per pool, returned in id order.
+
+    The draw takes the first ``count`` of one permutation, so a larger count keeps every id a
+    smaller one picked, and the other pool's count never changes this pool's picks.
+    """
+    if count > len(ids):
+        raise PatchAtlasError(f"n_{pool}={count}: the {pool} pool has only {len(ids)} images; "
+                              f"lower n_{pool} or add images")
+    rng = np.random.default_rng(np.random.SeedSequence([seed, zlib.crc32(pool.encode("utf-8"))]))
+    return [ids[i] for i in sorted(rng.permutation(len(ids))[:count])]
+
+
+def ade20k_train_val_split(train_pool: Iterable[str], val_pool: Iterable[str], n_train: int, n_val: int,
+                           seed: int = 0) -> tuple[list[str], list[str]]:
+    """(train ids, val ids): ``n_train`` drawn from ``train_pool`` (the ADE20K training split) and
+    ``n_val`` from ``val_pool`` (the validation split), each in id order.
+
+    The draws are over the sorted ids, so the input order does not matter; an id in both pools
+    is an error, since probes must never be evaluated on their own training images.
+    """
+    n_train = _check_count(n_train, "n_train", 1)
+    n_val = _check_count(n_val, "n_val", 1)
+    seed = _check_count(seed, "seed")
+    train_ids, val_ids = _unique_ids(train_pool, "train"), _unique_ids(val_pool, "val")
+    shared = sorted(set(train_ids) & set(val_ids))
+    if shared:
+        raise PatchAtlasError(f"ADE20K ids {shared[:5]} are in both the training and the validation pool; "
+                              "the pools must be disjoint")
+    return _draw(train_ids, n_train, seed, "train"), _draw(val_ids, n_val, seed, "val")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from generator.errors import PatchAtlasError, UnknownName
+from generator.sources.ade20k import PAPER_ADE20K_NAME, paper_ade20k_source
 from generator.sources.base import SegmentationSource
 from generator.sources.cityscapes import PAPER_CITYSCAPES_NAME, paper_cityscapes_source
 from generator.sources.content_free import CONTENT_FREE_NAME, content_free_source
@@ -59,6 +60,12 @@ SOURCES: dict[str, SourceEntry] = {
             "Cityscapes as in the local-representations paper: 72/30 few-shot split, 256-px tiles at 224; "
             "needs path= (official leftImg8bit/ + gtFine/ layout)",
             {"path": "", "seed": 0},
+        ),
+        SourceEntry(
+            PAPER_ADE20K_NAME, paper_ade20k_source,
+            "ADE20K few-shot protocol: n_train images from the training split, n_val from the validation "
+            "split (72/30 by default), 150 classes; needs path= (official ADEChallengeData2016 layout)",
+            {"path": "", "n_train": 72, "n_val": 30, "seed": 0},
         ),
     )
 }
