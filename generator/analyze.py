@@ -391,8 +391,9 @@ def run_analyze(out: Path, options: AnalyzeOptions) -> list[str]:
     done = []
     for unit in tqdm(units, disable=not options.progress, desc="analyses", unit="config"):
         source = _source_record(out, unit.source, manifest)
-        params = {"version": ANALYSIS_VERSION, "table_sha256": [file_sha256(t) for t in unit.tables], **options.result_params(),
-                  "n_classes": len(source["classes"]), "ignore_index": source["ignore_index"]}
+        params = {"version": ANALYSIS_VERSION, "table_sha256": [file_sha256(t) for t in unit.tables],
+                  **options.result_params(), "n_classes": len(source["classes"]),
+                  "ignore_index": source["ignore_index"]}
         variants_entry = manifest.get(f"variants/{unit.source}/{unit.model}")
         variants = None
         if variants_entry and variants_entry.get("status") == "done" and unit.norm == "postnorm" \
@@ -413,8 +414,8 @@ def run_analyze(out: Path, options: AnalyzeOptions) -> list[str]:
         labels_table = [repo / rel for rel in entry["configs"][0]["paths"]]
         background = [c["id"] for c in source["classes"] if c.get("is_background")]
         key = f"analyze/{entry['source']}/{entry['model']}/attention"
-        params = {"version": ANALYSIS_VERSION, "table_sha256": [file_sha256(t) for t in table], "mass": options.attention_mass,
-                  "background": background}
+        params = {"version": ANALYSIS_VERSION, "table_sha256": [file_sha256(t) for t in table],
+                  "mass": options.attention_mass, "background": background}
         if manifest.is_done(key, params, out):
             continue
         unit_dir = results_dir(out, entry["source"], entry["model"])
