@@ -1,0 +1,118 @@
+"""The pipeline benchmark runs end to end on a tiny model and reports every section.
+
+Speed is not asserted (it depends on the machine); what is checked is that both paths did the
+same work, that every number the report is built from was measured, and that the JSON written
+is the report printed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import io
+import json
+from pathlib import Path
+
+import pytest
+
+from conftest import offline_tiny_zoo
+
+BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "pipeline.py"
+N_IMAGES = 8
+SIDE = 64
+
+
+@pytest.fixture(scope="module")
+def pipeline():
+    spec = importlib.util.spec_from_file_location("pipeline_benchmark", BENCHMARK)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def report(pipeline, tmp_path_factory):
+    """One run shared by the tests: 8 images through the two-block tiny model, a small writer test."""
+    mp = offline_tiny_zoo(tmp_path_factory)
+    path = tmp_path_factory.mktemp("bench") / "pipeline.json"
+    stdout = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(stdout):
+            printed = pipeline.main(["--device", "cpu", "--model", "tiny_random", "--images", str(N_IMAGES),
+                                     "--side", str(SIDE), "--batch-size", "3", "--writer-rows", "800",
+                                     "--writer-dim", "32", "--writer-repeats", "1", "--json", str(path)])
+    finally:
+        mp.undo()
+    return {"printed": printed, "json": json.loads(path.read_text()), "stdout": stdout.getvalue()}
+
+
+def _positive(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0
+
+
+def test_json_is_the_printed_report(report):
+    assert report["json"] == json.loads(json.dumps(report["printed"]))
+    assert set(report["json"]) == {"machine", "config", "model", "end_to_end", "writer"}
+    machine = report["json"]["machine"]
+    assert machine["cpu"] and machine["cpu_cores"] >= 1 and machine["torch"] and machine["date"]
+    assert machine["gpu"] is None
+
+
+def test_naive_and_tuned_write_the_same_patch_rows(report):
+    e2e = report["json"]["end_to_end"]
+    # tiny_random: 2 blocks, 64 px at patch 16 = 4×4 patches, pre- and post-norm tables.
+    assert e2e["layers"] == [1, 2] and e2e["tables"] == 4
+    expected = N_IMAGES * 4 * 4 * e2e["tables"]
+    assert e2e["naive"]["patch_rows"] == e2e["tuned"]["patch_rows"] == expected
+    assert e2e["same_patch_rows"] is True
+    # One Parquet file per batch and table for the naive path (batches of 32 here: one batch).
+    assert e2e["naive"]["files"] == e2e["tables"]
+    assert e2e["naive"]["stored"] == "float32" and e2e["tuned"]["stored"] == "float16"
+
+
+def test_every_measured_number_is_positive(report):
+    data = report["json"]
+    assert _positive(data["model"]["gflop_per_image"])
+    assert data["model"]["roofline_img_s"] is None  # no peak FLOPS is claimed for a CPU
+    for name in ("naive", "tuned"):
+        path = data["end_to_end"][name]
+        for key in ("seconds", "img_s", "writer_seconds", "writer_mb_s", "writer_share", "embedding_bytes",
+                    "file_bytes", "rss_peak_mib"):
+            assert _positive(path[key]), (name, key, path[key])
+        assert path["roofline_pct"] is None and path["cuda_peak_mib"] is None
+    assert _positive(data["end_to_end"]["speedup"])
+    writer = data["writer"]
+    assert writer["rows"] >= 800 and writer["dim"] == 32
+    assert len(writer["encodings"]) >= 10
+    for row in writer["encodings"]:
+        for key in ("write_mb_s", "read_mb_s", "write_mrows_s", "file_mb", "file_to_raw"):
+            assert _positive(row[key]), (row["encoding"], row["dtype"], key)
+        assert row["read_back_exact"] is True
+    for key in ("serial_mb_s", "parallel_mb_s", "speedup"):
+        assert _positive(writer["parallel"][key])
+
+
+def test_encodings_are_the_ones_asked_for(report):
+    rows = {(r["encoding"], r["dtype"]): r for r in report["json"]["writer"]["encodings"]}
+    assert {"float16", "float32"} == {dtype for _, dtype in rows}
+    assert "BYTE_STREAM_SPLIT" in rows[("zstd-3 + byte-stream-split", "float16")]["parquet_encodings"]
+    assert "BYTE_STREAM_SPLIT" not in rows[("zstd-3 (writer default)", "float16")]["parquet_encodings"]
+    # float16 stores half the bytes of float32 (within the few bytes of other columns per row).
+    half = rows[("uncompressed", "float16")]["file_mb"] / rows[("uncompressed", "float32")]["file_mb"]
+    assert 0.5 < half < 0.7
+
+
+def test_table_is_printed(report):
+    out = report["stdout"]
+    assert "naive" in out and "tuned" in out and "writer alone" in out and "% roofline" in out
+    assert "n/a" in out  # the roofline column on a CPU
+
+
+def test_writers_are_left_as_they_were(report):
+    # The benchmark times and re-configures the project's writers only while it measures.
+    from generator.store import parquet
+
+    assert parquet._parquet_options.__name__ == "_parquet_options"
+    for cls, name in ((parquet.PatchTableWriter, "write_batch"), (parquet.PrefixTableWriter, "write_batch"),
+                      (parquet.TableWriter, "close")):
+        assert not hasattr(cls.__dict__[name], "__wrapped__"), (cls, name)
