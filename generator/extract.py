@@ -7,9 +7,12 @@ interrupted run resumes by redoing only the units that are not recorded as done.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import io
+import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -57,6 +60,10 @@ SHARD_BYTES = 500 * 1000 * 1000
 # Bytes of a patch row besides its embedding (row, col, label as int16 and the image id's
 # dictionary index), rounded up so that the shard bound holds.
 ROW_OVERHEAD_BYTES = 16
+FLOAT16_MAX = float(np.finfo(np.float16).max)
+# Images per forward pass: large on GPUs, where small batches leave the device idle (ViT-B/16 in
+# bf16 at 256 needs about 2 GiB); moderate on CPUs, where it only bounds memory.
+DEFAULT_BATCH_SIZES = {"cuda": 256, "cpu": 16}
 # Where the workers of a distributed run record what they did, one file each.
 WORKER_MANIFESTS = "manifest.d"
 
@@ -66,7 +73,7 @@ class ExtractOptions:
     layers: str | Sequence[int] = "all"
     norms: Sequence[str] = NORMS
     label_rule: str = "majority"
-    batch_size: int = 8
+    batch_size: int | None = None  # None: DEFAULT_BATCH_SIZES for the device
     device: str = "cpu"
     weights: dict[str, str] = field(default_factory=dict)  # model name -> checkpoint path
     last_block_attention: bool = True  # CLS attention maps and q/k/v views of the last block
@@ -90,6 +97,8 @@ class ExtractOptions:
         for norm in self.norms:
             if norm not in NORMS:
                 raise PatchAtlasError(f"norm {norm!r}: expected one of {', '.join(NORMS)}")
+        if self.batch_size is None:
+            self.batch_size = DEFAULT_BATCH_SIZES["cuda" if str(self.device).startswith("cuda") else "cpu"]
         if self.batch_size < 1:
             raise PatchAtlasError(f"batch size {self.batch_size}: must be at least 1")
 
@@ -265,15 +274,14 @@ def extract_shard(source: SegmentationSource, encoder: Encoder, layers: list[int
         prefix_writer = (stack.enter_context(PrefixTableWriter(repo / prefix_rel, dim, dtype=dtype))
                          if prefix_rel else None)
         attention_writer = stack.enter_context(AttentionTableWriter(repo / attention_rel)) if attention_rel else None
+        # Tables are independent files: several encode at once (Arrow releases the GIL).
+        table_pool = stack.enter_context(concurrent.futures.ThreadPoolExecutor(
+            max_workers=max(1, min(len(writers), os.cpu_count() or 1)), thread_name_prefix="table"))
         background = stack.enter_context(BackgroundCalls(depth=2))
 
         def write(image_ids, labels, patches, prefixes, cls_maps):  # runs on the writer thread
-            for (layer, view), patch in patches.items():
-                if not np.isfinite(patch).all():
-                    raise PatchAtlasError(
-                        f"{entry.name} produced NaN/inf tokens at layer {layer} ({view}) on images "
-                        f"{image_ids[0]}..{image_ids[-1]}; the weights or the inputs are broken")
-                writers[(layer, view)].write_batch(image_ids, patch, labels)
+            list(table_pool.map(lambda item: writers[item[0]].write_batch(image_ids, item[1], labels),
+                                patches.items()))
             if attention_writer is not None:
                 attention_writer.write_batch(image_ids, cls_maps)
             if prefix_writer is not None:
@@ -293,12 +301,30 @@ def extract_shard(source: SegmentationSource, encoder: Encoder, layers: list[int
             patches = {key: toks.patch for key, toks in batch.layers.items()}
             if attention is not None:
                 patches.update({(encoder.depth, view): t for view, t in attention.views.items()})
+            where = f"{entry.name} on images {image_ids[0]}..{image_ids[-1]}"
             background.submit(
-                write, image_ids, labels, {key: t.cpu().numpy() for key, t in patches.items()},
-                {key: toks.prefix.cpu().numpy() for key, toks in batch.layers.items()},
+                write, image_ids, labels,
+                {key: to_host(t, dtype, f"{where}, layer {key[0]} ({key[1]})") for key, t in patches.items()},
+                {key: to_host(toks.prefix, dtype, f"{where}, layer {key[0]} ({key[1]}) prefix")
+                 for key, toks in batch.layers.items()},
                 attention.cls_maps.cpu().numpy() if attention is not None and attention_writer is not None else None)
     written = list(patch_views.values()) + [rel for rel in (prefix_rel, attention_rel) if rel]
     return {rel: file_sha256(repo / rel) for rel in written}
+
+
+def to_host(tokens: torch.Tensor, dtype: str, where: str) -> np.ndarray:
+    """Tokens as a host array of the stored dtype, refusing values the table cannot hold.
+
+    The cast happens on the model's device, so a GPU sends half the bytes for float16; one
+    reduction checks both NaN/inf (which it propagates) and float16's range.
+    """
+    peak = float(tokens.abs().amax()) if tokens.numel() else 0.0
+    if not math.isfinite(peak):
+        raise PatchAtlasError(f"{where}: NaN/inf tokens; the weights or the inputs are broken")
+    if dtype == "float16" and peak > FLOAT16_MAX:
+        raise PatchAtlasError(f"{where}: tokens reach |{peak:.4g}|, beyond float16's range (±{FLOAT16_MAX:.0f}); "
+                              f"write this model's embeddings as float32 (--embedding-dtype float32)")
+    return tokens.to(getattr(torch, dtype)).cpu().numpy()
 
 
 def table_paths(model: str, depth: int, num_prefix_tokens: int, layers: list[int], options: ExtractOptions,

@@ -54,10 +54,18 @@ def default_row_group_rows(dim: int, dtype: str = DEFAULT_EMBEDDING_DTYPE) -> in
     return int(np.clip(ROW_GROUP_BYTES // (itemsize * max(dim, 1)), MIN_ROW_GROUP_ROWS, MAX_ROW_GROUP_ROWS))
 
 
-def _parquet_options(dictionary_columns: Sequence[str]) -> dict:
+# Columns whose min/max statistics are never written: nobody filters on a token's values, and
+# computing them is most of the cost of writing float16 (stored as 2-byte fixed-length values).
+UNFILTERED_COLUMNS = ("embedding",)
+
+
+def _parquet_options(dictionary_columns: Sequence[str], columns: Sequence[str] = ()) -> dict:
     # zstd shrinks float tokens a little and decodes fast; the page index lets readers skip
     # pages; dictionaries pay off only for the few repeated strings, never for embeddings.
-    return dict(compression="zstd", write_page_index=True, use_dictionary=list(dictionary_columns))
+    options = dict(compression="zstd", write_page_index=True, use_dictionary=list(dictionary_columns))
+    if any(c in UNFILTERED_COLUMNS for c in columns):
+        options["write_statistics"] = [c for c in columns if c not in UNFILTERED_COLUMNS]
+    return options
 
 
 class _RowGroupBuffer:
@@ -120,7 +128,8 @@ class TableWriter:
         self._atomic = atomic_path(self.path)
         self._tmp = self._atomic.__enter__()
         try:
-            self._writer = pq.ParquetWriter(self._tmp, schema, **_parquet_options(dictionary_columns))
+            self._writer = pq.ParquetWriter(self._tmp, schema,
+                                            **_parquet_options(dictionary_columns, schema.names))
         except BaseException as err:
             self._atomic.__exit__(type(err), err, err.__traceback__)
             raise
