@@ -180,23 +180,30 @@ def write_images(source: SegmentationSource, repo: Path, manifest: Manifest, sha
     manifest.save()
 
 
-def model_params(entry: ModelEntry, source: SegmentationSource, layers: list[int] | str,
-                 options: ExtractOptions) -> dict:
-    """Everything that determines a (source, model) unit's output; its hash decides reuse."""
+def token_params(entry: ModelEntry, source: SegmentationSource, options: ExtractOptions) -> dict:
+    """Everything that determines the bytes of any one table of a (source, model) unit.
+
+    Which tables are asked for (layers, views) is not part of it: a table already written with
+    these parameters is kept when another layer is added, and only the new layers are computed.
+    """
     checkpoint = options.weights.get(entry.name)
     return {
         "model": dataclasses.asdict(entry),
         "checkpoint": {"path": str(checkpoint), "sha256": file_sha256(Path(checkpoint))}
         if checkpoint and Path(checkpoint).is_file() else None,
         "source": {"name": source.name, "revision": source.revision},
-        "layers": layers,
-        "norms": list(options.norms),
-        "last_block_attention": options.last_block_attention,
         "label_rule": options.label_rule,
         "embedding_dtype": options.embedding_dtype,
         "shard_bytes": options.shard_bytes,
         "extractor": EXTRACTOR_VERSION,
     }
+
+
+def model_params(entry: ModelEntry, source: SegmentationSource, layers: list[int] | str,
+                 options: ExtractOptions) -> dict:
+    """A (source, model) unit: its token parameters and the set of tables asked for."""
+    return {**token_params(entry, source, options), "layers": layers, "norms": list(options.norms),
+            "last_block_attention": options.last_block_attention}
 
 
 @dataclass(frozen=True)
@@ -249,16 +256,19 @@ class JobCounter:
         return mine
 
 
-def extract_shard(source: SegmentationSource, encoder: Encoder, layers: list[int], shard: Shard,
+def extract_shard(source: SegmentationSource, encoder: Encoder, shard: Shard, tables: dict[str, TableSpec],
                   options: ExtractOptions, repo: Path) -> dict[str, str]:
-    """Run one model over one shard's images and write that shard of each of its tables.
+    """Run one model over one shard's images and write the given tables of that shard.
 
-    Returns the written files (path relative to ``repo`` → sha256).
+    The forward pass goes only as deep as the tables need. Returns the written files (path
+    relative to ``repo`` → sha256).
     """
     entry, dim, dtype = encoder.entry, encoder.embed_dim, options.embedding_dtype
     kinds = ["cls"] * (encoder.num_prefix_tokens - entry.num_registers) + ["register"] * entry.num_registers
-    views = table_paths(entry.name, encoder.depth, encoder.num_prefix_tokens, layers, options, shard.file_name)
-    patch_views, prefix_rel, attention_rel = views["patches"], views["prefix"], views["attention"]
+    token_tables = [t for t in tables.values() if t.view in NORMS]
+    layers = sorted({t.layer for t in token_tables})
+    norms = [norm for norm in options.norms if any(t.view == norm for t in token_tables)]
+    with_attention = any(t.kind == "attention" or t.view in QKV_VIEWS for t in tables.values())
     images = source.dataset.select(range(shard.start, shard.stop))
 
     def labelled(batches):  # runs on the prefetch thread: decoding and labels overlap the model
@@ -269,24 +279,24 @@ def extract_shard(source: SegmentationSource, encoder: Encoder, layers: list[int
     # background writer is entered last, so it is drained (or stopped) before the files close.
     with contextlib.ExitStack() as stack:
         # q/k/v concatenate the heads: heads × head_dim, the embedding width in timm ViTs.
-        writers = {key: stack.enter_context(PatchTableWriter(repo / rel, dim, dtype=dtype))
-                   for key, rel in patch_views.items()}
-        prefix_writer = (stack.enter_context(PrefixTableWriter(repo / prefix_rel, dim, dtype=dtype))
-                         if prefix_rel else None)
-        attention_writer = stack.enter_context(AttentionTableWriter(repo / attention_rel)) if attention_rel else None
+        patch_writers = {(t.layer, t.view): stack.enter_context(PatchTableWriter(repo / rel, dim, dtype=dtype))
+                         for rel, t in tables.items() if t.kind == "patches"}
+        prefix_writers = {(t.layer, t.view): stack.enter_context(PrefixTableWriter(repo / rel, dim, dtype=dtype))
+                          for rel, t in tables.items() if t.kind == "prefix"}
+        attention_writer = next((stack.enter_context(AttentionTableWriter(repo / rel))
+                                 for rel, t in tables.items() if t.kind == "attention"), None)
         # Tables are independent files: several encode at once (Arrow releases the GIL).
         table_pool = stack.enter_context(concurrent.futures.ThreadPoolExecutor(
-            max_workers=max(1, min(len(writers), os.cpu_count() or 1)), thread_name_prefix="table"))
+            max_workers=max(1, min(len(tables), os.cpu_count() or 1)), thread_name_prefix="table"))
         background = stack.enter_context(BackgroundCalls(depth=2))
 
         def write(image_ids, labels, patches, prefixes, cls_maps):  # runs on the writer thread
-            list(table_pool.map(lambda item: writers[item[0]].write_batch(image_ids, item[1], labels),
-                                patches.items()))
+            calls = [(patch_writers[key].write_batch, (image_ids, array, labels)) for key, array in patches.items()]
+            calls += [(prefix_writers[key].write_batch, (image_ids, key[0], key[1], array, kinds))
+                      for key, array in prefixes.items()]
             if attention_writer is not None:
-                attention_writer.write_batch(image_ids, cls_maps)
-            if prefix_writer is not None:
-                for (layer, norm), prefix in prefixes.items():
-                    prefix_writer.write_batch(image_ids, layer, norm, prefix, kinds)
+                calls.append((attention_writer.write_batch, (image_ids, cls_maps)))
+            list(table_pool.map(lambda call: call[0](*call[1]), calls))
 
         batches = prefetched(labelled(iter_batches(images, options.batch_size)), depth=2)
         total = -(-len(images) // options.batch_size)
@@ -294,22 +304,22 @@ def extract_shard(source: SegmentationSource, encoder: Encoder, layers: list[int
         for image_ids, pixels_uint8, labels in tqdm(batches, total=total, disable=not options.progress,
                                                     desc=desc, unit="batch"):
             pixels = encoder.preprocess(pixels_uint8)
-            if options.last_block_attention:
-                batch, attention = encoder.tokens_and_attention(pixels, layers, options.norms)
+            if with_attention:
+                batch, attention = encoder.tokens_and_attention(pixels, layers, norms)
             else:
-                batch, attention = encoder.tokens(pixels, layers, options.norms), None
-            patches = {key: toks.patch for key, toks in batch.layers.items()}
+                batch, attention = encoder.tokens(pixels, layers, norms), None
+            tokens = {key: toks.patch for key, toks in batch.layers.items()}
             if attention is not None:
-                patches.update({(encoder.depth, view): t for view, t in attention.views.items()})
+                tokens.update({(encoder.depth, view): t for view, t in attention.views.items()})
             where = f"{entry.name} on images {image_ids[0]}..{image_ids[-1]}"
             background.submit(
                 write, image_ids, labels,
-                {key: to_host(t, dtype, f"{where}, layer {key[0]} ({key[1]})") for key, t in patches.items()},
+                {key: to_host(t, dtype, f"{where}, layer {key[0]} ({key[1]})")
+                 for key, t in tokens.items() if key in patch_writers},
                 {key: to_host(toks.prefix, dtype, f"{where}, layer {key[0]} ({key[1]}) prefix")
-                 for key, toks in batch.layers.items()},
-                attention.cls_maps.cpu().numpy() if attention is not None and attention_writer is not None else None)
-    written = list(patch_views.values()) + [rel for rel in (prefix_rel, attention_rel) if rel]
-    return {rel: file_sha256(repo / rel) for rel in written}
+                 for key, toks in batch.layers.items() if key in prefix_writers},
+                attention.cls_maps.cpu().numpy() if attention_writer is not None else None)
+    return {rel: file_sha256(repo / rel) for rel in tables}
 
 
 def to_host(tokens: torch.Tensor, dtype: str, where: str) -> np.ndarray:
@@ -327,19 +337,35 @@ def to_host(tokens: torch.Tensor, dtype: str, where: str) -> np.ndarray:
     return tokens.to(getattr(torch, dtype)).cpu().numpy()
 
 
-def table_paths(model: str, depth: int, num_prefix_tokens: int, layers: list[int], options: ExtractOptions,
-                file_name: str) -> dict:
-    """Where one shard of each of a model's tables goes, relative to the repository root."""
-    patches = {(layer, norm): f"{config_data_dir(model, layer, norm)}/{file_name}"
-               for layer in layers for norm in options.norms}
+@dataclass(frozen=True)
+class TableSpec:
+    """One table of a model's shard: patch tokens of a (layer, view), prefix tokens of a
+    (layer, norm), or the last block's CLS attention."""
+
+    kind: str  # "patches" | "prefix" | "attention"
+    layer: int
+    view: str  # prenorm | postnorm | queries | keys | values; "" for attention
+
+
+def shard_tables(model: str, depth: int, num_prefix_tokens: int, layers: list[int], options: ExtractOptions,
+                 file_name: str) -> dict[str, TableSpec]:
+    """Every table one shard of a unit holds: path relative to the repository root → what it is.
+
+    Prefix tokens get one file per (layer, norm), like the patch configs, so that a table can
+    be kept or added on its own.
+    """
+    tables = {}
+    for layer in layers:
+        for norm in options.norms:
+            tables[f"{config_data_dir(model, layer, norm)}/{file_name}"] = TableSpec("patches", layer, norm)
+            if num_prefix_tokens:
+                tables[f"{model}/prefix/L{layer:02d}-{norm}-{file_name}"] = TableSpec("prefix", layer, norm)
     if options.last_block_attention:
-        patches.update({(depth, view): f"{config_data_dir(model, depth, view)}/{file_name}" for view in QKV_VIEWS})
-    return {
-        "patches": patches,
-        "prefix": f"{model}/prefix/{file_name}" if num_prefix_tokens else None,
-        "attention": f"{model}/attention/{file_name}" if options.last_block_attention and num_prefix_tokens
-        else None,
-    }
+        for view in QKV_VIEWS:
+            tables[f"{config_data_dir(model, depth, view)}/{file_name}"] = TableSpec("patches", depth, view)
+        if num_prefix_tokens:
+            tables[f"{model}/attention/{file_name}"] = TableSpec("attention", depth, "")
+    return tables
 
 
 def _worker_manifest_path(out: Path, rank: int, world_size: int) -> Path:
@@ -409,6 +435,7 @@ def _extract_unit(source: SegmentationSource, entry: ModelEntry, options: Extrac
     key = extract_key(source.name, entry.name)
     params = model_params(entry, source, options.layers if isinstance(options.layers, str)
                           else list(options.layers), options)
+    tokens_hash = params_hash(token_params(entry, source, options))
     geometry = model_geometry(entry)
     shards = plan_shards(len(source), images_per_shard(entry.grid_size(), geometry.embed_dim,
                                                        options.embedding_dtype, options.shard_bytes))
@@ -418,16 +445,21 @@ def _extract_unit(source: SegmentationSource, entry: ModelEntry, options: Extrac
     if not worker and manifest.is_done(key, params, repo):
         done = manifest.get(key)
         if options.variants:
-            _variants_unit(source, entry, options, repo.parent.parent, manifest, params, None)
+            _variants_unit(source, entry, options, repo.parent.parent, manifest, tokens_hash, None)
         return ModelOutcome(entry.name, "reused", configs=[c["name"] for c in done["configs"]])
     layers = resolve_layers(options.layers, geometry.depth)
-    unit_hash = params_hash(params)
     encoder: Encoder | None = None
     computed = 0
     for shard, is_mine in zip(shards, mine):
-        shard_params = {"unit": unit_hash, "shard": shard.index, "of": shard.total,
-                        "images": [shard.start, shard.stop]}
-        if not is_mine or manifest.is_done(shard_key(source.name, entry.name, shard), shard_params, repo):
+        if not is_mine:
+            continue
+        wanted = shard_tables(entry.name, geometry.depth, geometry.num_prefix_tokens, layers, options,
+                              shard.file_name)
+        record_key, shard_params = shard_key(source.name, entry.name, shard), _shard_params(tokens_hash, shard)
+        # Tables this shard already holds with the same token parameters, every file intact.
+        held = manifest.get(record_key)["files"] if manifest.is_done(record_key, shard_params, repo) else {}
+        missing = {rel: spec for rel, spec in wanted.items() if rel not in held}
+        if not missing:
             continue
         if encoder is None:
             try:
@@ -435,19 +467,18 @@ def _extract_unit(source: SegmentationSource, entry: ModelEntry, options: Extrac
                                        device=options.device, cache_dir=options.cache_dir)
             except WeightsUnavailable as err:
                 manifest.set(key, {"status": "skipped", "reason": str(err), "params": params,
-                                   "params_hash": unit_hash, "files": {}})
+                                   "params_hash": params_hash(params), "files": {}})
                 manifest.save()
                 return ModelOutcome(entry.name, "skipped", reason=str(err))
-        files = extract_shard(source, encoder, layers, shard, options, repo)
-        manifest.set(shard_key(source.name, entry.name, shard), {
-            "status": "done", "params": shard_params, "files": files,
-            "weights": dataclasses.asdict(encoder.weights)})
+        files = extract_shard(source, encoder, shard, missing, options, repo)
+        manifest.set(record_key, {"status": "done", "params": shard_params, "files": {**held, **files},
+                                  "weights": dataclasses.asdict(encoder.weights)})
         manifest.save()
         computed += 1
     if not worker:
-        _finish_unit(source, entry, geometry, layers, shards, params, options, repo, manifest)
+        _finish_unit(source, entry, geometry, layers, shards, params, tokens_hash, options, repo, manifest)
     if options.variants and variants_mine:
-        _variants_unit(source, entry, options, repo.parent.parent, manifest, params, encoder)
+        _variants_unit(source, entry, options, repo.parent.parent, manifest, tokens_hash, encoder)
     del encoder
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
@@ -457,38 +488,53 @@ def _extract_unit(source: SegmentationSource, entry: ModelEntry, options: Extrac
     return ModelOutcome(entry.name, "done" if computed else "reused", configs=[c["name"] for c in done["configs"]])
 
 
+def _shard_params(tokens_hash: str, shard: Shard) -> dict:
+    return {"tokens": tokens_hash, "shard": shard.index, "of": shard.total, "images": [shard.start, shard.stop]}
+
+
 def _finish_unit(source: SegmentationSource, entry: ModelEntry, geometry: Geometry, layers: list[int],
-                 shards: list[Shard], params: dict, options: ExtractOptions, repo: Path,
+                 shards: list[Shard], params: dict, tokens_hash: str, options: ExtractOptions, repo: Path,
                  manifest: Manifest) -> None:
     """Record a (source, model) unit whose shards are all done: its configs, files and weights.
 
-    Parquet files under the model's folder that this unit does not list (shards or configs of
-    an earlier run with other options) are removed, so the repository holds exactly what the
-    card describes.
+    Tables the unit no longer asks for (layers or views of an earlier run, shards of another
+    size) are removed, from disk and from the shard records, so the repository holds exactly
+    what the card describes.
     """
-    records = [manifest.get(shard_key(source.name, entry.name, shard)) for shard in shards]
+    wanted = [shard_tables(entry.name, geometry.depth, geometry.num_prefix_tokens, layers, options,
+                           shard.file_name) for shard in shards]
+    records = []
+    for shard, tables in zip(shards, wanted):
+        record = manifest.get(shard_key(source.name, entry.name, shard))
+        if record is None or not set(tables) <= set(record["files"]):
+            raise PatchAtlasError(f"{entry.name} on {source.name}: shard {shard.index + 1} of {shard.total} is "
+                                  f"incomplete; rerun `patchatlas extract` with the same options")
+        if set(record["files"]) != set(tables):
+            record = {**record, "files": {rel: record["files"][rel] for rel in tables}}
+            manifest.set(shard_key(source.name, entry.name, shard), record)
+        records.append(record)
     files = {rel: digest for record in records for rel, digest in record["files"].items()}
-    names = [shard.file_name for shard in shards]
-    tables = [table_paths(entry.name, geometry.depth, geometry.num_prefix_tokens, layers, options, name)
-              for name in names]
-    grid = entry.grid_size()
-    configs = []
-    for layer, view in tables[0]["patches"]:
-        paths = [t["patches"][(layer, view)] for t in tables]
-        configs.append({
-            "name": config_name(entry.name, layer, view), "paths": paths, "layer": layer, "norm": view,
-            "dim": geometry.embed_dim, "dtype": options.embedding_dtype,
-            "num_rows": len(source) * grid[0] * grid[1],
-            "num_bytes": sum((repo / rel).stat().st_size for rel in paths),
-        })
     model_dir = repo / entry.name
     for stale in set(model_dir.rglob("*.parquet")) - {repo / rel for rel in files}:
         stale.unlink()
+    grid = entry.grid_size()
+    configs = []
+    for rel, spec in wanted[0].items():
+        if spec.kind != "patches":
+            continue
+        paths = [next(r for r, s in tables.items() if s == spec) for tables in wanted]
+        configs.append({
+            "name": config_name(entry.name, spec.layer, spec.view), "paths": paths, "layer": spec.layer,
+            "norm": spec.view, "dim": geometry.embed_dim, "dtype": options.embedding_dtype,
+            "num_rows": len(source) * grid[0] * grid[1],
+            "num_bytes": sum((repo / path).stat().st_size for path in paths),
+        })
+    prefix_paths = [rel for tables in wanted for rel, spec in tables.items() if spec.kind == "prefix"]
+    attention_paths = [rel for tables in wanted for rel, spec in tables.items() if spec.kind == "attention"]
     manifest.set(extract_key(source.name, entry.name), {
         "status": "done", "params": params, "params_hash": params_hash(params), "files": files,
         "configs": configs, "layers": layers, "grid": list(grid), "dim": geometry.embed_dim,
-        "prefix_paths": [t["prefix"] for t in tables] if tables[0]["prefix"] else None,
-        "attention_paths": [t["attention"] for t in tables] if tables[0]["attention"] else None,
+        "prefix_paths": prefix_paths or None, "attention_paths": attention_paths or None,
         "shards": len(shards), "weights": records[0]["weights"], "model": entry.name, "source": source.name,
         "version": __version__,
     })
@@ -504,7 +550,7 @@ def variant_name(kind: str, name: str, level) -> str:
 
 
 def _variants_unit(source: SegmentationSource, entry: ModelEntry, options: ExtractOptions, out: Path,
-                   manifest: Manifest, extract_params: dict, encoder: Encoder | None) -> None:
+                   manifest: Manifest, tokens_hash: str, encoder: Encoder | None) -> None:
     """Last-layer post-norm tokens of the evaluation images, degraded and transformed.
 
     They feed the robustness curves (probes trained on clean images, evaluated on degraded ones)
@@ -514,7 +560,7 @@ def _variants_unit(source: SegmentationSource, entry: ModelEntry, options: Extra
     if not source.probes or len(source) < 2 or "postnorm" not in options.norms:
         return
     key = f"variants/{source.name}/{entry.name}"
-    params = {"extract": params_hash(extract_params), "degradations": DEGRADATIONS,
+    params = {"extract": tokens_hash, "degradations": DEGRADATIONS,
               "transforms": {k: v for k, v in TRANSFORMS.items() if k not in DEGRADATIONS},
               "train_fraction": PROBE_TRAIN_FRACTION, "train_count": source.probe_train_count,
               "version": EXTRACTOR_VERSION}

@@ -258,3 +258,45 @@ def test_a_build_killed_while_analysing_resumes_to_the_same_results(ckpt, tmp_pa
     expected = {k: v for k, v in _published(reference).items() if not k.startswith("docs/")}
     assert published == expected
     assert _entries(out) == _entries(reference)
+
+
+def test_adding_and_dropping_layers_keeps_the_tables_already_written(tiny_models, ckpt, tmp_path):
+    """The unit of reuse is one table: another --layers computes only the new layers' tables,
+    and leaves the bytes (and the files) of the others alone, analyses included."""
+    from generator.cli import main
+
+    out = tmp_path / "out"
+    repo = out / "datasets/synthetic-scenes"
+
+    def build(layers: str) -> None:
+        args = _args(out, ckpt, command="build") + ["--no-html", "--k", "2"]
+        args[args.index("--layers") + 1] = layers
+        assert main(args) == 0
+
+    def stats(pattern: str) -> dict[str, tuple[int, int]]:
+        return {str(p.relative_to(out)): (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob(pattern)}
+
+    build("last")
+    last_tables = stats("datasets/synthetic-scenes/tiny_*/L02-*/*.parquet") | stats(
+        "datasets/synthetic-scenes/tiny_reg/prefix/L02-*.parquet")
+    last_results = stats("results/synthetic-scenes/tiny_*/*-L02-*/*")
+    assert last_tables and last_results and not list(repo.glob("tiny_*/L01-*"))
+
+    build("all")
+    assert stats("datasets/synthetic-scenes/tiny_*/L02-*/*.parquet") | stats(
+        "datasets/synthetic-scenes/tiny_reg/prefix/L02-*.parquet") == last_tables
+    assert stats("results/synthetic-scenes/tiny_*/*-L02-*/*") == last_results
+    assert len(list(repo.glob("tiny_random/L01-prenorm/*.parquet"))) == 3
+    reg_shards = _entries(out)["extract/synthetic-scenes/tiny_reg"]["shards"]
+    assert len(list(repo.glob("tiny_reg/prefix/L01-*.parquet"))) == 2 * reg_shards  # prenorm, postnorm
+    configs = {c["name"] for c in _entries(out)["extract/synthetic-scenes/tiny_random"]["configs"]}
+    assert {"tiny_random-L01-prenorm", "tiny_random-L02-postnorm"} <= configs
+
+    build("last")
+    assert not list(repo.glob("tiny_*/L01-*/*.parquet")) and not list(repo.glob("tiny_reg/prefix/L01-*"))
+    assert stats("datasets/synthetic-scenes/tiny_*/L02-*/*.parquet") | stats(
+        "datasets/synthetic-scenes/tiny_reg/prefix/L02-*.parquet") == last_tables
+    shard_files = {rel for key, entry in _entries(out).items() if key.startswith("shards/")
+                   for rel in entry["files"]}
+    on_disk = {str(p.relative_to(repo)) for p in repo.glob("tiny_*/**/*.parquet")}
+    assert shard_files == on_disk
