@@ -34,10 +34,14 @@ PRESETS = {
 }
 
 
+# ctx.meta key of the values read from --config: they stay above a preset's, in either order.
+CONFIG_DEFAULTS = "patchatlas.config_defaults"
+
+
 def _apply_preset(ctx, param, value):
     # Eager, so the preset's defaults are in place before the other options are read.
     if value:
-        ctx.default_map = {**(ctx.default_map or {}), **PRESETS[value]}
+        ctx.default_map = {**(ctx.default_map or {}), **PRESETS[value], **ctx.meta.get(CONFIG_DEFAULTS, {})}
     return value
 
 
@@ -46,6 +50,26 @@ def _preset_option(f):
                         callback=_apply_preset,
                         help="A named protocol setting several defaults, e.g. paper-cityscapes "
                              "(with --source-option path=/path/to/cityscapes).")(f)
+
+
+def _apply_config(ctx, param, value):
+    # Eager like --preset: the file's values become defaults, so the command line still wins.
+    if value:
+        from generator.config_file import CONFIG_COMMANDS, config_defaults
+
+        group = ctx.parent.command if ctx.parent else None
+        commands = {name: group.commands[name] for name in CONFIG_COMMANDS if name in getattr(group, "commands", {})}
+        values = config_defaults(value, ctx.command.name, commands or {ctx.command.name: ctx.command})
+        ctx.meta[CONFIG_DEFAULTS] = values
+        ctx.default_map = {**(ctx.default_map or {}), **values}
+    return value
+
+
+def _config_option(f):
+    return click.option("--config", type=click.Path(dir_okay=False, path_type=Path), is_eager=True,
+                        expose_value=False, callback=_apply_config, metavar="FILE",
+                        help="A TOML file of option values (see examples/patchatlas.toml); options given on the "
+                             "command line win over it, and it wins over --preset.")(f)
 
 
 def _set_offline(offline: bool | None) -> None:
@@ -179,6 +203,9 @@ def _do_extract(out, sources, source_options, models, layers, norms, label_rule,
             raise PatchAtlasError(f"--source-option {key}: none of the sources {', '.join(names)} has this "
                                   f"parameter; see `patchatlas datasets`")
     loaded = [load_source(name, **{k: v for k, v in params.items() if k in accepted[name]}) for name in names]
+    for source in loaded:
+        for skip in source.skipped:
+            click.echo(f"skipped input of {source.name}: {skip['path']}: {skip['reason']}", err=True)
     options = ExtractOptions(layers=layers, norms=_split(norms), label_rule=label_rule, batch_size=batch_size,
                              device=_device(device, rank if world_size > 1 else None),
                              weights=_parse_weights(weights), progress=not quiet, embedding_dtype=embedding_dtype,
@@ -189,6 +216,14 @@ def _do_extract(out, sources, source_options, models, layers, norms, label_rule,
             if row.status == "skipped":
                 click.echo(f"skipped {row.model} on {source}: {row.reason}", err=True)
     return outcomes
+
+
+def _skipped_inputs(out: Path, source_names) -> dict[str, list[dict]]:
+    """The input files each source left out, as recorded in the manifest."""
+    from generator.store.manifest import Manifest
+
+    manifest = Manifest.load(out / "manifest.json")
+    return {name: (manifest.get(f"sources/{name}") or {}).get("skipped_images", []) for name in source_names}
 
 
 def _do_analyze(out, ks, seed, knn_k, knn_similarity, linear_epochs, device, quiet):
@@ -213,6 +248,7 @@ def _do_render(out, gallery_images, gallery_k, no_html, quiet=False):
 @cli.command()
 @_out_option
 @_preset_option
+@_config_option
 @_extract_options
 @click.option("--rank", type=click.IntRange(min=0), default=0, envvar="RANK", show_default=True,
               help="This worker's rank in a distributed extract (torchrun sets RANK).")
@@ -244,6 +280,7 @@ def extract(out, sources, source_options, models, layers, norms, label_rule, bat
 @cli.command()
 @_out_option
 @_preset_option
+@_config_option
 @_analyze_options
 @_common
 def analyze(out, ks, seed, knn_k, knn_similarity, linear_epochs, device, quiet):
@@ -255,6 +292,7 @@ def analyze(out, ks, seed, knn_k, knn_similarity, linear_epochs, device, quiet):
 
 @cli.command()
 @_out_option
+@_config_option
 @_render_options
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def render(out, gallery_images, gallery_k, no_html, quiet):
@@ -267,6 +305,7 @@ def render(out, gallery_images, gallery_k, no_html, quiet):
 @cli.command()
 @_out_option
 @_preset_option
+@_config_option
 @_extract_options
 @_analyze_options
 @_render_options
@@ -286,6 +325,9 @@ def build(out, sources, source_options, models, layers, norms, label_rule, batch
             state = {"done": "extracted", "reused": "up to date", "skipped": "SKIPPED"}[row.status]
             detail = f": {row.reason}" if row.reason else f" ({len(row.configs)} configs)"
             click.echo(f"  {source} × {row.model}: {state}{detail}")
+    for source, skips in _skipped_inputs(out, outcomes).items():
+        for skip in skips:
+            click.echo(f"  {source}: SKIPPED input {skip['path']}: {skip['reason']}")
     click.echo(f"  datasets: {(out / 'datasets').resolve()}")
     click.echo(f"  site:     {Path(site).resolve()}" + ("/index.html" if not no_html else ""))
 

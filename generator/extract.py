@@ -155,6 +155,7 @@ def record_source(source: SegmentationSource, manifest: Manifest) -> None:
         "description": source.description, "params": source.params, "ignore_index": source.ignore_index,
         "classes": [dataclasses.asdict(c) for c in source.classes], "num_images": len(source),
         "probes": source.probes, "probe_train_count": source.probe_train_count,
+        "skipped_images": [dict(s) for s in source.skipped],
     })
 
 

@@ -458,3 +458,13 @@ def test_atomic_writes_leave_no_temporary_files(tmp_path):
     with PatchTableWriter(tmp_path / "p.parquet", DIM) as writer:
         writer.write_batch(["a"], np.ones((1, *GRID, DIM), np.float32), np.ones((1, *GRID), np.int16))
     assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.json", "p.parquet"]
+
+
+def test_written_files_get_the_mode_of_any_new_file_not_a_private_one(tmp_path):
+    from generator.store.atomic import _UMASK, atomic_write_text
+
+    atomic_write_text(tmp_path / "card.md", "hello")
+    with PatchTableWriter(tmp_path / "p.parquet", DIM) as writer:
+        writer.write_batch(["a"], np.ones((1, *GRID, DIM), np.float32), np.ones((1, *GRID), np.int16))
+    for name in ("card.md", "p.parquet"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~_UMASK

@@ -41,6 +41,9 @@ class SegmentationSource:
     probes: bool = True
     # Images (in dataset order) that train the probes; None: the default few-shot fraction.
     probe_train_count: int | None = None
+    # Input files left out because they cannot be used (corrupt, too large or small, a mask that
+    # does not fit): {"path": ..., "reason": ...} each, shown in the build summary and on the site.
+    skipped: list[dict] = field(default_factory=list)
 
     @property
     def class_names(self) -> list[str]:

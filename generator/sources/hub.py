@@ -17,6 +17,11 @@ typed out from the official definitions:
 
 Without a network (or with ``HF_HUB_OFFLINE=1`` and no cached copy) loading fails at once with
 a message that points to the local-folder source, instead of retrying for half a minute.
+
+Every row's image is decoded once when the source is loaded (``generator.sources.images``: any
+mode to 8-bit RGB, a decompression-bomb limit, a smallest side). A row that cannot be used (an
+image that does not decode or breaks a limit, a mask of another size, mask values outside the
+class list) is skipped and recorded in ``source.skipped``, as in the local-folder source.
 """
 
 from __future__ import annotations
@@ -34,6 +39,10 @@ from PIL import Image
 
 from generator.errors import PatchAtlasError
 from generator.sources.base import ClassInfo, SegmentationSource
+from generator.sources.images import (
+    DEFAULT_MAX_PIXELS, MIN_IMAGE_SIDE, UnusableImage, check_image_limits, check_min_side, no_usable_images,
+    open_image, revision_with_skips, shown, stray_labels, to_rgb8,
+)
 
 HUB_SOURCE_NAME = "hub"
 _PROBE_TIMEOUT_S = 3.0
@@ -332,9 +341,33 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text.replace("/", "--")).strip("-.") or HUB_SOURCE_NAME
 
 
+def _image_cell(image: Any, where: str, max_pixels: int, min_side: int) -> tuple[Any, tuple[int, int]]:
+    """The stored image cell of one row and its size (width, height); ``UnusableImage`` if unusable.
+
+    An encoded 8-bit RGB image passes through untouched (re-encoding would recompress a JPEG);
+    any other mode is converted and stored as PNG.
+    """
+    if isinstance(image, Image.Image):
+        img, encoded = image, None
+    elif isinstance(image, dict) and (image.get("bytes") or image.get("path")):
+        encoded = image
+        img = open_image(io.BytesIO(image["bytes"]) if image.get("bytes") else image["path"], where,
+                         max_pixels=max_pixels)
+    else:
+        raise UnusableImage(where, f"no image in this row (got {type(image).__name__})")
+    check_min_side(img, where, min_side)
+    if img.mode == "RGB" and encoded is not None:
+        return {"bytes": encoded.get("bytes"), "path": encoded.get("path")}, img.size
+    return {"bytes": _png_bytes(to_rgb8(img, where)), "path": None}, img.size
+
+
 def shape_hub_dataset(raw, repo_id: str, split: str, image_column: str, mask_column: str,
-                      lut: np.ndarray | None, id_column: str | None = None):
-    """``raw`` (a loaded split) as the contract's three columns, masks remapped to class ids."""
+                      lut: np.ndarray | None, id_column: str | None = None, *, class_ids: set[int] | None = None,
+                      ignore_index: int = 255, max_pixels: int = DEFAULT_MAX_PIXELS, min_side: int = MIN_IMAGE_SIDE):
+    """``raw`` (a loaded split) as the contract's three columns, masks remapped to class ids.
+
+    Returns the dataset of the usable rows and the skipped ones (``{"path", "reason"}`` each).
+    """
     import datasets
 
     missing = [c for c in (image_column, mask_column, id_column) if c and c not in raw.column_names]
@@ -346,6 +379,7 @@ def shape_hub_dataset(raw, repo_id: str, split: str, image_column: str, mask_col
         "image_id": datasets.Value("string"),
         "image": datasets.Image(),
         "mask": datasets.Image(),
+        "skip_reason": datasets.Value("string"),
     })
 
     if isinstance(raw.features.get(image_column), datasets.Image):
@@ -354,14 +388,34 @@ def shape_hub_dataset(raw, repo_id: str, split: str, image_column: str, mask_col
 
     def convert(row, index):
         image_id = str(row[id_column]) if id_column else f"{split}-{index:06d}"
-        ids = remap_mask(_mask_ids(row[mask_column], repo_id, index), lut)
-        image = row[image_column]
-        if isinstance(image, Image.Image) and image.mode != "RGB":
-            image = image.convert("RGB")
-        return {"image_id": image_id, "image": image, "mask": {"bytes": _ids_to_png(ids), "path": None}}
+        where = f"{repo_id} split {split} row {index} ({image_id})"
+        raw_ids = _mask_ids(row[mask_column], repo_id, index)  # a wrong mask column is an error, not a skip
+        try:
+            image, (width, height) = _image_cell(row[image_column], where, max_pixels, min_side)
+            try:
+                ids = remap_mask(raw_ids, lut)
+            except PatchAtlasError as err:
+                raise UnusableImage(where, str(err)) from None
+            if ids.shape != (height, width):
+                raise UnusableImage(where, f"mask is {ids.shape[1]}x{ids.shape[0]} but the image is {width}x{height} "
+                                           "(width x height); masks must match their images pixel for pixel")
+            stray = stray_labels(ids, class_ids, ignore_index) if class_ids is not None else []
+            if stray:
+                raise UnusableImage(where, f"mask values {shown(stray)} are neither class ids of the layout nor the "
+                                           f"ignore index {ignore_index}; check --source-option classes=...")
+        except UnusableImage as err:
+            return {"image_id": image_id, "image": None, "mask": None, "skip_reason": err.reason}
+        return {"image_id": image_id, "image": image, "mask": {"bytes": _ids_to_png(ids), "path": None},
+                "skip_reason": ""}
 
-    return raw.map(convert, with_indices=True, remove_columns=raw.column_names, features=features,
-                   desc=f"{repo_id} masks -> class ids")
+    shaped = raw.map(convert, with_indices=True, remove_columns=raw.column_names, features=features,
+                     desc=f"{repo_id} masks -> class ids")
+    reasons = shaped["skip_reason"]
+    skipped = [{"path": f"{repo_id} split {split} row {i} ({image_id})", "reason": reason}
+               for i, (image_id, reason) in enumerate(zip(shaped["image_id"], reasons)) if reason]
+    if skipped:
+        shaped = shaped.filter(lambda reason: not reason, input_columns="skip_reason")
+    return shaped.remove_columns("skip_reason"), skipped
 
 
 def hub_source(
@@ -376,13 +430,17 @@ def hub_source(
     ignore_index: int | None = None,
     limit: int | None = None,
     name: str | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    min_side: int = MIN_IMAGE_SIDE,
 ) -> SegmentationSource:
     """Split ``split`` of Hub dataset ``repo_id`` as a segmentation source.
 
     ``classes`` names a layout of ``HUB_DATASETS`` (``"ade20k"``, ``"cityscapes"``,
     ``"pascal-voc"``) or gives the class list itself (raw mask values are then the class ids).
     Known repositories (e.g. ``scene_parse_150``) find their layout without it. Columns default
-    to the layout's; ``limit`` keeps the first ``limit`` rows.
+    to the layout's; ``limit`` keeps the first ``limit`` rows. Unusable rows are skipped and
+    listed in ``source.skipped``; ``max_pixels`` is the decompression-bomb limit and ``min_side``
+    the smallest image side accepted.
     """
     # Command-line options arrive as strings or ints; "" means "not given".
     revision, config, id_column = (str(v) if v not in (None, "") else None for v in (revision, config, id_column))
@@ -411,22 +469,30 @@ def hub_source(
     mask_column = mask_column or layout.mask_column
     if limit is not None and (isinstance(limit, bool) or int(limit) < 1):
         raise PatchAtlasError(f"limit={limit!r}: must be a positive integer")
+    max_pixels, min_side = check_image_limits(max_pixels, min_side)
 
     raw = _load_split(repo_id, split, revision, config)
     if limit is not None:
         raw = raw.select(range(min(int(limit), len(raw))))
     lut = label_lut(layout.label_map, ignore)
-    dataset = shape_hub_dataset(raw, repo_id, split, image_column, mask_column, lut, id_column)
+    dataset, skipped = shape_hub_dataset(raw, repo_id, split, image_column, mask_column, lut, id_column,
+                                         class_ids={c.id for c in layout.classes}, ignore_index=ignore,
+                                         max_pixels=max_pixels, min_side=min_side)
+    source_name = _slug(name or f"{repo_id}-{split}")
+    if len(dataset) == 0 and skipped:
+        raise no_usable_images(source_name, skipped, f"Hub dataset {repo_id!r} split {split!r}")
     # The cache fingerprint follows the repository revision that was downloaded and any ``limit``.
     fingerprint = getattr(raw, "_fingerprint", "") or ""
     return SegmentationSource(
-        name=_slug(name or f"{repo_id}-{split}"),
+        name=source_name,
         dataset=dataset,
         classes=list(layout.classes),
         ignore_index=ignore,
-        revision=f"{revision or 'default'}:{fingerprint[:12]}",
+        revision=revision_with_skips(f"{revision or 'default'}:{fingerprint[:12]}", skipped),
         license=layout.license,
         description=layout.description or f"Hub dataset {repo_id}, split {split}.",
         params={"repo_id": repo_id, "split": split, "image_column": image_column, "mask_column": mask_column,
-                "layout": layout.name, "revision": revision, "config": config, "limit": limit},
+                "layout": layout.name, "revision": revision, "config": config, "limit": limit,
+                "max_pixels": max_pixels, "min_side": min_side},
+        skipped=skipped,
     )

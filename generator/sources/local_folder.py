@@ -12,10 +12,24 @@ unlabelled. Palette PNGs are read by their indices (never their colours), so a V
 palette mask whose indices are class ids works as is; colour-coded RGB masks are rejected,
 because a colour is not a class id until someone says which.
 
-Everything is checked when the source is loaded (pairs, sizes, mask values, decodability), so
-a bad file is named up front rather than failing deep inside an extraction. The revision is a
-hash of every file the source reads, so it changes whenever any image, mask or the class list
-changes.
+Everything is checked when the source is loaded, so a bad file is named up front rather than
+failing deep inside an extraction. Two kinds of problem are told apart:
+
+- the folder's layout (a missing images/ or masks/ folder, an image without a mask or the
+  reverse, a file that is not .jpg/.jpeg/.png, a colour-coded mask, a bad classes.json) is an
+  error: the folder as a whole is not what the source reads, and guessing would be worse;
+- one unusable pair (an image or mask that does not decode or is truncated, an image beyond the
+  decompression-bomb limit or smaller than ``min_side`` pixels, a mask of another size than its
+  image, a mask holding values that are neither a class id nor the ignore index) is skipped: the
+  source keeps the other images and records each skipped file with its reason in
+  ``source.skipped``, which the build summary and the dataset page show. Mask values outside the
+  class list are skipped rather than mapped to the ignore index because they usually mean the
+  class list or the mask is wrong, and silently ignoring such pixels would bias every score.
+  A folder all of whose pairs are skipped is an error listing the first reasons.
+
+Image modes are converted to 8-bit RGB by ``generator.sources.images`` (shared with the Hub
+source). The revision is a hash of every file the source reads, so it changes whenever any
+image, mask or the class list changes.
 """
 
 from __future__ import annotations
@@ -27,10 +41,14 @@ import re
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from generator.errors import PatchAtlasError
 from generator.sources.base import ClassInfo, SegmentationSource
+from generator.sources.images import (
+    DEFAULT_MAX_PIXELS, MIN_IMAGE_SIDE, UnusableImage, check_image_limits, check_min_side, no_usable_images,
+    open_image, revision_with_skips, shown, stray_labels, to_rgb8,
+)
 
 LOCAL_FOLDER_NAME = "local-folder"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
@@ -38,7 +56,6 @@ MASK_SUFFIX = ".png"
 _HASH_CHUNK = 1 << 20
 # Single-channel modes whose pixel values can be class ids as stored.
 _INDEX_MODES = ("L", "P", "1", "I", "I;16", "I;16L", "I;16B", "I;16N")
-_SIXTEEN_BIT_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
 
 CLASSES_EXAMPLE = ('[{"id": 0, "name": "road", "super_name": "flat", "is_background": true}, '
                    '{"id": 1, "name": "car", "super_name": "vehicle", "is_background": false}]')
@@ -126,20 +143,7 @@ def _read_classes(path: Path, ignore_index: int) -> list[ClassInfo]:
 
 def image_to_rgb(img: Image.Image, where: str = "image") -> Image.Image:
     """An 8-bit RGB copy of ``img``: grayscale, palette, RGBA (alpha dropped), CMYK and 16-bit inputs."""
-    if img.mode == "RGB":
-        return img
-    if img.mode in _SIXTEEN_BIT_MODES:
-        # 16-bit grayscale: 65535 -> 255 (PIL's own convert would clip, not scale).
-        grey = np.asarray(img).astype(np.float64)
-        grey = np.round(np.clip(grey, 0, 65535) / 257.0).astype(np.uint8)
-        return Image.fromarray(grey).convert("RGB")
-    if img.mode == "F":
-        raise PatchAtlasError(f"{where}: floating-point image (mode F); save it as an 8-bit JPEG or PNG")
-    try:
-        return img.convert("RGB")
-    except (ValueError, OSError) as err:
-        raise PatchAtlasError(f"{where}: cannot convert image mode {img.mode} to RGB ({err}); "
-                              "save it as an 8-bit RGB JPEG or PNG") from None
+    return to_rgb8(img, where)
 
 
 def mask_to_ids(mask: Image.Image, where: str = "mask") -> np.ndarray:
@@ -156,12 +160,11 @@ def mask_to_ids(mask: Image.Image, where: str = "mask") -> np.ndarray:
 
 
 def check_mask_values(ids: np.ndarray, class_ids: set[int], ignore_index: int, where: str) -> None:
-    values = {int(v) for v in np.unique(ids)}
-    stray = sorted(values - class_ids - {ignore_index})
+    stray = stray_labels(ids, class_ids, ignore_index)
     if stray:
-        shown = ", ".join(str(v) for v in stray[:10]) + (" ..." if len(stray) > 10 else "")
-        raise PatchAtlasError(f"{where}: mask values {shown} are neither class ids in classes.json nor the ignore "
-                              f"index {ignore_index}; add them to classes.json or set them to {ignore_index}")
+        raise UnusableImage(where, f"mask values {shown(stray)} are neither class ids in classes.json nor the "
+                                   f"ignore index {ignore_index}; add them to classes.json or set them to "
+                                   f"{ignore_index}")
 
 
 def _png_bytes(img: Image.Image) -> bytes:
@@ -170,14 +173,32 @@ def _png_bytes(img: Image.Image) -> bytes:
     return buffer.getvalue()
 
 
-def _open_decoded(path: Path, what: str) -> Image.Image:
-    try:
-        img = Image.open(path)
-        img.load()
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise PatchAtlasError(f"{path}: cannot read this {what} ({type(err).__name__}: {err}); the file is "
-                              f"corrupt or not an image: replace it or remove it (and its pair)") from None
-    return img
+def _open_decoded(path: Path, what: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    return open_image(path, str(path), max_pixels=max_pixels, what=what)
+
+
+def _pair_cells(image_path: Path, mask_path: Path, class_ids: set[int], ignore_index: int, max_pixels: int,
+                min_side: int) -> tuple[dict, dict]:
+    """The stored image and mask cells of one pair; ``UnusableImage`` when the pair cannot be used."""
+    img = _open_decoded(image_path, "image", max_pixels)
+    check_min_side(img, str(image_path), min_side)
+    mask = _open_decoded(mask_path, "mask", max_pixels)
+    if img.size != mask.size:
+        raise UnusableImage(str(mask_path), f"mask is {mask.size[0]}x{mask.size[1]} but its image {image_path} is "
+                                            f"{img.size[0]}x{img.size[1]} (width x height); masks must match their "
+                                            "images pixel for pixel")
+    mask_ids = mask_to_ids(mask, str(mask_path))
+    check_mask_values(mask_ids, class_ids, ignore_index, str(mask_path))
+    rgb = to_rgb8(img, str(image_path))
+    # An 8-bit RGB file is kept by path (decoded on use); anything converted is stored as PNG.
+    image_cell = {"path": str(image_path), "bytes": None} if img.mode == "RGB" else {"path": None,
+                                                                                      "bytes": _png_bytes(rgb)}
+    # Masks are re-encoded without a palette, so any reader sees class ids, never colours.
+    if mask_ids.max(initial=0) <= 255:
+        mask_img = Image.fromarray(mask_ids.astype(np.uint8))
+    else:
+        mask_img = Image.fromarray(mask_ids.astype(np.uint16))
+    return image_cell, {"path": None, "bytes": _png_bytes(mask_img)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -213,14 +234,21 @@ def local_folder_source(
     classes: str = "classes.json",
     ignore_index: int = 255,
     name: str | None = None,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    min_side: int = MIN_IMAGE_SIDE,
 ) -> SegmentationSource:
-    """The folder ``path`` (images/, masks/, classes.json) as a segmentation source, fully checked."""
+    """The folder ``path`` (images/, masks/, classes.json) as a segmentation source, fully checked.
+
+    Unusable pairs are skipped and listed in ``source.skipped``; ``max_pixels`` is the
+    decompression-bomb limit and ``min_side`` the smallest image side accepted.
+    """
     import datasets
 
     if not path:
         raise PatchAtlasError(f"source {LOCAL_FOLDER_NAME!r} needs a folder: pass "
                               "`--source local-folder --source-option path=/path/to/folder`")
     ignore_index = _as_int(ignore_index, "ignore_index")
+    max_pixels, min_side = check_image_limits(max_pixels, min_side)
     if not 0 <= ignore_index <= 65535:
         raise PatchAtlasError(f"ignore_index={ignore_index}: must lie in 0..65535 (a mask pixel value)")
     root = Path(path).expanduser()
@@ -249,32 +277,23 @@ def local_folder_source(
             raise PatchAtlasError(f"{file}: mask without an image; add {image_dir / key}.jpg (or .png) or remove "
                                   "the mask")
 
-    ids, image_cells, mask_cells = [], [], []
+    source_name = _slug(name) if name else _slug(f"local-{root.resolve().name}")
+    ids, image_cells, mask_cells, skipped = [], [], [], []
     for key in sorted(image_files):
-        image_path, mask_path = image_files[key], mask_files[key]
-        img = _open_decoded(image_path, "image")
-        mask = _open_decoded(mask_path, "mask")
-        if img.size != mask.size:
-            raise PatchAtlasError(f"{mask_path}: mask is {mask.size[0]}x{mask.size[1]} but its image {image_path} is "
-                                  f"{img.size[0]}x{img.size[1]} (width x height); masks must match their images "
-                                  "pixel for pixel")
-        mask_ids = mask_to_ids(mask, str(mask_path))
-        check_mask_values(mask_ids, class_ids, ignore_index, str(mask_path))
-        rgb = image_to_rgb(img, str(image_path))
-        # An 8-bit RGB file is kept by path (decoded on use); anything converted is stored as PNG.
-        if img.mode == "RGB":
-            image_cells.append({"path": str(image_path), "bytes": None})
-        else:
-            image_cells.append({"path": None, "bytes": _png_bytes(rgb)})
-        # Masks are re-encoded without a palette, so any reader sees class ids, never colours.
-        if mask_ids.max(initial=0) <= 255:
-            mask_img = Image.fromarray(mask_ids.astype(np.uint8))
-        else:
-            mask_img = Image.fromarray(mask_ids.astype(np.uint16))
-        mask_cells.append({"path": None, "bytes": _png_bytes(mask_img)})
+        try:
+            image_cell, mask_cell = _pair_cells(image_files[key], mask_files[key], class_ids, ignore_index,
+                                                max_pixels, min_side)
+        except UnusableImage as err:
+            skipped.append(err.record())
+            continue
+        image_cells.append(image_cell)
+        mask_cells.append(mask_cell)
         ids.append(key)
+    if not ids:
+        raise no_usable_images(source_name, skipped, str(root))
 
-    revision = folder_revision(root, [classes_path, *image_files.values(), *mask_files.values()])
+    revision = revision_with_skips(
+        folder_revision(root, [classes_path, *image_files.values(), *mask_files.values()]), skipped)
     features = datasets.Features({
         "image_id": datasets.Value("string"),
         "image": datasets.Image(),
@@ -283,13 +302,15 @@ def local_folder_source(
     dataset = datasets.Dataset.from_dict({"image_id": ids, "image": image_cells, "mask": mask_cells},
                                          features=features)
     return SegmentationSource(
-        name=_slug(name) if name else _slug(f"local-{root.resolve().name}"),
+        name=source_name,
         dataset=dataset,
         classes=class_list,
         ignore_index=ignore_index,
         revision=revision,
         license="unknown",
-        description=f"Images and class masks from the local folder {root} ({len(ids)} images).",
+        description=f"Images and class masks from the local folder {root} ({len(ids)} images"
+                    + (f", {len(skipped)} skipped" if skipped else "") + ").",
         params={"path": str(root), "images": images, "masks": masks, "classes": classes,
-                "ignore_index": ignore_index},
+                "ignore_index": ignore_index, "max_pixels": max_pixels, "min_side": min_side},
+        skipped=skipped,
     )

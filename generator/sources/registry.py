@@ -17,6 +17,7 @@ from generator.sources.base import SegmentationSource
 from generator.sources.cityscapes import PAPER_CITYSCAPES_NAME, paper_cityscapes_source
 from generator.sources.content_free import CONTENT_FREE_NAME, content_free_source
 from generator.sources.hub import hub_source
+from generator.sources.images import DEFAULT_MAX_PIXELS, MIN_IMAGE_SIDE
 from generator.sources.local_folder import LOCAL_FOLDER_NAME, local_folder_source
 from generator.sources.synthetic import SYNTHETIC_NAME, synthetic_scenes
 
@@ -46,14 +47,15 @@ SOURCES: dict[str, SourceEntry] = {
             LOCAL_FOLDER_NAME, local_folder_source,
             "a local folder: images/<id>.jpg|png, masks/<id>.png (class ids), classes.json; needs path=",
             {"path": "", "images": "images", "masks": "masks", "classes": "classes.json", "ignore_index": 255,
-             "name": ""},
+             "name": "", "max_pixels": DEFAULT_MAX_PIXELS, "min_side": MIN_IMAGE_SIDE},
         ),
         SourceEntry(
             "hub", hub_source,
             "a Hugging Face Hub segmentation dataset (repo_id=, classes=ade20k|cityscapes|pascal-voc); "
             "needs a network or a cached copy",
             {"repo_id": "", "split": "validation", "classes": "", "image_column": "", "mask_column": "",
-             "revision": "", "config": "", "id_column": "", "ignore_index": None, "limit": None, "name": ""},
+             "revision": "", "config": "", "id_column": "", "ignore_index": None, "limit": None, "name": "",
+             "max_pixels": DEFAULT_MAX_PIXELS, "min_side": MIN_IMAGE_SIDE},
         ),
         SourceEntry(
             PAPER_CITYSCAPES_NAME, paper_cityscapes_source,
@@ -86,8 +88,11 @@ def get_source_entry(name: str) -> SourceEntry:
                       "(list them with `patchatlas datasets`).")
 
 
-def load_source(name: str, **params: Any) -> SegmentationSource:
-    """Load source ``name``; ``params`` override the entry's defaults and must be among them."""
+def load_source(name: str, /, **params: Any) -> SegmentationSource:
+    """Load source ``name``; ``params`` override the entry's defaults and must be among them.
+
+    ``name`` is positional-only: several sources have a ``name`` parameter of their own.
+    """
     entry = get_source_entry(name)
     unknown = sorted(set(params) - set(entry.default_params))
     if unknown:

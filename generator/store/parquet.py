@@ -395,10 +395,12 @@ def write_images_shards(folder: str | os.PathLike, rows: Iterable[dict], shard_b
         flush()
         writer.close()
     except BaseException as err:
-        if writer is not None:
-            writer.abort(err)
-        for part in parts:
-            part.unlink(missing_ok=True)
+        try:
+            if writer is not None:
+                writer.abort(err)
+        finally:
+            for part in parts:
+                part.unlink(missing_ok=True)
         raise
     final = [folder / shard_name(i, len(parts)) for i in range(len(parts))]
     for part, path in zip(parts, final):
