@@ -139,6 +139,9 @@ def _extract_options(f):
         click.option("--layers", default="all", show_default=True,
                      help="'all', 'last', 'quartiles' or block numbers like '4,8,12' (1-based)."),
         click.option("--norms", default="prenorm,postnorm", show_default=True, help="Token views to write."),
+        click.option("--curve-layers", default="all", show_default=True,
+                     help="Layers of the layer-wise curves (k-NN, variance, norms); those not in --layers are "
+                          "computed in a streaming pass that stores no tokens."),
         click.option("--label-rule", type=click.Choice(["nearest", "majority"]), default="majority",
                      show_default=True, help="How a patch's label is taken from the mask."),
         click.option("--batch-size", type=click.IntRange(min=1), default=None,
@@ -188,8 +191,9 @@ def cli():
     """PatchAtlas: what self-supervised vision transformers see, patch by patch."""
 
 
-def _do_extract(out, sources, source_options, models, layers, norms, label_rule, batch_size, embedding_dtype,
-                shard_mb, weights, offline, device, quiet, rank=0, world_size=1):
+def _do_extract(out, sources, source_options, models, layers, norms, curve_layers, label_rule, batch_size,
+                embedding_dtype, shard_mb, weights, offline, device, quiet, rank=0, world_size=1, knn_k=1,
+                knn_similarity="dot"):
     _set_offline(offline)
     from generator.extract import ExtractOptions, run_extract
     from generator.models.registry import DEFAULT_MODELS
@@ -209,7 +213,8 @@ def _do_extract(out, sources, source_options, models, layers, norms, label_rule,
     options = ExtractOptions(layers=layers, norms=_split(norms), label_rule=label_rule, batch_size=batch_size,
                              device=_device(device, rank if world_size > 1 else None),
                              weights=_parse_weights(weights), progress=not quiet, embedding_dtype=embedding_dtype,
-                             shard_bytes=int(shard_mb * 1e6), rank=rank, world_size=world_size)
+                             shard_bytes=int(shard_mb * 1e6), rank=rank, world_size=world_size,
+                             curve_layers=curve_layers, knn_k=knn_k, knn_similarity=knn_similarity)
     outcomes = run_extract(out, loaded, _split(models) if models else list(DEFAULT_MODELS), options)
     for source, rows in outcomes.items():
         for row in rows:
@@ -255,8 +260,8 @@ def _do_render(out, gallery_images, gallery_k, no_html, quiet=False):
 @click.option("--world-size", type=click.IntRange(min=1), default=1, envvar="WORLD_SIZE", show_default=True,
               help="Workers sharing the shards (torchrun sets WORLD_SIZE); 1 runs everything here.")
 @_common
-def extract(out, sources, source_options, models, layers, norms, label_rule, batch_size, embedding_dtype, shard_mb,
-            weights, offline, rank, world_size, device, quiet):
+def extract(out, sources, source_options, models, layers, norms, curve_layers, label_rule, batch_size,
+            embedding_dtype, shard_mb, weights, offline, rank, world_size, device, quiet):
     """Run models over datasets; write patch-embedding dataset repos under OUT/datasets.
 
     Distributed: `torchrun --nproc-per-node N -m generator.cli extract ...` runs N workers that
@@ -265,8 +270,9 @@ def extract(out, sources, source_options, models, layers, norms, label_rule, bat
     """
     worker = (rank, world_size) if world_size > 1 else None
     with output_lock(out, worker=worker):
-        outcomes = _do_extract(out, sources, source_options, models, layers, norms, label_rule, batch_size,
-                               embedding_dtype, shard_mb, weights, offline, device, quiet, rank, world_size)
+        outcomes = _do_extract(out, sources, source_options, models, layers, norms, curve_layers, label_rule,
+                               batch_size, embedding_dtype, shard_mb, weights, offline, device, quiet, rank,
+                               world_size)
     if worker:
         for source, rows in outcomes.items():
             for row in rows:
@@ -310,12 +316,13 @@ def render(out, gallery_images, gallery_k, no_html, quiet):
 @_analyze_options
 @_render_options
 @_common
-def build(out, sources, source_options, models, layers, norms, label_rule, batch_size, embedding_dtype, shard_mb,
-          weights, offline, ks, seed, knn_k, knn_similarity, linear_epochs, gallery_images, gallery_k, no_html, device, quiet):
+def build(out, sources, source_options, models, layers, norms, curve_layers, label_rule, batch_size,
+          embedding_dtype, shard_mb, weights, offline, ks, seed, knn_k, knn_similarity, linear_epochs, gallery_images, gallery_k, no_html, device, quiet):
     """extract + analyze + render, resuming whatever is already done."""
     with output_lock(out):
-        outcomes = _do_extract(out, sources, source_options, models, layers, norms, label_rule, batch_size,
-                               embedding_dtype, shard_mb, weights, offline, device, quiet)
+        outcomes = _do_extract(out, sources, source_options, models, layers, norms, curve_layers, label_rule,
+                               batch_size, embedding_dtype, shard_mb, weights, offline, device, quiet,
+                               knn_k=knn_k, knn_similarity=knn_similarity)
         _do_analyze(out, ks, seed, knn_k, knn_similarity, linear_epochs, device, quiet)
         site = _do_render(out, gallery_images, gallery_k, no_html, quiet)
     click.echo("")

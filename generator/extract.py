@@ -42,6 +42,7 @@ from generator.store.atomic import atomic_path
 from generator.store.manifest import Manifest, file_sha256, params_hash
 from generator.store.parquet import AttentionTableWriter, PatchTableWriter, PrefixTableWriter, write_images_shards
 from generator.store.schema import DEFAULT_EMBEDDING_DTYPE, check_embedding_dtype
+from generator.stream import run_stream_unit
 from generator.store.repo import (
     ATTENTION_CONFIG_SUFFIX,
     IMAGES_CONFIG,
@@ -84,6 +85,11 @@ class ExtractOptions:
     shard_bytes: int = SHARD_BYTES  # the most bytes of one Parquet shard
     rank: int = 0  # this worker, of world_size workers sharing the shards (torchrun's RANK)
     world_size: int = 1
+    # Layer-wise curves (k-NN, variance, norms) of these layers; those not published are
+    # streamed in a pass of their own (generator/stream.py), with the analyses' k-NN settings.
+    curve_layers: str | Sequence[int] = "all"
+    knn_k: int = 1
+    knn_similarity: str = "dot"
 
     def validate(self) -> None:
         check_embedding_dtype(self.embedding_dtype)
@@ -447,6 +453,7 @@ def _extract_unit(source: SegmentationSource, entry: ModelEntry, options: Extrac
         done = manifest.get(key)
         if options.variants:
             _variants_unit(source, entry, options, repo.parent.parent, manifest, tokens_hash, None)
+        run_stream_unit(source, entry, options, repo.parent.parent, manifest, tokens_hash, None, done["layers"])
         return ModelOutcome(entry.name, "reused", configs=[c["name"] for c in done["configs"]])
     layers = resolve_layers(options.layers, geometry.depth)
     encoder: Encoder | None = None
@@ -480,6 +487,8 @@ def _extract_unit(source: SegmentationSource, entry: ModelEntry, options: Extrac
         _finish_unit(source, entry, geometry, layers, shards, params, tokens_hash, options, repo, manifest)
     if options.variants and variants_mine:
         _variants_unit(source, entry, options, repo.parent.parent, manifest, tokens_hash, encoder)
+    if not worker:  # one ordered pass over all images: the merging run does it after a distributed one
+        run_stream_unit(source, entry, options, repo.parent.parent, manifest, tokens_hash, encoder, layers)
     del encoder
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

@@ -455,9 +455,21 @@ def _probe_context(out: Path, docs: Path, src: dict, families: dict[str, str]) -
     for p in layer_rows:
         if p["norm"] == "postnorm":
             by_model.setdefault(p["model"], []).append(p)
+    # Layers that were not published: their k-NN comes from the streaming pass of extract.
+    streamed = []
+    for record in _load_json((out / "results" / name).glob("*/layerwise.json")):
+        published = {p["layer"] for p in by_model.get(record["model"], [])}
+        for row in record["layers"]:
+            if row["layer"] not in published:
+                streamed.append({"model": record["model"], **row})
+    knn_by_model = {m: sorted(rows + [r for r in streamed if r["model"] == m], key=lambda r: r["layer"])
+                    for m, rows in by_model.items()}
+    for r in streamed:
+        knn_by_model.setdefault(r["model"], []).append(r)
     for metric in ("knn_miou", "linear_miou"):
         rel = assets / f"layers-{metric}.png"
-        line_chart_png(series(by_model, "layer", metric), docs / rel, xlabel="layer",
+        rows_by_model = knn_by_model if metric == "knn_miou" else by_model
+        line_chart_png(series(rows_by_model, "layer", metric), docs / rel, xlabel="layer",
                        ylabel=metric.replace("_", " "), title=f"{metric.split('_')[0]} mIoU by layer on {name}")
         charts[f"layers_{metric}"] = rel.as_posix()
     with_variance = {m: p for m, p in last.items() if "variance" in p}
@@ -502,6 +514,7 @@ def _probe_context(out: Path, docs: Path, src: dict, families: dict[str, str]) -
         charts["retrieval"] = rel.as_posix()
     return {"last": sorted(last.values(), key=lambda p: (families.get(p["model"], "?"), p["model"])),
             "layers": layer_rows, "charts": charts, "families": families,
+            "streamed": sorted(streamed, key=lambda r: (r["model"], r["layer"])),
             "retrieval": sorted(retrieval_rows, key=lambda r: (r["model"], r["transform"], r["level"],
                                                                r["exclude_same_image"]))}
 

@@ -90,7 +90,19 @@ def segmentation_metrics(
     # Out-of-range predictions go to an extra column that no IoU reads as a false positive.
     pred_col = np.where(in_range, pred, n_classes)
     flat = np.bincount(target * (n_classes + 1) + pred_col, minlength=n_classes * (n_classes + 1))
-    full = flat.reshape(n_classes, n_classes + 1)
+    return metrics_from_counts(flat.reshape(n_classes, n_classes + 1), eval_classes)
+
+
+def metrics_from_counts(full: np.ndarray, eval_classes: Sequence[int] | None = None) -> dict:
+    """``segmentation_metrics`` from the counts it is built on: ``full`` int [C, C + 1], rows the
+    target class, columns the predicted class and, last, predictions outside the classes.
+
+    Counts of several parts of a dataset add up, so streamed evaluation sums them and calls this once.
+    """
+    full = np.asarray(full)
+    n_classes = full.shape[0]
+    if full.ndim != 2 or full.shape[1] != n_classes + 1:
+        raise PatchAtlasError(f"counts of shape {full.shape}: expected [classes, classes + 1]")
     confusion = full[:, :n_classes]
     tp = np.diag(confusion).astype(np.float64)
     target_count = full.sum(axis=1).astype(np.float64)
