@@ -551,6 +551,16 @@ def _finish_unit(source: SegmentationSource, entry: ModelEntry, geometry: Geomet
     manifest.save()
 
 
+def encoder_if_available(entry: ModelEntry, options: ExtractOptions) -> Encoder | None:
+    """The model's encoder for a unit that follows extraction, or None when its weights cannot be
+    had (the extract unit has already recorded why)."""
+    try:
+        return load_encoder(entry, checkpoint=options.weights.get(entry.name), device=options.device,
+                            cache_dir=options.cache_dir)
+    except WeightsUnavailable:
+        return None
+
+
 def variants_dir(out: Path, source_name: str, model: str) -> Path:
     return Path(out) / "variants" / source_name / model
 
@@ -576,12 +586,9 @@ def _variants_unit(source: SegmentationSource, entry: ModelEntry, options: Extra
               "version": EXTRACTOR_VERSION}
     if manifest.is_done(key, params, out):
         return
+    encoder = encoder or encoder_if_available(entry, options)
     if encoder is None:
-        try:
-            encoder = load_encoder(entry, checkpoint=options.weights.get(entry.name), device=options.device,
-                                   cache_dir=options.cache_dir)
-        except WeightsUnavailable:
-            return  # the extract unit already records why this model is missing
+        return
     _, val_ids = few_shot_split(source.dataset["image_id"], train_count=source.probe_train_count)
     val = source.dataset.select(range(len(source) - len(val_ids), len(source)))
     images = [np.asarray(img.convert("RGB")) for img in val["image"]]

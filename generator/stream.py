@@ -22,8 +22,7 @@ from tqdm.auto import tqdm
 
 from generator.analyses.streaming import NormHistogram, RunningMoments, StreamingKNN
 from generator.concurrency import prefetched
-from generator.errors import WeightsUnavailable
-from generator.models.encoder import Encoder, load_encoder, resolve_layers
+from generator.models.encoder import Encoder, resolve_layers
 from generator.models.registry import ModelEntry, model_geometry
 from generator.sources.base import SegmentationSource
 from generator.sources.splits import few_shot_split
@@ -46,7 +45,7 @@ def streamed_layers(curve_layers, depth: int, published: list[int]) -> list[int]
 def run_stream_unit(source: SegmentationSource, entry: ModelEntry, options, out: Path, manifest: Manifest,
                     tokens_hash: str, encoder: Encoder | None, published: list[int]) -> None:
     """Compute (or reuse) the layer-wise results of the unpublished layers of one (source, model)."""
-    from generator.extract import grid_labels, iter_batches  # the stage's own batch and label rules
+    from generator.extract import encoder_if_available, grid_labels, iter_batches  # the stage's own rules
 
     key = stream_key(source.name, entry.name)
     path = Path(out) / "results" / source.name / entry.name / LAYERWISE_FILE
@@ -64,12 +63,9 @@ def run_stream_unit(source: SegmentationSource, entry: ModelEntry, options, out:
               "version": STREAM_VERSION}
     if manifest.is_done(key, params, out):
         return
+    encoder = encoder or encoder_if_available(entry, options)
     if encoder is None:
-        try:
-            encoder = load_encoder(entry, checkpoint=options.weights.get(entry.name), device=options.device,
-                                   cache_dir=options.cache_dir)
-        except WeightsUnavailable:
-            return  # the extract unit already records why this model is missing
+        return
     results = layerwise_results(source, encoder, layers, options, grid_labels, iter_batches)
     atomic_write_json(path, {"source": source.name, "model": entry.name, "streamed": True, "layers": results})
     manifest.set(key, {"status": "done", "params": params, "params_hash": params_hash(params),
