@@ -34,7 +34,7 @@ from generator.store.parquet import (
     read_attention_table,
     read_images_table,
     read_patch_table,
-    write_images_table,
+    write_images_shards,
 )
 from generator.store.repo import (
     ConfigCardInfo,
@@ -115,9 +115,9 @@ def _write_tiny_repo(root: Path, rng: np.random.Generator, source_info: dict | N
     planted["attention"] = attention
     planted["images"] = [rng.integers(0, 256, (12, 16, 3), dtype=np.uint8) for _ in IDS]
     planted["masks"] = [rng.integers(0, 3, (12, 16), dtype=np.uint8) for _ in IDS]
-    write_images_table(root / "images" / shard_name(), (
+    write_images_shards(root / "images", (
         {"image_id": i, "image_png": _png(im), "mask_png": _png(m), "width": 16, "height": 12}
-        for i, im, m in zip(IDS, planted["images"], planted["masks"])))
+        for i, im, m in zip(IDS, planted["images"], planted["masks"])), shard_bytes=500_000_000)
     info = {"name": "tiny scenes", "description": "A *tiny* set of scenes.", "license": "CC0-1.0",
             "revision": "r1", "classes": [{"id": 0, "name": "sky", "super_name": "background"}],
             "ignore_index": 255,
@@ -468,3 +468,24 @@ def test_written_files_get_the_mode_of_any_new_file_not_a_private_one(tmp_path):
         writer.write_batch(["a"], np.ones((1, *GRID, DIM), np.float32), np.ones((1, *GRID), np.int16))
     for name in ("card.md", "p.parquet"):
         assert (tmp_path / name).stat().st_mode & 0o777 == 0o666 & ~_UMASK
+
+
+def test_images_are_sharded_by_bytes_in_order_and_old_shards_go(tmp_path):
+    from generator.store.parquet import read_first_images, read_images_table
+
+    rng = np.random.default_rng(9)
+    images = [rng.integers(0, 256, (12, 16, 3), dtype=np.uint8) for _ in range(7)]
+    rows = [{"image_id": f"im{i}", "image_png": _png(im), "mask_png": _png(im[..., 0]), "width": 16, "height": 12}
+            for i, im in enumerate(images)]
+    size = len(rows[0]["image_png"]) + len(rows[0]["mask_png"])
+    folder = tmp_path / "images"
+    (folder).mkdir()
+    (folder / "train-00000-of-00009.parquet").write_bytes(b"an older run's shard")
+    paths = write_images_shards(folder, iter(rows), shard_bytes=int(size * 2.5))
+    assert [p.name for p in paths] == [f"train-0000{i}-of-00004.parquet" for i in range(4)]
+    assert sorted(p.name for p in folder.iterdir()) == [p.name for p in paths]  # no stale, no .part files
+    stored = [row for path in paths for row in read_images_table(path)]
+    assert [r["image_id"] for r in stored] == [r["image_id"] for r in rows]
+    assert [len(read_images_table(p)) for p in paths] == [2, 2, 2, 1]
+    assert [r["image_id"] for r in read_first_images(folder, 3)] == ["im0", "im1", "im2"]
+    assert read_images_table(paths)[6]["image_png"] == rows[6]["image_png"]

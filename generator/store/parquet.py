@@ -410,25 +410,6 @@ def write_images_shards(folder: str | os.PathLike, rows: Iterable[dict], shard_b
     return final
 
 
-def write_images_table(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
-    """Images and masks as encoded PNG bytes (``datasets.Image`` cells), in the given order.
-
-    ``rows`` yields dicts with ``image_id``, ``image_png``, ``mask_png``, ``width``, ``height``.
-    """
-    path = Path(path)
-    schema = image_schema()
-    with TableWriter(path, schema, row_group_rows=IMAGES_PER_ROW_GROUP) as writer:
-        chunk: list[dict] = []
-        for row in rows:
-            chunk.append(row)
-            if len(chunk) == IMAGES_PER_ROW_GROUP:
-                writer.write_table(_image_rows_table(path, chunk, schema))
-                chunk = []
-        if chunk:
-            writer.write_table(_image_rows_table(path, chunk, schema))
-    return path
-
-
 def _as_paths(paths: PathOrPaths) -> list[Path]:
     if isinstance(paths, (str, os.PathLike)):
         return [Path(paths)]
