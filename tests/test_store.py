@@ -481,6 +481,7 @@ def test_images_are_sharded_by_bytes_in_order_and_old_shards_go(tmp_path):
     folder = tmp_path / "images"
     (folder).mkdir()
     (folder / "train-00000-of-00009.parquet").write_bytes(b"an older run's shard")
+    (folder / ".part-00007.parquet").write_bytes(b"a killed run's part")
     paths = write_images_shards(folder, iter(rows), shard_bytes=int(size * 2.5))
     assert [p.name for p in paths] == [f"train-0000{i}-of-00004.parquet" for i in range(4)]
     assert sorted(p.name for p in folder.iterdir()) == [p.name for p in paths]  # no stale, no .part files

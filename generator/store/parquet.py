@@ -363,6 +363,8 @@ def write_images_shards(folder: str | os.PathLike, rows: Iterable[dict], shard_b
     from generator.store.repo import shard_name
 
     folder = Path(folder)
+    for leftover in folder.glob(".part-*.parquet"):  # of a run killed before its renames
+        leftover.unlink()
     parts: list[Path] = []
     schema = image_schema()
     chunk: list[dict] = []
