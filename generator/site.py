@@ -462,10 +462,11 @@ def _probe_context(out: Path, docs: Path, src: dict, families: dict[str, str]) -
         for row in record["layers"]:
             if row["layer"] not in published:
                 streamed.append({"model": record["model"], **row})
-    knn_by_model = {m: sorted(rows + [r for r in streamed if r["model"] == m], key=lambda r: r["layer"])
-                    for m, rows in by_model.items()}
+    knn_by_model = {m: list(rows) for m, rows in by_model.items()}
     for r in streamed:
         knn_by_model.setdefault(r["model"], []).append(r)
+    for rows in knn_by_model.values():
+        rows.sort(key=lambda r: r["layer"])
     for metric in ("knn_miou", "linear_miou"):
         rel = assets / f"layers-{metric}.png"
         rows_by_model = knn_by_model if metric == "knn_miou" else by_model
@@ -515,6 +516,7 @@ def _probe_context(out: Path, docs: Path, src: dict, families: dict[str, str]) -
     return {"last": sorted(last.values(), key=lambda p: (families.get(p["model"], "?"), p["model"])),
             "layers": layer_rows, "charts": charts, "families": families,
             "streamed": sorted(streamed, key=lambda r: (r["model"], r["layer"])),
+            "knn_by_layer": {m: [(r["layer"], r["knn_miou"]) for r in rows] for m, rows in knn_by_model.items()},
             "retrieval": sorted(retrieval_rows, key=lambda r: (r["model"], r["transform"], r["level"],
                                                                r["exclude_same_image"]))}
 

@@ -138,3 +138,10 @@ def test_unpublished_layers_get_streamed_curves_equal_to_the_analysis_of_publish
     assert not (published_out / "results/synthetic-scenes/tiny_random/layerwise.json").exists()
     page = (streamed_out / "docs/probe-metrics.md").read_text()
     assert "streamed (not published)" in page
+    # The k-NN-by-layer chart has one point per layer: the streamed layer 1, the published layer 2.
+    from generator.site import _probe_context
+
+    last = json.loads((streamed_out / "results/synthetic-scenes/tiny_random/tiny_random-L02-postnorm"
+                       / "probes.json").read_text())
+    context = _probe_context(streamed_out, tmp_path / "docs", {"name": "synthetic-scenes"}, {})
+    assert context["knn_by_layer"]["tiny_random"] == [(1, row["knn_miou"]), (2, last["knn_miou"])]
