@@ -40,7 +40,13 @@ from generator.sources.labels import LABEL_RULES, patch_labels, resize_mask
 from generator.sources.splits import PROBE_TRAIN_FRACTION, few_shot_split
 from generator.store.atomic import atomic_path
 from generator.store.manifest import Manifest, file_sha256, params_hash
-from generator.store.parquet import AttentionTableWriter, PatchTableWriter, PrefixTableWriter, write_images_shards
+from generator.store.parquet import (
+    AttentionTableWriter,
+    PatchTableWriter,
+    PrefixTableWriter,
+    check_float16_range,
+    write_images_shards,
+)
 from generator.store.schema import DEFAULT_EMBEDDING_DTYPE, check_embedding_dtype
 from generator.stream import run_stream_unit
 from generator.store.repo import (
@@ -61,7 +67,6 @@ SHARD_BYTES = 500 * 1000 * 1000
 # Bytes of a patch row besides its embedding (row, col, label as int16 and the image id's
 # dictionary index), rounded up so that the shard bound holds.
 ROW_OVERHEAD_BYTES = 16
-FLOAT16_MAX = float(np.finfo(np.float16).max)
 # Images per forward pass: large on GPUs, where small batches leave the device idle (ViT-B/16 in
 # bf16 at 256 needs about 2 GiB); moderate on CPUs, where it only bounds memory.
 DEFAULT_BATCH_SIZES = {"cuda": 256, "cpu": 16}
@@ -338,9 +343,8 @@ def to_host(tokens: torch.Tensor, dtype: str, where: str) -> np.ndarray:
     peak = float(tokens.abs().amax()) if tokens.numel() else 0.0
     if not math.isfinite(peak):
         raise PatchAtlasError(f"{where}: NaN/inf tokens; the weights or the inputs are broken")
-    if dtype == "float16" and peak > FLOAT16_MAX:
-        raise PatchAtlasError(f"{where}: tokens reach |{peak:.4g}|, beyond float16's range (±{FLOAT16_MAX:.0f}); "
-                              f"write this model's embeddings as float32 (--embedding-dtype float32)")
+    if dtype == "float16":
+        check_float16_range(peak, f"{where}: tokens")
     return tokens.to(getattr(torch, dtype)).cpu().numpy()
 
 

@@ -490,3 +490,30 @@ def test_images_are_sharded_by_bytes_in_order_and_old_shards_go(tmp_path):
     assert [len(read_images_table(p)) for p in paths] == [2, 2, 2, 1]
     assert [r["image_id"] for r in read_first_images(folder, 3)] == ["im0", "im1", "im2"]
     assert read_images_table(paths)[6]["image_png"] == rows[6]["image_png"]
+
+
+def test_float16_tables_refuse_tokens_beyond_float16_range_and_keep_the_old_file(tmp_path):
+    import torch
+
+    from generator.extract import to_host
+
+    path = tmp_path / "p.parquet"
+    ok = np.ones((1, *GRID, DIM), np.float32)
+    with PatchTableWriter(path, DIM) as writer:
+        writer.write_batch(["a"], ok, np.ones((1, *GRID), np.int16))
+    before = file_sha256(path)
+    huge = ok.copy()
+    huge[0, 1, 2, 3] = 70000.0  # float16's largest finite value is 65504
+    with pytest.raises(PatchAtlasError, match=r"p\.parquet: tokens reach \|7e\+04\|.*--embedding-dtype float32"):
+        with PatchTableWriter(path, DIM) as writer:
+            writer.write_batch(["a"], huge, np.ones((1, *GRID), np.int16))
+    assert file_sha256(path) == before
+    with PatchTableWriter(path, DIM, dtype="float32") as writer:  # float32 holds it
+        writer.write_batch(["a"], huge, np.ones((1, *GRID), np.int16))
+    # The extraction path checks on the device, before the cast would turn it into inf.
+    with pytest.raises(PatchAtlasError, match="model x: tokens reach"):
+        to_host(torch.from_numpy(huge), "float16", "model x")
+    assert to_host(torch.from_numpy(huge), "float32", "model x").dtype == np.float32
+    with pytest.raises(PatchAtlasError, match="NaN/inf"):
+        to_host(torch.tensor([[1.0, float("nan")]]), "float32", "model x")
+    assert to_host(torch.from_numpy(ok), "float16", "model x").dtype == np.float16

@@ -44,7 +44,7 @@ MIN_ROW_GROUP_ROWS = 1024
 MAX_ROW_GROUP_ROWS = 128 * 1024
 IMAGES_PER_ROW_GROUP = 64
 _INT16 = np.iinfo(np.int16)
-_FLOAT16_MAX = float(np.finfo(np.float16).max)
+FLOAT16_MAX = float(np.finfo(np.float16).max)
 PathOrPaths = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
 
 
@@ -224,12 +224,16 @@ def _check_tokens(path: Path, tokens: np.ndarray, ndim: int, dim: int, what: str
             f"{dtype} embeddings of dimension {dim}")
     if dtype == "float16" and tokens.dtype != np.float16 and tokens.size:
         # A value beyond float16's range would be stored as inf: refuse instead of corrupting it.
-        peak = float(np.abs(tokens).max())
-        if peak > _FLOAT16_MAX:
-            raise PatchAtlasError(
-                f"{path}: {what} reach |{peak:.4g}|, beyond float16's range (±{_FLOAT16_MAX:.0f}); "
-                f"write this model's embeddings as float32 (--embedding-dtype float32)")
+        check_float16_range(float(np.abs(tokens).max()), f"{path}: {what}")
     return tokens
+
+
+def check_float16_range(peak: float, where: str) -> None:
+    """Refuse tokens whose largest magnitude ``peak`` a float16 column would store as inf."""
+    if peak > FLOAT16_MAX:
+        raise PatchAtlasError(
+            f"{where} reach |{peak:.4g}|, beyond float16's range (±{FLOAT16_MAX:.0f}); "
+            f"write this model's embeddings as float32 (--embedding-dtype float32)")
 
 
 def _check_int16(path: Path, name: str, values: np.ndarray) -> np.ndarray:
