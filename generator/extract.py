@@ -15,7 +15,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import datasets
 import numpy as np
@@ -24,7 +24,8 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from generator import __version__
-from generator.concurrency import BackgroundCalls, prefetched
+from generator.batches import encoder_if_available, grid_labels, labelled_batches
+from generator.concurrency import BackgroundCalls
 from generator.errors import PatchAtlasError, WeightsUnavailable
 from generator.models.encoder import NORMS, QKV_VIEWS, Encoder, load_encoder, resolve_layers
 from generator.models.registry import Geometry, ModelEntry, get_model_entry, model_geometry
@@ -36,7 +37,7 @@ from generator.sources.degradations import (
     apply_transform,
     patch_correspondence,
 )
-from generator.sources.labels import LABEL_RULES, patch_labels, resize_mask
+from generator.sources.labels import LABEL_RULES
 from generator.sources.splits import PROBE_TRAIN_FRACTION, few_shot_split
 from generator.store.atomic import atomic_path
 from generator.store.manifest import Manifest, file_sha256, params_hash
@@ -132,24 +133,6 @@ def extract_key(source_name: str, model: str) -> str:
 
 def images_key(source_name: str) -> str:
     return f"extract/{source_name}/{IMAGES_CONFIG}"
-
-
-def iter_batches(dataset: datasets.Dataset, batch_size: int) -> Iterator[tuple[list[str], list[np.ndarray], list[np.ndarray]]]:
-    """(image ids, RGB uint8 arrays, mask arrays) in order, ``batch_size`` at a time."""
-    for start in range(0, len(dataset), batch_size):
-        rows = dataset[start:start + batch_size]
-        images = [np.asarray(img.convert("RGB")) for img in rows["image"]]
-        masks = [np.asarray(m) for m in rows["mask"]]
-        yield list(rows["image_id"]), images, masks
-
-
-def grid_labels(masks: Sequence[np.ndarray], encoder: Encoder, rule: str, ignore_index: int) -> np.ndarray:
-    """Per-patch labels [B, gh, gw]: the mask is resized to the model input, then reduced per patch."""
-    side = encoder.entry.input_size
-    return np.stack([
-        patch_labels(resize_mask(mask, (side, side)), encoder.grid, rule, ignore_index)
-        for mask in masks
-    ]).astype(np.int16)
 
 
 def _png_bytes(column_value: dict) -> bytes:
@@ -283,10 +266,6 @@ def extract_shard(source: SegmentationSource, encoder: Encoder, shard: Shard, ta
     with_attention = any(t.kind == "attention" or t.view in QKV_VIEWS for t in tables.values())
     images = source.dataset.select(range(shard.start, shard.stop))
 
-    def labelled(batches):  # runs on the prefetch thread: decoding and labels overlap the model
-        for image_ids, pixels_uint8, masks in batches:
-            yield image_ids, pixels_uint8, grid_labels(masks, encoder, options.label_rule, source.ignore_index)
-
     # ExitStack hands an exception to every writer, so none of them renames a partial file; the
     # background writer is entered last, so it is drained (or stopped) before the files close.
     with contextlib.ExitStack() as stack:
@@ -310,7 +289,7 @@ def extract_shard(source: SegmentationSource, encoder: Encoder, shard: Shard, ta
                 calls.append((attention_writer.write_batch, (image_ids, cls_maps)))
             list(table_pool.map(lambda call: call[0](*call[1]), calls))
 
-        batches = prefetched(labelled(iter_batches(images, options.batch_size)), depth=2)
+        batches = labelled_batches(images, options.batch_size, encoder, options.label_rule, source.ignore_index)
         total = -(-len(images) // options.batch_size)
         desc = f"{entry.name} on {source.name}" + (f" [{shard.index + 1}/{shard.total}]" if shard.total > 1 else "")
         for image_ids, pixels_uint8, labels in tqdm(batches, total=total, disable=not options.progress,
@@ -553,16 +532,6 @@ def _finish_unit(source: SegmentationSource, entry: ModelEntry, geometry: Geomet
         "version": __version__,
     })
     manifest.save()
-
-
-def encoder_if_available(entry: ModelEntry, options: ExtractOptions) -> Encoder | None:
-    """The model's encoder for a unit that follows extraction, or None when its weights cannot be
-    had (the extract unit has already recorded why)."""
-    try:
-        return load_encoder(entry, checkpoint=options.weights.get(entry.name), device=options.device,
-                            cache_dir=options.cache_dir)
-    except WeightsUnavailable:
-        return None
 
 
 def variants_dir(out: Path, source_name: str, model: str) -> Path:

@@ -21,7 +21,7 @@ import torch
 from tqdm.auto import tqdm
 
 from generator.analyses.streaming import NormHistogram, RunningMoments, StreamingKNN
-from generator.concurrency import prefetched
+from generator.batches import encoder_if_available, labelled_batches
 from generator.models.encoder import Encoder, resolve_layers
 from generator.models.registry import ModelEntry, model_geometry
 from generator.sources.base import SegmentationSource
@@ -45,8 +45,6 @@ def streamed_layers(curve_layers, depth: int, published: list[int]) -> list[int]
 def run_stream_unit(source: SegmentationSource, entry: ModelEntry, options, out: Path, manifest: Manifest,
                     tokens_hash: str, encoder: Encoder | None, published: list[int]) -> None:
     """Compute (or reuse) the layer-wise results of the unpublished layers of one (source, model)."""
-    from generator.extract import encoder_if_available, grid_labels, iter_batches  # the stage's own rules
-
     key = stream_key(source.name, entry.name)
     path = Path(out) / "results" / source.name / entry.name / LAYERWISE_FILE
     layers = streamed_layers(options.curve_layers, model_geometry(entry).depth, published) \
@@ -66,15 +64,14 @@ def run_stream_unit(source: SegmentationSource, entry: ModelEntry, options, out:
     encoder = encoder or encoder_if_available(entry, options)
     if encoder is None:
         return
-    results = layerwise_results(source, encoder, layers, options, grid_labels, iter_batches)
+    results = layerwise_results(source, encoder, layers, options)
     atomic_write_json(path, {"source": source.name, "model": entry.name, "streamed": True, "layers": results})
     manifest.set(key, {"status": "done", "params": params, "params_hash": params_hash(params),
                        "files": {str(path.relative_to(out)): file_sha256(path)}})
     manifest.save()
 
 
-def layerwise_results(source: SegmentationSource, encoder: Encoder, layers: list[int], options,
-                      grid_labels, iter_batches) -> list[dict]:
+def layerwise_results(source: SegmentationSource, encoder: Encoder, layers: list[int], options) -> list[dict]:
     """One pass over the source: per layer, k-NN mIoU (post-norm), train variance spectrum
     (post-norm) and token norms (pre-norm). Tokens of a batch are dropped once counted."""
     dim, device = encoder.embed_dim, encoder.device
@@ -89,11 +86,8 @@ def layerwise_results(source: SegmentationSource, encoder: Encoder, layers: list
     norms = {layer: NormHistogram() for layer in layers}
     seen = 0
 
-    def labelled(batches):
-        for image_ids, images, masks in batches:
-            yield image_ids, images, grid_labels(masks, encoder, options.label_rule, source.ignore_index)
-
-    batches = prefetched(labelled(iter_batches(source.dataset, options.batch_size)), depth=2)
+    batches = labelled_batches(source.dataset, options.batch_size, encoder, options.label_rule,
+                               source.ignore_index)
     total = -(-len(source) // options.batch_size)
     for image_ids, images, labels in tqdm(batches, total=total, disable=not options.progress,
                                           desc=f"{encoder.entry.name} layer-wise", unit="batch"):
