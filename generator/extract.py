@@ -511,11 +511,12 @@ def _finish_unit(source: SegmentationSource, entry: ModelEntry, geometry: Geomet
     for stale in set(model_dir.rglob("*.parquet")) - {repo / rel for rel in files}:
         stale.unlink()
     grid = entry.grid_size()
+    paths_of = [{spec: rel for rel, spec in tables.items()} for tables in wanted]  # per shard: table → path
     configs = []
-    for rel, spec in wanted[0].items():
+    for spec in wanted[0].values():
         if spec.kind != "patches":
             continue
-        paths = [next(r for r, s in tables.items() if s == spec) for tables in wanted]
+        paths = [shard_paths[spec] for shard_paths in paths_of]
         configs.append({
             "name": config_name(entry.name, spec.layer, spec.view), "paths": paths, "layer": spec.layer,
             "norm": spec.view, "dim": geometry.embed_dim, "dtype": options.embedding_dtype,
