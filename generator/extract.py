@@ -49,7 +49,7 @@ from generator.store.parquet import (
     write_images_shards,
 )
 from generator.store.schema import DEFAULT_EMBEDDING_DTYPE, check_embedding_dtype
-from generator.stream import run_stream_unit
+from generator.stream import LayerwiseAccumulator, plan_stream, run_stream_unit
 from generator.store.repo import (
     ATTENTION_CONFIG_SUFFIX,
     IMAGES_CONFIG,
@@ -92,7 +92,7 @@ class ExtractOptions:
     rank: int = 0  # this worker, of world_size workers sharing the shards (torchrun's RANK)
     world_size: int = 1
     # Layer-wise curves (k-NN, variance, norms) of these layers; those not published are
-    # streamed in a pass of their own (generator/stream.py), with the analyses' k-NN settings.
+    # streamed from the extraction pass (generator/stream.py), with the analyses' k-NN settings.
     curve_layers: str | Sequence[int] = "all"
     knn_k: int = 1
     knn_similarity: str = "dot"
@@ -252,17 +252,20 @@ class JobCounter:
 
 
 def extract_shard(source: SegmentationSource, encoder: Encoder, shard: Shard, tables: dict[str, TableSpec],
-                  options: ExtractOptions, repo: Path) -> dict[str, str]:
+                  options: ExtractOptions, repo: Path, layerwise: LayerwiseAccumulator | None = None) -> dict[str, str]:
     """Run one model over one shard's images and write the given tables of that shard.
 
-    The forward pass goes only as deep as the tables need. Returns the written files (path
-    relative to ``repo`` → sha256).
+    The forward pass goes only as deep as the tables need, or as ``layerwise`` needs: its
+    layers' tokens (the unpublished layers of the layer-wise curves) come from the same pass and
+    are counted, not written. Returns the written files (path relative to ``repo`` → sha256).
     """
     entry, dim, dtype = encoder.entry, encoder.embed_dim, options.embedding_dtype
     kinds = ["cls"] * (encoder.num_prefix_tokens - entry.num_registers) + ["register"] * entry.num_registers
     token_tables = [t for t in tables.values() if t.view in NORMS]
     layers = sorted({t.layer for t in token_tables})
     norms = [norm for norm in options.norms if any(t.view == norm for t in token_tables)]
+    if layerwise is not None:
+        layers, norms = sorted(set(layers) | set(layerwise.layers)), list(NORMS)
     with_attention = any(t.kind == "attention" or t.view in QKV_VIEWS for t in tables.values())
     images = source.dataset.select(range(shard.start, shard.stop))
 
@@ -292,6 +295,7 @@ def extract_shard(source: SegmentationSource, encoder: Encoder, shard: Shard, ta
         batches = labelled_batches(images, options.batch_size, encoder, options.label_rule, source.ignore_index)
         total = -(-len(images) // options.batch_size)
         desc = f"{entry.name} on {source.name}" + (f" [{shard.index + 1}/{shard.total}]" if shard.total > 1 else "")
+        first_index = shard.start
         for image_ids, pixels_uint8, labels in tqdm(batches, total=total, disable=not options.progress,
                                                     desc=desc, unit="batch"):
             pixels = encoder.preprocess(pixels_uint8)
@@ -299,6 +303,9 @@ def extract_shard(source: SegmentationSource, encoder: Encoder, shard: Shard, ta
                 batch, attention = encoder.tokens_and_attention(pixels, layers, norms)
             else:
                 batch, attention = encoder.tokens(pixels, layers, norms), None
+            if layerwise is not None:
+                layerwise.add(first_index, labels, batch)
+            first_index += len(image_ids)
             tokens = {key: toks.patch for key, toks in batch.layers.items()}
             if attention is not None:
                 tokens.update({(encoder.depth, view): t for view, t in attention.views.items()})
@@ -440,7 +447,9 @@ def _extract_unit(source: SegmentationSource, entry: ModelEntry, options: Extrac
         return ModelOutcome(entry.name, "reused", configs=[c["name"] for c in done["configs"]])
     layers = resolve_layers(options.layers, geometry.depth)
     encoder: Encoder | None = None
+    layerwise: LayerwiseAccumulator | None = None
     computed = 0
+    todo = []
     for shard, is_mine in zip(shards, mine):
         if not is_mine:
             continue
@@ -450,8 +459,12 @@ def _extract_unit(source: SegmentationSource, entry: ModelEntry, options: Extrac
         # Tables this shard already holds with the same token parameters, every file intact.
         held = manifest.get(record_key)["files"] if manifest.is_done(record_key, shard_params, repo) else {}
         missing = {rel: spec for rel, spec in wanted.items() if rel not in held}
-        if not missing:
-            continue
+        if missing:
+            todo.append((shard, record_key, shard_params, held, missing))
+    # The layer-wise curves ride on the extraction pass when it sees every image in order.
+    stream = None if worker or len(todo) != len(shards) else \
+        plan_stream(source, entry, options, repo.parent.parent, manifest, tokens_hash, layers)
+    for shard, record_key, shard_params, held, missing in todo:
         if encoder is None:
             try:
                 encoder = load_encoder(entry, checkpoint=options.weights.get(entry.name),
@@ -461,7 +474,9 @@ def _extract_unit(source: SegmentationSource, entry: ModelEntry, options: Extrac
                                    "params_hash": params_hash(params), "files": {}})
                 manifest.save()
                 return ModelOutcome(entry.name, "skipped", reason=str(err))
-        files = extract_shard(source, encoder, shard, missing, options, repo)
+            if stream is not None:
+                layerwise = LayerwiseAccumulator(source, stream.layers, encoder.embed_dim, encoder.device, options)
+        files = extract_shard(source, encoder, shard, missing, options, repo, layerwise)
         manifest.set(record_key, {"status": "done", "params": shard_params, "files": {**held, **files},
                                   "weights": dataclasses.asdict(encoder.weights)})
         manifest.save()
@@ -471,8 +486,9 @@ def _extract_unit(source: SegmentationSource, entry: ModelEntry, options: Extrac
     if options.variants and variants_mine:
         _variants_unit(source, entry, options, repo.parent.parent, manifest, tokens_hash, encoder)
     if not worker:  # one ordered pass over all images: the merging run does it after a distributed one
-        run_stream_unit(source, entry, options, repo.parent.parent, manifest, tokens_hash, encoder, layers)
-    del encoder
+        run_stream_unit(source, entry, options, repo.parent.parent, manifest, tokens_hash, encoder, layers,
+                        fused=layerwise)
+    del encoder, layerwise
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     if worker:

@@ -1,11 +1,15 @@
 """Layer-wise curves of the layers that are not published, computed as the tokens come out.
 
 Publishing every layer of every model is what makes the datasets large; layer-wise curves need
-every layer. For the layers a build does not publish, extraction runs one more pass over the
-images and feeds each layer's tokens to the streaming accumulators of
+every layer. For the layers a build does not publish, the extraction pass also asks the model
+for those layers and feeds their tokens to the streaming accumulators of
 ``generator.analyses.streaming`` — the few-shot k-NN probe, the variance spectrum of the train
 tokens and the pre-norm token norms — then drops them. Nothing is stored but the results, so
 memory is bounded by the batch and the few-shot train set, not by the dataset.
+
+The accumulators need every image once, in order. When extraction does not pass over all of
+them (a resumed run whose first shards were already written, a distributed run, or a source
+whose shards are all current), a pass of its own over the images does the same.
 
 The result, ``results/<source>/<model>/layerwise.json``, is a manifest unit of its own
 (``stream/<source>/<model>``), reused while the tokens' parameters, the layers and the k-NN
@@ -14,6 +18,7 @@ settings stay the same.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +27,8 @@ from tqdm.auto import tqdm
 
 from generator.analyses.streaming import NormHistogram, RunningMoments, StreamingKNN
 from generator.batches import encoder_if_available, labelled_batches
-from generator.models.encoder import Encoder, resolve_layers
+from generator.errors import PatchAtlasError
+from generator.models.encoder import NORMS, Encoder, TokenBatch, resolve_layers
 from generator.models.registry import ModelEntry, model_geometry
 from generator.sources.base import SegmentationSource
 from generator.sources.splits import few_shot_split
@@ -42,76 +48,127 @@ def streamed_layers(curve_layers, depth: int, published: list[int]) -> list[int]
     return [layer for layer in resolve_layers(curve_layers, depth) if layer not in set(published)]
 
 
-def run_stream_unit(source: SegmentationSource, entry: ModelEntry, options, out: Path, manifest: Manifest,
-                    tokens_hash: str, encoder: Encoder | None, published: list[int]) -> None:
-    """Compute (or reuse) the layer-wise results of the unpublished layers of one (source, model)."""
+@dataclass
+class StreamPlan:
+    """What the layer-wise unit of one (source, model) still has to compute."""
+
+    key: str
+    path: Path
+    layers: list[int]
+    params: dict
+
+
+def plan_stream(source: SegmentationSource, entry: ModelEntry, options, out: Path, manifest: Manifest,
+                tokens_hash: str, published: list[int]) -> StreamPlan | None:
+    """The unit's plan, or None when there is nothing to compute: its record is current, or every
+    asked-for layer is published (then an earlier stream result is removed, as the analyses
+    cover those layers)."""
     key = stream_key(source.name, entry.name)
     path = Path(out) / "results" / source.name / entry.name / LAYERWISE_FILE
     layers = streamed_layers(options.curve_layers, model_geometry(entry).depth, published) \
         if source.probes and len(source) >= 2 else []
     if not layers:
-        # Every asked-for layer is published (the analyses cover it): drop an earlier stream result.
         if manifest.get(key) is not None:
             path.unlink(missing_ok=True)
             manifest.remove(key)
             manifest.save()
-        return
+        return None
     params = {"tokens": tokens_hash, "layers": layers, "knn_k": options.knn_k,
               "knn_similarity": options.knn_similarity, "train_count": source.probe_train_count,
               "version": STREAM_VERSION}
     if manifest.is_done(key, params, out):
+        return None
+    return StreamPlan(key, path, layers, params)
+
+
+def run_stream_unit(source: SegmentationSource, entry: ModelEntry, options, out: Path, manifest: Manifest,
+                    tokens_hash: str, encoder: Encoder | None, published: list[int],
+                    fused: "LayerwiseAccumulator | None" = None) -> None:
+    """Compute (or reuse) the layer-wise results of the unpublished layers of one (source, model).
+
+    ``fused`` is an accumulator the extraction pass fed with every image: its results are used
+    as they are, and no pass of its own runs.
+    """
+    plan = plan_stream(source, entry, options, out, manifest, tokens_hash, published)
+    if plan is None:
         return
-    encoder = encoder or encoder_if_available(entry, options)
-    if encoder is None:
-        return
-    results = layerwise_results(source, encoder, layers, options)
-    atomic_write_json(path, {"source": source.name, "model": entry.name, "streamed": True, "layers": results})
-    manifest.set(key, {"status": "done", "params": params, "params_hash": params_hash(params),
-                       "files": {str(path.relative_to(out)): file_sha256(path)}})
+    if fused is not None and fused.layers == plan.layers and fused.complete:
+        results = fused.results()
+    else:
+        encoder = encoder or encoder_if_available(entry, options)
+        if encoder is None:
+            return
+        results = layerwise_results(source, encoder, plan.layers, options)
+    atomic_write_json(plan.path, {"source": source.name, "model": entry.name, "streamed": True, "layers": results})
+    manifest.set(plan.key, {"status": "done", "params": plan.params, "params_hash": params_hash(plan.params),
+                            "files": {str(plan.path.relative_to(out)): file_sha256(plan.path)}})
     manifest.save()
 
 
-def layerwise_results(source: SegmentationSource, encoder: Encoder, layers: list[int], options) -> list[dict]:
-    """One pass over the source: per layer, k-NN mIoU (post-norm), train variance spectrum
-    (post-norm) and token norms (pre-norm). Tokens of a batch are dropped once counted."""
-    dim, device = encoder.embed_dim, encoder.device
-    # The train bank is the one thing kept; half precision halves it on GPUs.
-    bank_dtype = torch.float16 if device.type == "cuda" else torch.float32
-    train_ids, _ = few_shot_split(source.dataset["image_id"], train_count=source.probe_train_count)
-    n_train = len(train_ids)
-    n_classes = len(source.classes)
-    knn = {layer: StreamingKNN(n_classes, ignore_index=source.ignore_index, k=options.knn_k,
-                               similarity=options.knn_similarity) for layer in layers}
-    moments = {layer: RunningMoments(dim, device) for layer in layers}
-    norms = {layer: NormHistogram() for layer in layers}
-    seen = 0
+class LayerwiseAccumulator:
+    """Per layer, the k-NN probe (post-norm), the train variance spectrum (post-norm) and the
+    token norms (pre-norm) of one source, fed every image once in dataset order — by the
+    extraction pass or by a pass of its own. Tokens of a batch are dropped once counted."""
 
+    def __init__(self, source: SegmentationSource, layers: list[int], dim: int, device: torch.device, options):
+        self.layers, self.dim, self.total = list(layers), dim, len(source)
+        # The train bank is the one thing kept; half precision halves it on GPUs.
+        self._bank_dtype = torch.float16 if device.type == "cuda" else torch.float32
+        train_ids, _ = few_shot_split(source.dataset["image_id"], train_count=source.probe_train_count)
+        self.n_train = len(train_ids)
+        n_classes = len(source.classes)
+        self._knn = {layer: StreamingKNN(n_classes, ignore_index=source.ignore_index, k=options.knn_k,
+                                         similarity=options.knn_similarity) for layer in layers}
+        self._moments = {layer: RunningMoments(dim, device) for layer in layers}
+        self._norms = {layer: NormHistogram() for layer in layers}
+        self.seen = 0
+
+    @property
+    def complete(self) -> bool:
+        return self.seen == self.total
+
+    def add(self, first_index: int, labels: np.ndarray, batch: TokenBatch) -> None:
+        """Count the tokens of images ``first_index`` … (labels [B, gh, gw]); the images must come
+        in dataset order, as the few-shot train images are the first ones."""
+        if first_index != self.seen:
+            raise PatchAtlasError(f"layer-wise curves: images from {first_index} after {self.seen} seen; "
+                                  "every image must come once, in dataset order")
+        device = self._moments[self.layers[0]].mean.device
+        y = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64)).reshape(-1).to(device)
+        n_images, per_image = labels.shape[0], labels.shape[1] * labels.shape[2]
+        split = min(max(self.n_train - self.seen, 0), n_images) * per_image  # rows of train images
+        for layer in self.layers:
+            post = batch.layers[(layer, "postnorm")].patch.reshape(-1, self.dim)
+            if split:
+                self._knn[layer].add_train(post[:split].to(self._bank_dtype), y[:split])
+                self._moments[layer].update(post[:split])
+            if split < len(post):
+                self._knn[layer].add_eval(post[split:].to(self._bank_dtype), y[split:])
+            self._norms[layer].update(batch.layers[(layer, "prenorm")].patch.reshape(-1, self.dim))
+        self.seen += n_images
+
+    def results(self) -> list[dict]:
+        rows = []
+        for layer in self.layers:
+            metrics = self._knn[layer].metrics()
+            spectrum = torch.sort(self._moments[layer].variance(), descending=True).values
+            rows.append({
+                "layer": layer, "knn_miou": metrics["miou"], "knn_pixel_accuracy": metrics["pixel_accuracy"],
+                "per_class_iou": [None if np.isnan(v) else float(v) for v in metrics["per_class_iou"]],
+                "n_train_images": self.n_train, "n_val_images": self.seen - self.n_train,
+                "variance_spectrum": spectrum.cpu().tolist(), "prenorm_norms": self._norms[layer].summary(),
+            })
+        return rows
+
+
+def layerwise_results(source: SegmentationSource, encoder: Encoder, layers: list[int], options) -> list[dict]:
+    """A pass of its own over the source, for when extraction did not feed the accumulators
+    (its shards were already written, or a distributed run wrote them)."""
+    accumulator = LayerwiseAccumulator(source, layers, encoder.embed_dim, encoder.device, options)
     batches = labelled_batches(source.dataset, options.batch_size, encoder, options.label_rule,
                                source.ignore_index)
     total = -(-len(source) // options.batch_size)
     for image_ids, images, labels in tqdm(batches, total=total, disable=not options.progress,
                                           desc=f"{encoder.entry.name} layer-wise", unit="batch"):
-        batch = encoder.tokens(encoder.preprocess(images), layers, ["prenorm", "postnorm"])
-        y = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64)).reshape(-1).to(device)
-        per_image = labels.shape[1] * labels.shape[2]
-        split = min(max(n_train - seen, 0), len(image_ids)) * per_image  # rows of train images
-        for layer in layers:
-            post = batch.layers[(layer, "postnorm")].patch.reshape(-1, dim)
-            if split:
-                knn[layer].add_train(post[:split].to(bank_dtype), y[:split])
-                moments[layer].update(post[:split])
-            if split < len(post):
-                knn[layer].add_eval(post[split:].to(bank_dtype), y[split:])
-            norms[layer].update(batch.layers[(layer, "prenorm")].patch.reshape(-1, dim))
-        seen += len(image_ids)
-    rows = []
-    for layer in layers:
-        metrics = knn[layer].metrics()
-        spectrum = torch.sort(moments[layer].variance(), descending=True).values
-        rows.append({
-            "layer": layer, "knn_miou": metrics["miou"], "knn_pixel_accuracy": metrics["pixel_accuracy"],
-            "per_class_iou": [None if np.isnan(v) else float(v) for v in metrics["per_class_iou"]],
-            "n_train_images": n_train, "n_val_images": seen - n_train,
-            "variance_spectrum": spectrum.cpu().tolist(), "prenorm_norms": norms[layer].summary(),
-        })
-    return rows
+        accumulator.add(accumulator.seen, labels, encoder.tokens(encoder.preprocess(images), layers, list(NORMS)))
+    return accumulator.results()

@@ -300,3 +300,45 @@ def test_adding_and_dropping_layers_keeps_the_tables_already_written(tiny_models
                    for rel in entry["files"]}
     on_disk = {str(p.relative_to(repo)) for p in repo.glob("tiny_*/**/*.parquet")}
     assert shard_files == on_disk
+
+
+def test_layerwise_curves_ride_on_the_extraction_pass_and_equal_a_pass_of_their_own(tiny_models, tmp_path,
+                                                                                    monkeypatch):
+    """A fresh extraction feeds the unpublished layers' accumulators from its own forward pass (no
+    second pass runs); when the shards are already written, a pass of its own gives the same curves."""
+    import generator.stream
+    from generator.cli import main
+
+    def extract(out, curve_layers):
+        assert main(["extract", "--out", str(out), "--models", "tiny_random", "--source", "synthetic-scenes",
+                     "--source-option", f"n_images={N_IMAGES}", "--source-option", "size=64", "--layers", "last",
+                     "--curve-layers", curve_layers, "--batch-size", "2", "--shard-mb", repr(SHARD_MB),
+                     "--device", "cpu", "--quiet"]) == 0
+        path = out / "results/synthetic-scenes/tiny_random/layerwise.json"
+        return json.loads(path.read_text()) if path.exists() else None
+
+    separate_passes = []
+    real_pass = generator.stream.layerwise_results
+    monkeypatch.setattr(generator.stream, "layerwise_results",
+                        lambda *a, **kw: separate_passes.append(a[2]) or real_pass(*a, **kw))
+
+    fused = extract(tmp_path / "fused", "all")
+    assert separate_passes == []  # three shards, every image seen once by the extraction pass
+    assert [row["layer"] for row in fused["layers"]] == [1]
+
+    # Shards written first without curves; asking for them later needs a pass of its own.
+    assert extract(tmp_path / "separate", "last") is None
+    separate = extract(tmp_path / "separate", "all")
+    assert separate_passes == [[1]]
+    a, b = fused["layers"][0], separate["layers"][0]
+    assert a["knn_miou"] == b["knn_miou"] and a["per_class_iou"] == b["per_class_iou"]
+    assert a["n_train_images"] == b["n_train_images"] > 0 and a["n_val_images"] == b["n_val_images"] > 0
+    assert a["prenorm_norms"]["counts"] == b["prenorm_norms"]["counts"]
+    np.testing.assert_allclose(a["variance_spectrum"], b["variance_spectrum"], rtol=1e-9)
+    # Same published tables either way: the extra layer is counted, never written.
+    for rel in ("datasets/synthetic-scenes/tiny_random",):
+        fused_files = sorted(p.relative_to(tmp_path / "fused") for p in (tmp_path / "fused" / rel).rglob("*.parquet"))
+        separate_files = sorted(p.relative_to(tmp_path / "separate") for p in (tmp_path / "separate" / rel).rglob("*.parquet"))
+        assert fused_files == separate_files and not any("L01" in str(p) for p in fused_files)
+        for path in fused_files:
+            assert file_sha256(tmp_path / "fused" / path) == file_sha256(tmp_path / "separate" / path)
