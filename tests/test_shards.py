@@ -334,6 +334,7 @@ def test_layerwise_curves_ride_on_the_extraction_pass_and_equal_a_pass_of_their_
     assert a["knn_miou"] == b["knn_miou"] and a["per_class_iou"] == b["per_class_iou"]
     assert a["n_train_images"] == b["n_train_images"] > 0 and a["n_val_images"] == b["n_val_images"] > 0
     assert a["prenorm_norms"]["counts"] == b["prenorm_norms"]["counts"]
+    assert a["kmeans"] == b["kmeans"] and a["kmeans"]["k"] == 8
     np.testing.assert_allclose(a["variance_spectrum"], b["variance_spectrum"], rtol=1e-9)
     # Same published tables either way: the extra layer is counted, never written.
     for rel in ("datasets/synthetic-scenes/tiny_random",):

@@ -1,5 +1,5 @@
 """Streamed analyses equal their whole-array references, chunk sizes notwithstanding, and find
-planted signals: high-variance junk dimensions, high-norm tokens, separable classes."""
+planted signals: high-variance junk dimensions, high-norm tokens, separable classes, clusters."""
 
 from __future__ import annotations
 
@@ -7,8 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from generator.analyses import clusters
+from generator.analyses.clusters import chance_miou, hungarian_match, kmeans, match_from_confusion
 from generator.analyses.probes import knn_predict, segmentation_metrics
-from generator.analyses.streaming import NormHistogram, RunningMoments, StreamingKNN
+from generator.analyses.streaming import NormHistogram, RunningMoments, StreamingKMeans, StreamingKNN
 from generator.analyses.variance import feature_variance, top_variance_dims
 from generator.errors import PatchAtlasError
 
@@ -103,6 +105,141 @@ def test_streaming_knn_refuses_train_rows_after_evaluation_and_evaluation_withou
         stream.add_train(torch.zeros(3, 4), torch.zeros(3, dtype=torch.long))
 
 
+def _feed(stream: StreamingKMeans, x: torch.Tensor, y: torch.Tensor, sizes: list[int]) -> dict:
+    for x_chunk, y_chunk in zip(_chunks(x, sizes), _chunks(y, sizes)):
+        stream.add(x_chunk, y_chunk)
+    return stream.result()
+
+
+def _planted_directions(n: int, n_classes: int, dim: int, noise: float, g: torch.Generator):
+    """Balanced labels and tokens that are a class-specific random direction plus small noise."""
+    y = (torch.arange(n) % n_classes)[torch.randperm(n, generator=g)]
+    directions = torch.randn(n_classes, dim, generator=g)
+    return directions[y] + noise * torch.randn(n, dim, generator=g), y
+
+
+@pytest.mark.parametrize("fit_rows", [300, 1000])  # the fit fills mid-stream / happens at result()
+def test_streaming_kmeans_equals_kmeans_then_nearest_centroid_then_hungarian_match(fit_rows):
+    g = torch.Generator().manual_seed(4)
+    n, dim, k, n_classes = 700, 16, 6, 5
+    x = torch.randn(n, dim, generator=g) * 3.0
+    y = torch.randint(0, n_classes, (n,), generator=g)
+    y[torch.rand(n, generator=g) < 0.1] = 255
+    got = _feed(StreamingKMeans(k, n_classes, fit_rows=fit_rows, seed=1, n_init=2, max_iter=50), x, y,
+                [7, 100, 33, 250, 310])
+    # By hand: one k-means on the first fit_rows normalised rows, every row to its nearest centroid.
+    n_fit = min(fit_rows, n)
+    unit = clusters._l2_normalized_rows(x, 65536)
+    fit = kmeans(unit[:n_fit], k, seed=1, n_init=2, max_iter=50)
+    labels, _ = clusters._nearest_centroid(unit, clusters._row_squared_norms(unit, 65536), fit.centroids, 65536)
+    reference = hungarian_match(labels.numpy(), y.numpy(), k, n_classes)
+    assert got["miou"] == reference.miou and got["pixel_accuracy"] == reference.pixel_accuracy
+    np.testing.assert_array_equal(got["per_class_iou"], reference.per_class_iou)
+    assert got["cluster_to_class"] == reference.cluster_to_class.tolist()
+    assert got["inertia"] == fit.inertia
+    assert (got["k"], got["fit_rows"], got["rows"]) == (k, n_fit, n)
+    # Chunk boundaries do not matter, one straddling the end of the fit rows included.
+    again = _feed(StreamingKMeans(k, n_classes, fit_rows=fit_rows, seed=1, n_init=2, max_iter=50), x, y,
+                  [450, 1, 249])
+    assert again == got
+
+
+def test_streaming_kmeans_recovers_planted_clusters_in_rows_after_the_fit():
+    g = torch.Generator().manual_seed(5)
+    x, y = _planted_directions(4000, 4, 32, 0.1, g)
+    got = _feed(StreamingKMeans(4, 4, fit_rows=500), x, y, [300] * 13 + [100])
+    assert got["miou"] > 0.95 and got["pixel_accuracy"] > 0.95
+    assert got["fit_rows"] == 500 and got["rows"] == 4000
+    assert sorted(got["cluster_to_class"]) == [0, 1, 2, 3]
+    # Scored only on rows the fit never saw: the fit rows are left unlabelled.
+    later_only = y.clone()
+    later_only[:500] = 255
+    assert _feed(StreamingKMeans(4, 4, fit_rows=500), x, later_only, [1000, 3000])["miou"] > 0.95
+
+
+def test_streaming_kmeans_on_tokens_unrelated_to_the_labels_scores_about_chance():
+    g = torch.Generator().manual_seed(6)
+    _, y = _planted_directions(4000, 4, 32, 0.1, g)
+    noise = torch.randn(4000, 32, generator=g)
+    got = _feed(StreamingKMeans(4, 4, fit_rows=500), noise, y, [300] * 13 + [100])
+    chance = chance_miou(y.numpy(), 4, 4, n_permutations=20)  # about 0.15 for four balanced classes
+    assert got["miou"] < 0.25 and abs(got["miou"] - chance) < 0.05
+
+
+def _held_tensors(stream: StreamingKMeans):
+    for value in vars(stream).values():
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, torch.Tensor):
+                yield item
+
+
+def test_streaming_kmeans_holds_at_most_fit_rows_whatever_it_is_fed():
+    g = torch.Generator().manual_seed(7)
+    stream = StreamingKMeans(3, 4, fit_rows=200, n_init=1)
+    # Before the fit, a chunk larger than the buffer leaves only copies of what it needs.
+    big = torch.randn(150, 8, generator=g)
+    stream.add(big, torch.randint(0, 4, (150,), generator=g))
+    held = list(_held_tensors(stream))
+    assert sum(len(t) for t in held if t.ndim == 2) == 150
+    assert all(t.untyped_storage().data_ptr() != big.untyped_storage().data_ptr() for t in held)
+    for _ in range(20):
+        x = torch.randn(256, 8, generator=g)
+        stream.add(x, torch.randint(0, 4, (256,), generator=g))
+        for tensor in _held_tensors(stream):
+            assert len(tensor) <= 200
+            assert tensor.untyped_storage().nbytes() <= 200 * 8 * 8
+    assert stream._buffer_x == [] and stream._buffer_y == []
+    assert stream.confusion.shape == (3, 4) and stream.confusion.sum() == 150 + 20 * 256
+    result = stream.result()
+    assert result["fit_rows"] == 200 and result["rows"] == 150 + 20 * 256
+
+
+def test_streaming_kmeans_rejects_bad_input():
+    with pytest.raises(PatchAtlasError, match="k=5 exceeds fit_rows=4"):
+        StreamingKMeans(5, 3, fit_rows=4)
+    few = StreamingKMeans(4, 3)
+    few.add(torch.randn(3, 8), torch.zeros(3, dtype=torch.long))
+    with pytest.raises(PatchAtlasError, match="k=4 exceeds the 3 rows"):
+        few.result()
+    stream = StreamingKMeans(2, 3)
+    with pytest.raises(PatchAtlasError, match=r"labels \[3\] outside \[0, 3\)"):
+        stream.add(torch.randn(4, 8), torch.tensor([0, 1, 3, 255]))
+    with pytest.raises(PatchAtlasError, match="outside"):
+        stream.add(torch.randn(2, 8), torch.tensor([-1, 0]))
+    with pytest.raises(PatchAtlasError, match="expected a tensor"):
+        stream.add(torch.randn(8), torch.zeros(8, dtype=torch.long))
+    with pytest.raises(PatchAtlasError, match="one per row"):
+        stream.add(torch.randn(4, 8), torch.zeros(5, dtype=torch.long))
+    with pytest.raises(PatchAtlasError, match="one per row"):
+        stream.add(torch.randn(4, 8), torch.zeros(4))
+    stream.add(torch.randn(4, 8), torch.full((4,), 255))
+    with pytest.raises(PatchAtlasError, match=r"expected a tensor \[rows, 8\]"):
+        stream.add(torch.randn(4, 9), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(PatchAtlasError, match="none of the 4 rows is labelled"):
+        stream.result()
+    with pytest.raises(PatchAtlasError, match="collides"):
+        StreamingKMeans(2, 3, ignore_index=1)
+
+
+def test_match_from_confusion_equals_hungarian_match():
+    target = np.array([[0, 0, 1, 1], [0, 0, 1, 255]])
+    pred = np.array([[1, 1, 0, 0], [1, 1, 2, 2]])
+    confusion = np.array([[0, 2, 0], [4, 0, 0], [0, 1, 0]])  # cluster × class, the ignored pixel left out
+    got = match_from_confusion(confusion)
+    reference = hungarian_match(pred, target, n_clusters=3, n_classes=3)
+    np.testing.assert_array_equal(reference.confusion, confusion)
+    assert got.miou == reference.miou and got.pixel_accuracy == reference.pixel_accuracy
+    np.testing.assert_array_equal(got.per_class_iou, reference.per_class_iou)
+    np.testing.assert_array_equal(got.cluster_to_class, reference.cluster_to_class)
+    assert got.cluster_to_class.tolist() == [1, 0, -1] and np.isnan(got.per_class_iou[2])
+    with pytest.raises(PatchAtlasError, match="no labelled"):
+        match_from_confusion(np.zeros((2, 2), dtype=np.int64))
+    with pytest.raises(PatchAtlasError, match="2-D"):
+        match_from_confusion(np.ones(3, dtype=np.int64))
+    with pytest.raises(PatchAtlasError, match="negative"):
+        match_from_confusion(np.array([[1, -1]]))
+
+
 def test_unpublished_layers_get_streamed_curves_equal_to_the_analysis_of_published_ones(tiny_models, tmp_path):
     """`--layers last` publishes one layer; the other layer's k-NN and variance spectrum come from
     the streaming pass and equal what analysing that layer's published table gives."""
@@ -110,6 +247,7 @@ def test_unpublished_layers_get_streamed_curves_equal_to_the_analysis_of_publish
 
     from generator.cli import main
     from generator.store.parquet import patch_grid, read_patch_table
+    from generator.stream import KMEANS_FIT_ROWS
 
     def build(out, layers):
         assert main(["build", "--out", str(out), "--models", "tiny_random", "--source", "synthetic-scenes",
@@ -133,11 +271,19 @@ def test_unpublished_layers_get_streamed_curves_equal_to_the_analysis_of_publish
     train = torch.from_numpy(tokens[:row["n_train_images"]]).reshape(-1, tokens.shape[-1])
     expected = torch.sort(feature_variance(train), descending=True).values
     np.testing.assert_allclose(row["variance_spectrum"], expected.numpy(), rtol=1e-6)
+    # k-means with one cluster per class, as the accumulator computes it on the whole table at once.
+    _, _, labels = patch_grid(table)
+    whole = StreamingKMeans(row["kmeans"]["k"], 8, fit_rows=KMEANS_FIT_ROWS)
+    whole.add(torch.from_numpy(tokens).reshape(-1, tokens.shape[-1]), torch.from_numpy(labels).reshape(-1).long())
+    assert row["kmeans"] == {key: whole.result()[key] for key in ("k", "miou", "pixel_accuracy", "fit_rows")}
+    assert row["kmeans"]["k"] == 8 and 0 < row["kmeans"]["miou"] <= 1
     # Nothing of layer 1 was stored, and the published build has no streamed record.
     assert not list((streamed_out / "datasets/synthetic-scenes/tiny_random").glob("L01-*"))
     assert not (published_out / "results/synthetic-scenes/tiny_random/layerwise.json").exists()
     page = (streamed_out / "docs/probe-metrics.md").read_text()
     assert "streamed (not published)" in page
+    kmeans_row = next(line for line in page.splitlines() if line.startswith("| tiny\\_random | 1 |") and "(8)" in line)
+    assert f"{100 * row['kmeans']['miou']:.1f}" in kmeans_row
     # The k-NN-by-layer chart has one point per layer: the streamed layer 1, the published layer 2.
     from generator.site import _probe_context
 

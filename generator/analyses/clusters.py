@@ -30,6 +30,7 @@ __all__ = [
     "hungarian_match",
     "joint_kmeans_segmentation",
     "kmeans",
+    "match_from_confusion",
 ]
 
 # Display ids and cluster maps are stored as int16.
@@ -356,6 +357,26 @@ def hungarian_match(
 
     confusion = np.bincount(p * n_classes + t, minlength=n_clusters * n_classes)
     confusion = confusion.reshape(n_clusters, n_classes).astype(np.int64)
+    return match_from_confusion(confusion)
+
+
+def match_from_confusion(confusion: np.ndarray) -> MatchResult:
+    """The Hungarian matching and its scores from a confusion matrix [n_clusters, n_classes]
+    of non-ignored pixels (``confusion[j, c]``: pixels in cluster j with true class c).
+
+    The convention is :func:`hungarian_match`'s, which builds the matrix from label maps and
+    calls this; a caller that counts pixels chunk by chunk calls it directly.
+    """
+    confusion = _as_int_array("confusion", confusion)
+    if confusion.ndim != 2 or 0 in confusion.shape:
+        raise PatchAtlasError(
+            f"confusion must be a 2-D [n_clusters, n_classes] count matrix, got shape {confusion.shape}"
+        )
+    if bool((confusion < 0).any()):
+        raise PatchAtlasError("confusion holds negative counts; it must count pixels")
+    if int(confusion.sum()) == 0:
+        raise PatchAtlasError("confusion counts no labelled pixels; nothing to score")
+    n_clusters, n_classes = confusion.shape
 
     class_count = confusion.sum(axis=0)
     cluster_count = confusion.sum(axis=1)
