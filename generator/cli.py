@@ -148,6 +148,9 @@ def _extract_options(f):
                      help="Images per forward pass (default: 256 on CUDA, 16 on CPU)."),
         click.option("--embedding-dtype", type=click.Choice(["float16", "float32"]), default="float16",
                      show_default=True, help="Precision of the published embeddings."),
+        click.option("--decode", type=click.Choice(["host", "device"]), default="host", show_default=True,
+                     help="Where images are decoded: 'host' (PIL on the CPU) or 'device' (JPEGs with "
+                          "torchvision on the model's device, nvJPEG on CUDA; other images as on the host)."),
         click.option("--shard-mb", type=click.FloatRange(min=0, min_open=True), default=500, show_default=True,
                      help="Largest Parquet shard, in MB (10^6 bytes)."),
         click.option("--weights", multiple=True, metavar="MODEL=PATH",
@@ -192,7 +195,7 @@ def cli():
 
 
 def _do_extract(out, sources, source_options, models, layers, norms, curve_layers, label_rule, batch_size,
-                embedding_dtype, shard_mb, weights, offline, device, quiet, rank=0, world_size=1, knn_k=1,
+                embedding_dtype, decode, shard_mb, weights, offline, device, quiet, rank=0, world_size=1, knn_k=1,
                 knn_similarity="dot"):
     _set_offline(offline)
     from generator.extract import ExtractOptions, run_extract
@@ -214,7 +217,7 @@ def _do_extract(out, sources, source_options, models, layers, norms, curve_layer
                              device=_device(device, rank if world_size > 1 else None),
                              weights=_parse_weights(weights), progress=not quiet, embedding_dtype=embedding_dtype,
                              shard_bytes=int(shard_mb * 1e6), rank=rank, world_size=world_size,
-                             curve_layers=curve_layers, knn_k=knn_k, knn_similarity=knn_similarity)
+                             curve_layers=curve_layers, knn_k=knn_k, knn_similarity=knn_similarity, decode=decode)
     outcomes = run_extract(out, loaded, _split(models) if models else list(DEFAULT_MODELS), options)
     for source, rows in outcomes.items():
         for row in rows:
@@ -261,7 +264,7 @@ def _do_render(out, gallery_images, gallery_k, no_html, quiet=False):
               help="Workers sharing the shards (torchrun sets WORLD_SIZE); 1 runs everything here.")
 @_common
 def extract(out, sources, source_options, models, layers, norms, curve_layers, label_rule, batch_size,
-            embedding_dtype, shard_mb, weights, offline, rank, world_size, device, quiet):
+            embedding_dtype, decode, shard_mb, weights, offline, rank, world_size, device, quiet):
     """Run models over datasets; write patch-embedding dataset repos under OUT/datasets.
 
     Distributed: `torchrun --nproc-per-node N -m generator.cli extract ...` runs N workers that
@@ -271,8 +274,8 @@ def extract(out, sources, source_options, models, layers, norms, curve_layers, l
     worker = (rank, world_size) if world_size > 1 else None
     with output_lock(out, worker=worker):
         outcomes = _do_extract(out, sources, source_options, models, layers, norms, curve_layers, label_rule,
-                               batch_size, embedding_dtype, shard_mb, weights, offline, device, quiet, rank,
-                               world_size)
+                               batch_size, embedding_dtype, decode, shard_mb, weights, offline, device, quiet,
+                               rank, world_size)
     if worker:
         for source, rows in outcomes.items():
             for row in rows:
@@ -317,11 +320,11 @@ def render(out, gallery_images, gallery_k, no_html, quiet):
 @_render_options
 @_common
 def build(out, sources, source_options, models, layers, norms, curve_layers, label_rule, batch_size,
-          embedding_dtype, shard_mb, weights, offline, ks, seed, knn_k, knn_similarity, linear_epochs, gallery_images, gallery_k, no_html, device, quiet):
+          embedding_dtype, decode, shard_mb, weights, offline, ks, seed, knn_k, knn_similarity, linear_epochs, gallery_images, gallery_k, no_html, device, quiet):
     """extract + analyze + render, resuming whatever is already done."""
     with output_lock(out):
         outcomes = _do_extract(out, sources, source_options, models, layers, norms, curve_layers, label_rule,
-                               batch_size, embedding_dtype, shard_mb, weights, offline, device, quiet,
+                               batch_size, embedding_dtype, decode, shard_mb, weights, offline, device, quiet,
                                knn_k=knn_k, knn_similarity=knn_similarity)
         _do_analyze(out, ks, seed, knn_k, knn_similarity, linear_epochs, device, quiet)
         site = _do_render(out, gallery_images, gallery_k, no_html, quiet)

@@ -96,9 +96,15 @@ class ExtractOptions:
     curve_layers: str | Sequence[int] = "all"
     knn_k: int = 1
     knn_similarity: str = "dot"
+    # Where images are decoded: "host" (PIL) or "device" (JPEGs by torchvision on the model's
+    # device; see generator/batches.py).
+    decode: str = "host"
 
     def validate(self) -> None:
         check_embedding_dtype(self.embedding_dtype)
+        if self.decode not in ("host", "device"):
+            raise PatchAtlasError(f"--decode {self.decode!r}: expected one of host, device (host: PIL on the CPU; "
+                                  "device: JPEGs decoded on the model's device)")
         if self.shard_bytes < 1:
             raise PatchAtlasError(f"shard size {self.shard_bytes} bytes: must be positive")
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
@@ -191,6 +197,9 @@ def token_params(entry: ModelEntry, source: SegmentationSource, options: Extract
         "embedding_dtype": options.embedding_dtype,
         "shard_bytes": options.shard_bytes,
         "extractor": EXTRACTOR_VERSION,
+        # nvJPEG may round a few pixels differently from libjpeg; host decoding keeps the
+        # parameters (and so the reuse) of tables written before the option existed.
+        **({"decode": options.decode} if options.decode != "host" else {}),
     }
 
 
@@ -292,7 +301,8 @@ def extract_shard(source: SegmentationSource, encoder: Encoder, shard: Shard, ta
                 calls.append((attention_writer.write_batch, (image_ids, cls_maps)))
             list(table_pool.map(lambda call: call[0](*call[1]), calls))
 
-        batches = labelled_batches(images, options.batch_size, encoder, options.label_rule, source.ignore_index)
+        batches = labelled_batches(images, options.batch_size, encoder, options.label_rule, source.ignore_index,
+                                   decode=options.decode)
         total = -(-len(images) // options.batch_size)
         desc = f"{entry.name} on {source.name}" + (f" [{shard.index + 1}/{shard.total}]" if shard.total > 1 else "")
         first_index = shard.start
@@ -475,7 +485,7 @@ def _extract_unit(source: SegmentationSource, entry: ModelEntry, options: Extrac
                 manifest.save()
                 return ModelOutcome(entry.name, "skipped", reason=str(err))
             if stream is not None:
-                layerwise = LayerwiseAccumulator(source, stream.layers, encoder.embed_dim, encoder.device, options)
+                layerwise = LayerwiseAccumulator(source, stream.layers, encoder, options)
         files = extract_shard(source, encoder, shard, missing, options, repo, layerwise)
         manifest.set(record_key, {"status": "done", "params": shard_params, "files": {**held, **files},
                                   "weights": dataclasses.asdict(encoder.weights)})

@@ -3,8 +3,9 @@
 Publishing every layer of every model is what makes the datasets large; layer-wise curves need
 every layer. For the layers a build does not publish, the extraction pass also asks the model
 for those layers and feeds their tokens to the streaming accumulators of
-``generator.analyses.streaming`` — the few-shot k-NN probe, the variance spectrum of the train
-tokens and the pre-norm token norms — then drops them. Nothing is stored but the results, so
+``generator.analyses.streaming`` — the few-shot k-NN probe, k-means segmentation with one
+cluster per class, the variance spectrum of the train tokens and the pre-norm token norms — then
+drops them. Nothing is stored but the results, so
 memory is bounded by the batch and the few-shot train set, not by the dataset.
 
 The accumulators need every image once, in order. When extraction does not pass over all of
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from generator.analyses.streaming import NormHistogram, RunningMoments, StreamingKNN
+from generator.analyses.streaming import NormHistogram, RunningMoments, StreamingKMeans, StreamingKNN
 from generator.batches import encoder_if_available, labelled_batches
 from generator.errors import PatchAtlasError
 from generator.models.encoder import NORMS, Encoder, TokenBatch, resolve_layers
@@ -35,7 +36,10 @@ from generator.sources.splits import few_shot_split
 from generator.store.atomic import atomic_write_json
 from generator.store.manifest import Manifest, file_sha256, params_hash
 
-STREAM_VERSION = "1"
+STREAM_VERSION = "2"
+# Rows the layer-wise k-means is fitted on (the first ones: the train images' tokens); enough for
+# k = the number of classes, small enough that the fit stays a fraction of the pass.
+KMEANS_FIT_ROWS = 65536
 LAYERWISE_FILE = "layerwise.json"
 
 
@@ -106,12 +110,15 @@ def run_stream_unit(source: SegmentationSource, entry: ModelEntry, options, out:
 
 
 class LayerwiseAccumulator:
-    """Per layer, the k-NN probe (post-norm), the train variance spectrum (post-norm) and the
-    token norms (pre-norm) of one source, fed every image once in dataset order — by the
-    extraction pass or by a pass of its own. Tokens of a batch are dropped once counted."""
+    """Per layer, the k-NN probe, k-means segmentation (k = the number of classes, fitted on the
+    first ``KMEANS_FIT_ROWS`` tokens, Hungarian-matched), the train variance spectrum (all three
+    post-norm) and the token norms (pre-norm) of one source, fed every image once in dataset
+    order, by the extraction pass or by a pass of its own. Tokens of a batch are dropped once
+    counted."""
 
-    def __init__(self, source: SegmentationSource, layers: list[int], dim: int, device: torch.device, options):
-        self.layers, self.dim, self.total = list(layers), dim, len(source)
+    def __init__(self, source: SegmentationSource, layers: list[int], encoder: Encoder, options):
+        dim, device, (grid_h, grid_w) = encoder.embed_dim, encoder.device, encoder.grid
+        self.layers, self.dim, self.total, self.model = list(layers), dim, len(source), encoder.entry.name
         # The train bank is the one thing kept; half precision halves it on GPUs.
         self._bank_dtype = torch.float16 if device.type == "cuda" else torch.float32
         train_ids, _ = few_shot_split(source.dataset["image_id"], train_count=source.probe_train_count)
@@ -121,6 +128,10 @@ class LayerwiseAccumulator:
                                          similarity=options.knn_similarity) for layer in layers}
         self._moments = {layer: RunningMoments(dim, device) for layer in layers}
         self._norms = {layer: NormHistogram() for layer in layers}
+        rows = len(source) * grid_h * grid_w
+        self._kmeans = {layer: StreamingKMeans(min(n_classes, rows, KMEANS_FIT_ROWS), n_classes,
+                                               ignore_index=source.ignore_index, fit_rows=KMEANS_FIT_ROWS)
+                        for layer in layers}
         self.seen = 0
 
     @property
@@ -139,12 +150,17 @@ class LayerwiseAccumulator:
         split = min(max(self.n_train - self.seen, 0), n_images) * per_image  # rows of train images
         for layer in self.layers:
             post = batch.layers[(layer, "postnorm")].patch.reshape(-1, self.dim)
+            pre = batch.layers[(layer, "prenorm")].patch.reshape(-1, self.dim)
+            if not bool(torch.isfinite(pre).all() & torch.isfinite(post).all()):
+                raise PatchAtlasError(f"{self.model} on images {first_index}..{first_index + n_images - 1}, "
+                                      f"layer {layer}: NaN/inf tokens; the weights or the inputs are broken")
             if split:
                 self._knn[layer].add_train(post[:split].to(self._bank_dtype), y[:split])
                 self._moments[layer].update(post[:split])
             if split < len(post):
                 self._knn[layer].add_eval(post[split:].to(self._bank_dtype), y[split:])
-            self._norms[layer].update(batch.layers[(layer, "prenorm")].patch.reshape(-1, self.dim))
+            self._kmeans[layer].add(post, y)
+            self._norms[layer].update(pre)
         self.seen += n_images
 
     def results(self) -> list[dict]:
@@ -152,11 +168,13 @@ class LayerwiseAccumulator:
         for layer in self.layers:
             metrics = self._knn[layer].metrics()
             spectrum = torch.sort(self._moments[layer].variance(), descending=True).values
+            kmeans = self._kmeans[layer].result()
             rows.append({
                 "layer": layer, "knn_miou": metrics["miou"], "knn_pixel_accuracy": metrics["pixel_accuracy"],
                 "per_class_iou": [None if np.isnan(v) else float(v) for v in metrics["per_class_iou"]],
                 "n_train_images": self.n_train, "n_val_images": self.seen - self.n_train,
                 "variance_spectrum": spectrum.cpu().tolist(), "prenorm_norms": self._norms[layer].summary(),
+                "kmeans": {key: kmeans[key] for key in ("k", "miou", "pixel_accuracy", "fit_rows")},
             })
         return rows
 
@@ -164,9 +182,9 @@ class LayerwiseAccumulator:
 def layerwise_results(source: SegmentationSource, encoder: Encoder, layers: list[int], options) -> list[dict]:
     """A pass of its own over the source, for when extraction did not feed the accumulators
     (its shards were already written, or a distributed run wrote them)."""
-    accumulator = LayerwiseAccumulator(source, layers, encoder.embed_dim, encoder.device, options)
+    accumulator = LayerwiseAccumulator(source, layers, encoder, options)
     batches = labelled_batches(source.dataset, options.batch_size, encoder, options.label_rule,
-                               source.ignore_index)
+                               source.ignore_index, decode=options.decode)
     total = -(-len(source) // options.batch_size)
     for image_ids, images, labels in tqdm(batches, total=total, disable=not options.progress,
                                           desc=f"{encoder.entry.name} layer-wise", unit="batch"):

@@ -28,6 +28,9 @@ NORMS = ("prenorm", "postnorm")
 # The last block's attention inputs, kept as extra views of the patches (heads concatenated).
 QKV_VIEWS = ("queries", "keys", "values")
 RANDOM_INIT_SEED = 0
+# Float pixels of one resize call in preprocessing: a batch of large photos (256 images of 12 MP
+# are 37 GB as floats) is resized in slices of about this many bytes.
+RESIZE_SLICE_BYTES = 1 << 29
 
 
 @dataclass
@@ -119,22 +122,82 @@ class Encoder:
     def grid(self) -> tuple[int, int]:
         return self.entry.grid_size()
 
-    def preprocess(self, images_uint8: Sequence[np.ndarray] | np.ndarray) -> torch.Tensor:
-        """Images as [H, W, 3] uint8 arrays (sizes may differ) → [B, 3, S, S] normalised floats.
+    def preprocess(self, images_uint8: Sequence[np.ndarray | torch.Tensor] | np.ndarray) -> torch.Tensor:
+        """Images → [B, 3, S, S] normalised floats. Each image is an [H, W, 3] uint8 array or a
+        [3, H, W] uint8 tensor (on any device: one decoded there stays there); sizes may differ.
 
         Each image is resized to the model's input side with its interpolation and antialiasing,
-        as the timm eval transform does, then normalised with the model's mean and std.
+        as the timm eval transform does, then normalised with the model's mean and std. Images
+        of one size are resized together, in one call (the result does not depend on the
+        batch); on CUDA the arrays travel in one pinned buffer, with one asynchronous copy.
         """
+        images = list(images_uint8)
+        if not images:
+            raise PatchAtlasError("preprocess: no images; pass at least one [H, W, 3] uint8 image")
+        arrays: dict[int, np.ndarray] = {}
+        groups: dict[tuple[int, int], list[int]] = {}  # (H, W) -> indices, in order of first use
+        for i, image in enumerate(images):
+            if isinstance(image, torch.Tensor):
+                _check_pixels(i, image.shape, image.dtype == torch.uint8, channel_axis=0)
+                size = (int(image.shape[1]), int(image.shape[2]))
+            else:
+                arrays[i] = np.asarray(image, dtype=np.uint8)
+                _check_pixels(i, arrays[i].shape, True, channel_axis=2)
+                size = arrays[i].shape[:2]
+            groups.setdefault(size, []).append(i)
+        host_blocks = [[arrays[i] for i in indices if i in arrays] for indices in groups.values()]
+        uploaded = iter(self._upload([block for block in host_blocks if block]))
+        order, resized = [], []
+        for indices, host_block in zip(groups.values(), host_blocks):
+            on_device = [i for i in indices if i not in arrays]
+            parts = [next(uploaded)] if host_block else []
+            if on_device:
+                # In the arrays' layout (channels last), so that the model sees one layout
+                # whichever way an image was decoded.
+                parts.append(torch.stack([images[i].to(self.device) for i in on_device])
+                             .contiguous(memory_format=torch.channels_last))
+            order += [i for i in indices if i in arrays] + on_device
+            resized.append(self._resize(torch.cat(parts) if len(parts) > 1 else parts[0]))
+        pixels = torch.cat(resized) if len(resized) > 1 else resized[0]
+        if order != sorted(order):
+            pixels = pixels[torch.as_tensor(np.argsort(order), device=self.device)]
+        return (pixels - self._mean) / self._std
+
+    def _upload(self, blocks: list[list[np.ndarray]]) -> list[torch.Tensor]:
+        """Each list of same-sized [H, W, 3] arrays as one [n, 3, H, W] uint8 tensor on the device.
+
+        All of them are staged in one buffer and moved in one copy; on CUDA the buffer is pinned,
+        so the copy runs asynchronously (the caching host allocator keeps the buffer until it is
+        done).
+        """
+        if not blocks:
+            return []
+        shapes = [(len(block), *block[0].shape) for block in blocks]
+        counts = [int(np.prod(shape)) for shape in shapes]
+        pinned = self.device.type == "cuda"
+        staging = torch.empty(sum(counts), dtype=torch.uint8, pin_memory=pinned)
+        host, offset = staging.numpy(), 0
+        for block, shape, count in zip(blocks, shapes, counts):
+            np.stack(block, out=host[offset:offset + count].reshape(shape))
+            offset += count
+        moved = staging.to(self.device, non_blocking=pinned)
+        # [n, H, W, 3] seen as [n, 3, H, W]: channels last, the layout the arrays came in.
+        return [part.view(shape).permute(0, 3, 1, 2) for part, shape in zip(moved.split(counts), shapes)]
+
+    def _resize(self, block: torch.Tensor) -> torch.Tensor:
+        """[n, 3, H, W] uint8 → [n, 3, S, S] floats in [0, 1], a bounded slice of images at a time."""
         size = (self.entry.input_size, self.entry.input_size)
         mode = "bicubic" if self.entry.interpolation == "bicubic" else "bilinear"
-        resized = []
-        for image in images_uint8:
-            x = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).to(self.device)
-            x = x.permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
-            if tuple(x.shape[-2:]) != size:
-                x = F.interpolate(x, size=size, mode=mode, antialias=True, align_corners=False).clamp_(0, 1)
-            resized.append(x)
-        return (torch.cat(resized) - self._mean) / self._std
+        if tuple(block.shape[-2:]) == size:
+            return block.float().div_(255.0)
+        # The float copy of a slice stays near RESIZE_SLICE_BYTES, however large the images.
+        step = max(1, RESIZE_SLICE_BYTES // max(1, 4 * block[0].numel()))
+        slices = [
+            F.interpolate(block[start:start + step].float().div_(255.0), size=size, mode=mode, antialias=True,
+                          align_corners=False).clamp_(0, 1)
+            for start in range(0, len(block), step)
+        ]
+        return torch.cat(slices) if len(slices) > 1 else slices[0]
 
     def _autocast(self):
         # bf16 on GPUs for throughput; fp32 on CPU so tests compare exactly with timm.
@@ -196,6 +259,13 @@ class Encoder:
         with self._autocast():
             out = last_block_attention(self.model, pixels)
         return _attention_batch(out)
+
+
+def _check_pixels(index: int, shape, is_uint8: bool, channel_axis: int) -> None:
+    expected = "[H, W, 3] uint8 array" if channel_axis == 2 else "[3, H, W] uint8 tensor"
+    if not is_uint8 or len(shape) != 3 or shape[channel_axis] != 3:
+        raise PatchAtlasError(f"preprocess: image {index} has shape {tuple(shape)}; expected an {expected} "
+                              "(RGB, 8 bits per channel)")
 
 
 def _attention_batch(out) -> "AttentionBatch":
