@@ -166,12 +166,20 @@ def labelled_batches(dataset: datasets.Dataset, batch_size: int, encoder: Encode
     return prefetched(labelled(), depth=2)
 
 
+def load_encoder_for(entry: ModelEntry, options) -> Encoder:
+    """The model's encoder with ``options``' checkpoint, device, cache and compilation; raises
+    ``WeightsUnavailable`` when its weights cannot be had."""
+    encoder = load_encoder(entry, checkpoint=options.weights.get(entry.name), device=options.device,
+                           cache_dir=options.cache_dir)
+    if getattr(options, "compile_blocks", False):
+        encoder.compile_blocks()
+    return encoder
+
+
 def encoder_if_available(entry: ModelEntry, options) -> Encoder | None:
-    """The model's encoder (with ``options``' checkpoint, device and cache) for a pass that
-    follows extraction, or None when its weights cannot be had: the extract unit has already
-    recorded why."""
+    """The model's encoder (as ``load_encoder_for`` gives it) for a pass that follows
+    extraction, or None when its weights cannot be had: the extract unit has already recorded why."""
     try:
-        return load_encoder(entry, checkpoint=options.weights.get(entry.name), device=options.device,
-                            cache_dir=options.cache_dir)
+        return load_encoder_for(entry, options)
     except WeightsUnavailable:
         return None

@@ -140,8 +140,8 @@ def _extract_options(f):
                      help="'all', 'last', 'quartiles' or block numbers like '4,8,12' (1-based)."),
         click.option("--norms", default="prenorm,postnorm", show_default=True, help="Token views to write."),
         click.option("--curve-layers", default="all", show_default=True,
-                     help="Layers of the layer-wise curves (k-NN, variance, norms); those not in --layers are "
-                          "computed in a streaming pass that stores no tokens."),
+                     help="Layers of the layer-wise curves (k-NN, k-means, variance, norms); those not in "
+                          "--layers are streamed from the extraction pass, and their tokens are not stored."),
         click.option("--label-rule", type=click.Choice(["nearest", "majority"]), default="majority",
                      show_default=True, help="How a patch's label is taken from the mask."),
         click.option("--batch-size", type=click.IntRange(min=1), default=None,
@@ -151,6 +151,9 @@ def _extract_options(f):
         click.option("--decode", type=click.Choice(["host", "device"]), default="host", show_default=True,
                      help="Where images are decoded: 'host' (PIL on the CPU) or 'device' (JPEGs with "
                           "torchvision on the model's device, nvJPEG on CUDA; other images as on the host)."),
+        click.option("--compile", "compile_blocks", is_flag=True, default=False,
+                     help="torch.compile the model's blocks (all but the last, whose attention is recorded). "
+                          "The first batches wait for the compiler, so it pays back only on long runs."),
         click.option("--shard-mb", type=click.FloatRange(min=0, min_open=True), default=500, show_default=True,
                      help="Largest Parquet shard, in MB (10^6 bytes)."),
         click.option("--weights", multiple=True, metavar="MODEL=PATH",
@@ -195,8 +198,8 @@ def cli():
 
 
 def _do_extract(out, sources, source_options, models, layers, norms, curve_layers, label_rule, batch_size,
-                embedding_dtype, decode, shard_mb, weights, offline, device, quiet, rank=0, world_size=1, knn_k=1,
-                knn_similarity="dot"):
+                embedding_dtype, decode, compile_blocks, shard_mb, weights, offline, device, quiet, rank=0,
+                world_size=1, knn_k=1, knn_similarity="dot"):
     _set_offline(offline)
     from generator.extract import ExtractOptions, run_extract
     from generator.models.registry import DEFAULT_MODELS
@@ -217,7 +220,8 @@ def _do_extract(out, sources, source_options, models, layers, norms, curve_layer
                              device=_device(device, rank if world_size > 1 else None),
                              weights=_parse_weights(weights), progress=not quiet, embedding_dtype=embedding_dtype,
                              shard_bytes=int(shard_mb * 1e6), rank=rank, world_size=world_size,
-                             curve_layers=curve_layers, knn_k=knn_k, knn_similarity=knn_similarity, decode=decode)
+                             curve_layers=curve_layers, knn_k=knn_k, knn_similarity=knn_similarity, decode=decode,
+                             compile_blocks=compile_blocks)
     outcomes = run_extract(out, loaded, _split(models) if models else list(DEFAULT_MODELS), options)
     for source, rows in outcomes.items():
         for row in rows:
@@ -264,7 +268,7 @@ def _do_render(out, gallery_images, gallery_k, no_html, quiet=False):
               help="Workers sharing the shards (torchrun sets WORLD_SIZE); 1 runs everything here.")
 @_common
 def extract(out, sources, source_options, models, layers, norms, curve_layers, label_rule, batch_size,
-            embedding_dtype, decode, shard_mb, weights, offline, rank, world_size, device, quiet):
+            embedding_dtype, decode, compile_blocks, shard_mb, weights, offline, rank, world_size, device, quiet):
     """Run models over datasets; write patch-embedding dataset repos under OUT/datasets.
 
     Distributed: `torchrun --nproc-per-node N -m generator.cli extract ...` runs N workers that
@@ -274,8 +278,8 @@ def extract(out, sources, source_options, models, layers, norms, curve_layers, l
     worker = (rank, world_size) if world_size > 1 else None
     with output_lock(out, worker=worker):
         outcomes = _do_extract(out, sources, source_options, models, layers, norms, curve_layers, label_rule,
-                               batch_size, embedding_dtype, decode, shard_mb, weights, offline, device, quiet,
-                               rank, world_size)
+                               batch_size, embedding_dtype, decode, compile_blocks, shard_mb, weights, offline,
+                               device, quiet, rank, world_size)
     if worker:
         for source, rows in outcomes.items():
             for row in rows:
@@ -320,12 +324,12 @@ def render(out, gallery_images, gallery_k, no_html, quiet):
 @_render_options
 @_common
 def build(out, sources, source_options, models, layers, norms, curve_layers, label_rule, batch_size,
-          embedding_dtype, decode, shard_mb, weights, offline, ks, seed, knn_k, knn_similarity, linear_epochs, gallery_images, gallery_k, no_html, device, quiet):
+          embedding_dtype, decode, compile_blocks, shard_mb, weights, offline, ks, seed, knn_k, knn_similarity, linear_epochs, gallery_images, gallery_k, no_html, device, quiet):
     """extract + analyze + render, resuming whatever is already done."""
     with output_lock(out):
         outcomes = _do_extract(out, sources, source_options, models, layers, norms, curve_layers, label_rule,
-                               batch_size, embedding_dtype, decode, shard_mb, weights, offline, device, quiet,
-                               knn_k=knn_k, knn_similarity=knn_similarity)
+                               batch_size, embedding_dtype, decode, compile_blocks, shard_mb, weights, offline,
+                               device, quiet, knn_k=knn_k, knn_similarity=knn_similarity)
         _do_analyze(out, ks, seed, knn_k, knn_similarity, linear_epochs, device, quiet)
         site = _do_render(out, gallery_images, gallery_k, no_html, quiet)
     click.echo("")

@@ -24,10 +24,10 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from generator import __version__
-from generator.batches import encoder_if_available, grid_labels, labelled_batches
+from generator.batches import encoder_if_available, grid_labels, labelled_batches, load_encoder_for
 from generator.concurrency import BackgroundCalls
 from generator.errors import PatchAtlasError, WeightsUnavailable
-from generator.models.encoder import NORMS, QKV_VIEWS, Encoder, load_encoder, resolve_layers
+from generator.models.encoder import NORMS, QKV_VIEWS, Encoder, resolve_layers
 from generator.models.registry import Geometry, ModelEntry, get_model_entry, model_geometry
 from generator.sources.base import SegmentationSource
 from generator.sources.degradations import (
@@ -99,6 +99,9 @@ class ExtractOptions:
     # Where images are decoded: "host" (PIL) or "device" (JPEGs by torchvision on the model's
     # device; see generator/batches.py).
     decode: str = "host"
+    # torch.compile the model's blocks (Encoder.compile_blocks); off by default, as the compiler's
+    # start-up only pays back on long GPU runs.
+    compile_blocks: bool = False
 
     def validate(self) -> None:
         check_embedding_dtype(self.embedding_dtype)
@@ -200,6 +203,8 @@ def token_params(entry: ModelEntry, source: SegmentationSource, options: Extract
         # nvJPEG may round a few pixels differently from libjpeg; host decoding keeps the
         # parameters (and so the reuse) of tables written before the option existed.
         **({"decode": options.decode} if options.decode != "host" else {}),
+        # Compiled kernels round differently from eager ones (a few ulp).
+        **({"compile_blocks": True} if options.compile_blocks else {}),
     }
 
 
@@ -477,8 +482,7 @@ def _extract_unit(source: SegmentationSource, entry: ModelEntry, options: Extrac
     for shard, record_key, shard_params, held, missing in todo:
         if encoder is None:
             try:
-                encoder = load_encoder(entry, checkpoint=options.weights.get(entry.name),
-                                       device=options.device, cache_dir=options.cache_dir)
+                encoder = load_encoder_for(entry, options)
             except WeightsUnavailable as err:
                 manifest.set(key, {"status": "skipped", "reason": str(err), "params": params,
                                    "params_hash": params_hash(params), "files": {}})

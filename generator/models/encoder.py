@@ -114,6 +114,7 @@ class Encoder:
         self.depth = len(model.blocks)
         self.embed_dim = int(model.embed_dim)
         self.num_prefix_tokens = int(getattr(model, "num_prefix_tokens", 0))
+        self.compiled = False
         self._norm = _final_norm(model)
         self._mean = torch.tensor(entry.mean, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(entry.std, device=self.device).view(1, 3, 1, 1)
@@ -252,6 +253,18 @@ class Encoder:
                 )
         tokens = TokenBatch(grid=grid, layers=result)
         return tokens, (_attention_batch(attention_output(self.model, pixels, recorded)) if attention else None)
+
+    def compile_blocks(self) -> None:
+        """``torch.compile`` every block but the last, in place.
+
+        The last block stays eager because its attention is recorded by swapping its attention
+        module's forward for a pass (``capture_last_block_attention``), which a compiled graph
+        would not see. The blocks share one code object and timm's modules are inlined with
+        their parameters as inputs, so one graph per input shape serves every block.
+        """
+        for block in list(self.model.blocks)[:-1]:
+            block.compile(dynamic=False)
+        self.compiled = True
 
     @torch.inference_mode()
     def attention(self, pixels: torch.Tensor) -> AttentionBatch:
