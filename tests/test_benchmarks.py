@@ -116,3 +116,87 @@ def test_writers_are_left_as_they_were(report):
     for cls, name in ((parquet.PatchTableWriter, "write_batch"), (parquet.PrefixTableWriter, "write_batch"),
                       (parquet.TableWriter, "close")):
         assert not hasattr(cls.__dict__[name], "__wrapped__"), (cls, name)
+
+
+# ---------------------------------------------------------------- k-NN and linear probe against scikit-learn
+
+KNN_BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "knn_scale.py"
+TINY_KNN = ["--device", "cpu", "--queries", "500", "--train", "300", "--dim", "16", "--classes", "4",
+            "--sklearn-queries", "200", "--probe-epochs", "40", "--probe-batch-size", "100", "--probe-lr", "0.1"]
+
+
+@pytest.fixture(scope="module")
+def knn_scale():
+    spec = importlib.util.spec_from_file_location("knn_scale_benchmark", KNN_BENCHMARK)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def knn_report(knn_scale, tmp_path_factory):
+    """500 queries × 300 train × 16 dims, 4 classes: every step of the benchmark, in seconds."""
+    path = tmp_path_factory.mktemp("knn") / "probes.json"
+    stdout = io.StringIO()
+    with contextlib.redirect_stdout(stdout):
+        printed = knn_scale.main([*TINY_KNN, "--json", str(path)])
+    return {"printed": printed, "json": json.loads(path.read_text()), "stdout": stdout.getvalue()}
+
+
+def test_knn_json_is_the_printed_report(knn_report):
+    data = knn_report["json"]
+    assert data == json.loads(json.dumps(knn_report["printed"]))
+    assert set(data) == {"machine", "config", "data", "knn", "probe"}
+    assert data["machine"]["cpu"] and data["machine"]["cpu_cores"] >= 1 and data["machine"]["gpu"] is None
+    assert data["machine"]["sklearn"] and data["machine"]["load_average_end"]
+    config = data["config"]
+    assert (config["queries"], config["train"], config["dim"], config["classes"]) == (500, 300, 16, 4)
+    assert config["sklearn_queries"] == 200 and config["probe_train"] == 300
+
+
+def test_knn_every_measured_number_is_there(knn_report):
+    knn, probe = knn_report["json"]["knn"], knn_report["json"]["probe"]
+    steps = [knn["ours"], knn["sklearn"]["fit"], knn["sklearn"]["predict_timed"]]
+    steps += [probe[side][step] for side in ("ours", "sklearn") for step in ("fit", "predict")]
+    for step in steps:
+        assert _positive(step["seconds"]) and _positive(step["rss_peak_mib"]), step
+        assert step["cuda_peak_mib"] is None and step["rss_increase_mib"] >= 0
+    for value in (knn["ours"]["rows_s"], knn["sklearn"]["rows_s"], knn["speedup"], probe["fit_speedup"],
+                  probe["predict_speedup"], probe["ours"]["fit"]["rows_s"], probe["sklearn"]["fit"]["rows_s"]):
+        assert _positive(value)
+    assert knn["ours"]["rows"] == knn["sklearn"]["rows"] == 500
+    # scikit-learn predicted 200 queries: its time is its fit plus 500/200 of that.
+    sk = knn["sklearn"]
+    assert sk["rows_timed"] == knn["agreement_rows"] == 200 and sk["extrapolated"] is True
+    assert sk["seconds"] == pytest.approx(sk["fit"]["seconds"] + sk["predict_timed"]["seconds"] * 500 / 200)
+    assert knn["speedup"] == pytest.approx(sk["seconds"] / knn["ours"]["seconds"])
+    assert probe["sklearn"]["fit"]["epochs"] == probe["ours"]["fit"]["epochs"] == 40
+
+
+def test_knn_and_probe_agree_with_sklearn(knn_report):
+    knn, probe = knn_report["json"]["knn"], knn_report["json"]["probe"]
+    # Continuous random rows have no ties: dot on unit rows and scikit-learn's cosine pick the same neighbours.
+    assert knn["sklearn_metric"] == "cosine"
+    assert knn["agreement_with_sklearn"] == 1.0 and knn["agreement_with_brute_force"] == 1.0
+    # The same model trained the same way from other initial weights: nearly the same predictions,
+    # and both found the planted teacher (chance is 1/4).
+    assert probe["agreement_with_sklearn"] >= 0.95
+    assert probe["ours"]["accuracy"] > 0.8 and probe["sklearn"]["accuracy"] > 0.8
+    out = knn_report["stdout"]
+    assert "KNeighborsClassifier" in out and "MLPClassifier" in out and "extrapolated" in out
+
+
+def test_knn_agreement_sees_a_different_ranking(knn_scale):
+    # Control: train rows of unequal length make the dot product rank differently from the
+    # cosine, so the measured agreement must drop; asking for cosine restores it.
+    import torch
+
+    data = knn_scale.make_data(300, 400, 16, 4, dtype=torch.float32, device=torch.device("cpu"), seed=1)
+    gen = torch.Generator().manual_seed(2)
+    data["train"] = data["train"] * torch.empty(300, 1).uniform_(0.2, 3.0, generator=gen)
+    with contextlib.redirect_stdout(io.StringIO()):
+        dot = knn_scale.knn_side_by_side(data, k=1, similarity="dot", n_classes=4, sklearn_queries=400)
+        cosine = knn_scale.knn_side_by_side(data, k=1, similarity="cosine", n_classes=4, sklearn_queries=400)
+    assert dot["agreement_with_sklearn"] < 0.8
+    assert dot["agreement_with_brute_force"] == 1.0  # ours still finds the largest dot products
+    assert cosine["agreement_with_sklearn"] == 1.0
