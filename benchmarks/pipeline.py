@@ -23,6 +23,12 @@ Prints two tables and writes JSON (``--json``):
    byte-stream-split), read back with ``read_patch_table``; then four tables written one after
    another and on four threads.
 
+The tuned path takes ``patchatlas extract``'s ``--decode device`` and ``--compile`` (``--decode``,
+``--compile``), and with ``--curves`` also streams the layer-wise curves of every layer not in
+``--layers``, the way a build that publishes only some layers runs (more work than the naive
+path does). On a GPU the configuration meant for throughput is
+``--layers last --curves --decode device --compile``.
+
 Run: ``python benchmarks/pipeline.py [--device auto|cpu|cuda] [--quick] [--json out.json]``.
 """
 
@@ -41,6 +47,7 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -236,7 +243,7 @@ def jpeg_scenes(n_images: int, side: int) -> tuple[list[str], list[bytes], list[
         [encoded[i % len(encoded)][1] for i in range(n_images)]
 
 
-def jpeg_source(ids: list[str], jpegs: list[bytes], masks: list[bytes]) -> SegmentationSource:
+def jpeg_source(ids: list[str], jpegs: list[bytes], masks: list[bytes], probes: bool = False) -> SegmentationSource:
     """The same bytes as a segmentation source: ``datasets`` decodes each JPEG when it is read."""
     import datasets
 
@@ -247,7 +254,7 @@ def jpeg_source(ids: list[str], jpegs: list[bytes], masks: list[bytes]) -> Segme
         "mask": [{"bytes": b, "path": None} for b in masks]}, features=features)
     return SegmentationSource(name="jpeg-scenes", dataset=dataset, classes=list(SYNTHETIC_CLASSES),
                               ignore_index=SYNTHETIC_IGNORE_INDEX, revision=f"bench-{len(ids)}",
-                              license="CC0-1.0", description="synthetic scenes as JPEG", probes=False)
+                              license="CC0-1.0", description="synthetic scenes as JPEG", probes=probes)
 
 
 # ---------------------------------------------------------------- end to end
@@ -302,11 +309,23 @@ def naive_extract(entry: ModelEntry, layers: list[int], ids: list[str], jpegs: l
             "precision": "fp32"}
 
 
+@dataclass(frozen=True)
+class TunedSettings:
+    """How the tuned path runs, beyond the batch: ``patchatlas extract``'s --decode and --compile,
+    and whether it also streams the layer-wise curves of every layer it does not publish."""
+
+    decode: str = "host"
+    compile_blocks: bool = False
+    curves: bool = False
+
+
 def tuned_extract(entry: ModelEntry, layers: str, source: SegmentationSource, device: torch.device,
-                  batch_size: int, out: Path) -> dict:
+                  batch_size: int, out: Path, settings: TunedSettings = TunedSettings()) -> dict:
     """``run_extract`` as ``patchatlas extract`` runs it, writing the same patch tables as the naive path."""
     options = ExtractOptions(layers=layers, batch_size=batch_size, device=str(device), embedding_dtype="float16",
-                             last_block_attention=False, variants=False, progress=False)
+                             last_block_attention=False, variants=False, progress=False,
+                             curve_layers="all" if settings.curves else layers, decode=settings.decode,
+                             compile_blocks=settings.compile_blocks)
     writers = (PatchTableWriter, PrefixTableWriter)
     with time_spent_in([(PatchTableWriter, "write_batch"), (PrefixTableWriter, "write_batch"),
                         (TableWriter, "close")], writers) as writer_s:
@@ -328,17 +347,18 @@ def tuned_extract(entry: ModelEntry, layers: str, source: SegmentationSource, de
 
 
 def end_to_end(entry: ModelEntry, layers_spec: str, n_images: int, side: int, device: torch.device,
-               tuned_batch: int, work: Path) -> dict:
+               tuned_batch: int, work: Path, settings: TunedSettings = TunedSettings()) -> dict:
     ids, jpegs, masks = jpeg_scenes(n_images, side)
-    source = jpeg_source(ids, jpegs, masks)
+    source = jpeg_source(ids, jpegs, masks, probes=settings.curves)
     layers = resolve_layers(layers_spec, model_geometry(entry).depth)
     warm = min(WARMUP_IMAGES, n_images)
     naive_extract(entry, layers, ids[:warm], jpegs[:warm], masks[:warm], device, work / "warm-naive")
-    tuned_extract(entry, layers_spec, jpeg_source(ids[:warm], jpegs[:warm], masks[:warm]), device, tuned_batch,
-                  work / "warm-tuned")
+    tuned_extract(entry, layers_spec, jpeg_source(ids[:warm], jpegs[:warm], masks[:warm], probes=settings.curves),
+                  device, tuned_batch, work / "warm-tuned", settings)
     results = {}
     for name, run in (("naive", lambda out: naive_extract(entry, layers, ids, jpegs, masks, device, out)),
-                      ("tuned", lambda out: tuned_extract(entry, layers_spec, source, device, tuned_batch, out))):
+                      ("tuned", lambda out: tuned_extract(entry, layers_spec, source, device, tuned_batch, out,
+                                                          settings))):
         out = work / name
         with PeakMemory(device) as memory:
             result = run(out)
@@ -504,7 +524,9 @@ def render_report(report: dict) -> str:
              "",
              f"end to end: {e2e['images']} JPEG images {e2e['side']}×{e2e['side']} → {len(e2e['layers'])} layers × "
              f"{len(e2e['views'])} views = {e2e['tables']} patch tables, same rows both paths: "
-             f"{e2e['same_patch_rows']}"]
+             f"{e2e['same_patch_rows']}; tuned path: --decode {report['config']['tuned_decode']}"
+             + (", --compile" if report["config"]["tuned_compile"] else "")
+             + (", layer-wise curves of the other layers streamed" if report["config"]["tuned_curves"] else "")]
     rows = []
     for name in ("naive", "tuned"):
         r = e2e[name]
@@ -552,6 +574,13 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--writer-dim", type=int, default=768)
     parser.add_argument("--writer-repeats", type=int, default=None,
                         help="writer measurements keep the fastest of this many (default 2; 1 with --quick)")
+    parser.add_argument("--decode", choices=["host", "device"], default="host",
+                        help="where the tuned path decodes JPEGs (patchatlas extract --decode)")
+    parser.add_argument("--compile", dest="compile_blocks", action="store_true",
+                        help="the tuned path compiles the model's blocks (patchatlas extract --compile)")
+    parser.add_argument("--curves", action="store_true",
+                        help="the tuned path also streams the layer-wise curves (k-NN, k-means, variance, norms) "
+                             "of every layer not in --layers, as a build that publishes only those does")
     parser.add_argument("--json", type=Path, default=None)
     parser.add_argument("--quick", action="store_true", help="a CPU-sized run of about a minute")
     args = parser.parse_args(argv)
@@ -582,7 +611,9 @@ def main(argv: Sequence[str] | None = None) -> dict:
         peak = peak_bf16_flops(machine["gpu"])
         roofline = peak / (gflop * 1e9) if peak else None
         with tempfile.TemporaryDirectory(prefix="patchatlas-bench-") as tmp:
-            e2e = end_to_end(entry, args.layers, n_images, args.side, device, tuned_batch, Path(tmp) / "extract")
+            settings = TunedSettings(decode=args.decode, compile_blocks=args.compile_blocks, curves=args.curves)
+            e2e = end_to_end(entry, args.layers, n_images, args.side, device, tuned_batch, Path(tmp) / "extract",
+                             settings)
             writer = writer_alone(writer_rows, args.writer_dim, Path(tmp) / "writer", writer_repeats)
         machine["load_average_end"] = list(os.getloadavg())
     finally:
@@ -595,7 +626,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         "config": {"device": str(device), "model": model_name, "images": n_images, "side": args.side,
                    "layers": args.layers, "naive_batch": NAIVE_BATCH, "tuned_batch": tuned_batch,
                    "writer_rows": writer_rows, "writer_dim": args.writer_dim, "writer_repeats": writer_repeats,
-                   "quick": args.quick},
+                   "quick": args.quick, "tuned_decode": args.decode, "tuned_compile": args.compile_blocks,
+                   "tuned_curves": args.curves},
         "model": {"name": entry.name, "architecture": ARCHS.get(entry.architecture, entry.architecture),
                   "description": entry.description or entry.timm_id, "input_size": entry.input_size,
                   "gflop_per_image": gflop,

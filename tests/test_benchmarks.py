@@ -200,3 +200,27 @@ def test_knn_agreement_sees_a_different_ranking(knn_scale):
     assert dot["agreement_with_sklearn"] < 0.8
     assert dot["agreement_with_brute_force"] == 1.0  # ours still finds the largest dot products
     assert cosine["agreement_with_sklearn"] == 1.0
+
+
+LAYERWISE_BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "layerwise_stream.py"
+
+
+def test_layerwise_benchmark_runs_the_three_ways_and_the_curves_agree(tmp_path_factory):
+    spec = importlib.util.spec_from_file_location("layerwise_benchmark", LAYERWISE_BENCHMARK)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    mp = offline_tiny_zoo(tmp_path_factory)
+    path = tmp_path_factory.mktemp("bench") / "layerwise.json"
+    stdout = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(stdout):
+            printed = module.main(["--device", "cpu", "--model", "tiny_random", "--images", "6", "--size", "64",
+                                   "--batch-size", "2", "--json", str(path)])
+    finally:
+        mp.undo()
+    assert json.loads(path.read_text()) == json.loads(json.dumps(printed))
+    assert printed["streamed_layers"] == [1]  # tiny_random has two blocks; the last is published
+    assert printed["curves_agree"] is True
+    assert set(printed["seconds"]) == {"publish only", "fused", "separate"}
+    assert all(_positive(s) for s in printed["seconds"].values()) and _positive(printed["separate_second_run_s"])
+    assert "| fused |" in stdout.getvalue() and "curves agree: True" in stdout.getvalue()
