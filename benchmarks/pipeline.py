@@ -47,9 +47,8 @@ import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, NamedTuple, Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -309,8 +308,7 @@ def naive_extract(entry: ModelEntry, layers: list[int], ids: list[str], jpegs: l
             "precision": "fp32"}
 
 
-@dataclass(frozen=True)
-class TunedSettings:
+class TunedSettings(NamedTuple):
     """How the tuned path runs, beyond the batch: ``patchatlas extract``'s --decode and --compile,
     and whether it also streams the layer-wise curves of every layer it does not publish."""
 
