@@ -420,30 +420,35 @@ class LinearProbe:
         device = feats.device
         labels = _check_labels(_as_tensor(y, "y", device), feats.shape[0], "y")
         keep, n_classes = _labelled_rows(labels, self.n_classes, self.ignore_index, "y")
-        feats, labels = feats[keep], labels[keep]
         dtype = _working_dtype(feats)
+        # Cast once, not once per batch and epoch (the tokens usually come as float16).
+        feats, labels = feats[keep].to(dtype), labels[keep]
         model = self._build(feats.shape[1], n_classes, dtype, device)
-        optimiser = torch.optim.Adam(model.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+        # On GPUs the fused Adam is one kernel per step instead of one per parameter and operation.
+        optimiser = torch.optim.Adam(model.parameters(), lr=self.lr, weight_decay=self.weight_decay,
+                                     fused=device.type == "cuda")
         generator = torch.Generator().manual_seed(self.seed + 1)
         n = feats.shape[0]
         self.loss_history_ = []
         model.train()
         for _ in range(self.epochs):
             order = torch.randperm(n, generator=generator).to(device)
-            total, seen = 0.0, 0
+            # The loss stays on the device until the epoch ends: reading it every step would make
+            # the host wait for the device at each of the thousands of small steps.
+            total, seen = torch.zeros((), dtype=torch.float64, device=device), 0
             for start in range(0, n, self.batch_size):
                 batch = order[start : start + self.batch_size]
                 # BatchNorm cannot normalise a batch of one row; the row is seen in other epochs.
                 if self.batchnorm and batch.numel() < 2:
                     continue
-                logits = model(feats[batch].to(dtype))
+                logits = model(feats[batch])
                 loss = F.cross_entropy(logits, labels[batch])
                 optimiser.zero_grad(set_to_none=True)
                 loss.backward()
                 optimiser.step()
-                total += float(loss.detach()) * batch.numel()
+                total += loss.detach().double() * batch.numel()
                 seen += batch.numel()
-            self.loss_history_.append(total / max(seen, 1))
+            self.loss_history_.append(float(total) / max(seen, 1))
         model.eval()
         self.model_ = model
         self.n_classes_ = n_classes
