@@ -26,6 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.common import sync  # noqa: E402
 from generator.analyses.clusters import joint_kmeans_segmentation  # noqa: E402
 from generator.cli import main as cli_main  # noqa: E402
 from generator.models.encoder import load_encoder  # noqa: E402
@@ -34,18 +35,13 @@ from generator.models.registry import ModelEntry  # noqa: E402
 ARCHS = {"vit_small_patch16_224": "ViT-S/16", "vit_base_patch16_224": "ViT-B/16"}
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def _timed(fn, device, repeats: int) -> float:
     fn()  # warm-up
-    _sync(device)
+    sync(device)
     start = time.perf_counter()
     for _ in range(repeats):
         fn()
-    _sync(device)
+    sync(device)
     return (time.perf_counter() - start) / repeats
 
 

@@ -50,9 +50,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import os
-import platform
 import resource
 import sys
 import time
@@ -70,6 +68,7 @@ from sklearn.neural_network import MLPClassifier
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.common import format_table, machine_info, resolve_device  # noqa: E402
 from generator.analyses.probes import LinearProbe, knn_predict, majority_vote  # noqa: E402
 from generator.errors import PatchAtlasError  # noqa: E402
 from generator.store.atomic import atomic_write_json  # noqa: E402
@@ -83,26 +82,6 @@ CPU = torch.device("cpu")
 
 
 # ---------------------------------------------------------------- machine and measurement
-
-
-def cpu_model() -> str:
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
-
-
-def machine_info(device: torch.device) -> dict:
-    return {
-        "cpu": cpu_model(), "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "torch": torch.__version__, "sklearn": sklearn.__version__, "numpy": np.__version__,
-        "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        # Other processes on the machine slow every measurement: the load says how busy it was.
-        "load_average_start": list(os.getloadavg()),
-    }
 
 
 def _reset_rss_peak() -> bool:
@@ -267,17 +246,6 @@ def probe_side_by_side(data: dict, *, n_classes: int, n_train: int, epochs: int,
 # ---------------------------------------------------------------- report
 
 
-def format_table(header: Sequence[str], rows: Sequence[Sequence[str]], left: int = 2) -> str:
-    """Plain aligned columns: the first ``left`` columns to the left, the rest to the right."""
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-
-    def line(cells):
-        return "  ".join(str(c).ljust(w) if i < left else str(c).rjust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-
-    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
-
-
 def _memory(step: dict) -> str:
     if step.get("cuda_peak_mib") is not None:
         return f"{step['cuda_peak_mib']:,.0f} (CUDA)"
@@ -318,7 +286,7 @@ def render_report(report: dict) -> str:
         rows.append(["", probe["sklearn"]["label"], f"{s['rows']:,}", f"{s['seconds']:.2f}",
                      f"{s['rows_s']:,.0f}{unit}", "1", "", _memory(s)])
     lines.append(format_table(["step", "implementation", "rows", "seconds", "rows/s", "speed vs sklearn",
-                               "agreement", "peak MiB"], rows))
+                               "agreement", "peak MiB"], rows, left=2))
     sides = (ours, skf, probe["ours"], probe["sklearn"])
     lines += ["", *(f"{side['label']}: {side['implementation']}" for side in sides),
               "speed vs sklearn: scikit-learn's seconds over ours for the same work (above 1: ours is faster)"
@@ -332,14 +300,6 @@ def render_report(report: dict) -> str:
 
 
 # ---------------------------------------------------------------- entry point
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise PatchAtlasError("device 'cuda': CUDA is not available here; use --device cpu or auto")
-    return torch.device(name)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -383,7 +343,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     n_queries = args.queries or (PROTOCOL["queries"] if device.type == "cuda" else CPU_QUERIES)
     n_probe = min(args.probe_train or args.train, args.train)
-    machine = machine_info(device)
+    machine = machine_info(device, sklearn=sklearn.__version__, numpy=np.__version__)
     data = make_data(args.train, n_queries, args.dim, args.classes, dtype=getattr(torch, args.dtype),
                      device=device, seed=args.seed)
     knn = knn_side_by_side(data, k=args.k, similarity=args.similarity, n_classes=args.classes,

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import sys
 import tempfile
@@ -34,13 +33,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from benchmarks.common import machine_info, resolve_device, sync  # noqa: E402
 from generator.extract import ExtractOptions, run_extract  # noqa: E402
 from generator.sources.synthetic import synthetic_scenes  # noqa: E402
-
-
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
+from generator.store.atomic import atomic_write_json  # noqa: E402
 
 
 def _extract(out: Path, source, model: str, device: str, batch_size: int | None, curve_layers: str) -> float:
@@ -48,7 +44,7 @@ def _extract(out: Path, source, model: str, device: str, batch_size: int | None,
                              variants=False, progress=False)
     start = time.perf_counter()
     outcome = run_extract(out, [source], [model], options)[source.name][0]
-    _sync(device)
+    sync(device)
     if outcome.status not in ("done", "reused"):
         raise SystemExit(f"{model}: extraction {outcome.status} ({outcome.reason})")
     return time.perf_counter() - start
@@ -107,15 +103,13 @@ def main(argv: Sequence[str] | None = None) -> dict:
     parser.add_argument("--batch-size", type=int, default=None)
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args(argv)
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = str(resolve_device(args.device))
     with tempfile.TemporaryDirectory(prefix="patchatlas-layerwise-") as work:
         report = measure(args.model, args.images, args.size, device, args.batch_size, Path(work))
-    report["machine"] = {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
-                         "gpu": torch.cuda.get_device_name() if device == "cuda" else None}
+    report["machine"] = machine_info(torch.device(device))
     print(render(report))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(report, indent=2) + "\n")
+        atomic_write_json(args.json, report)
     return report
 
 

@@ -36,11 +36,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime
 import functools
 import io
 import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -58,7 +56,8 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.extract_throughput import ARCHS, _sync  # noqa: E402
+from benchmarks.common import format_table, machine_info, resolve_device, sync  # noqa: E402
+from benchmarks.extract_throughput import ARCHS  # noqa: E402
 from generator.errors import PatchAtlasError  # noqa: E402
 from generator.extract import ExtractOptions, dataset_repo_dir, extract_key, run_extract  # noqa: E402
 from generator.models.encoder import NORMS, load_encoder, resolve_layers  # noqa: E402
@@ -88,24 +87,6 @@ MB = 1e6
 
 
 # ---------------------------------------------------------------- machine and measurement tools
-
-
-def machine_info(device: torch.device) -> dict:
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    return {
-        "cpu": cpu, "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "torch": torch.__version__, "pyarrow": pa.__version__, "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        # Other processes on the machine slow every measurement: the load says how busy it was.
-        "load_average_start": list(os.getloadavg()),
-    }
-
 
 def peak_bf16_flops(gpu_name: str | None) -> float | None:
     """The device's dense bf16 peak, or None where no number is known (CPUs, other GPUs)."""
@@ -300,7 +281,7 @@ def naive_extract(entry: ModelEntry, layers: list[int], ids: list[str], jpegs: l
                     pq.write_table(table, path)
                     writer_s += time.perf_counter() - write_start
                     files.append(path)
-    _sync(device)
+    sync(device)
     seconds = time.perf_counter() - start
     return {"seconds": seconds, "writer_seconds": writer_s, "patch_rows": parquet_rows(files),
             "embedding_bytes": embedding_bytes(files, 4), "files": len(files),
@@ -329,7 +310,7 @@ def tuned_extract(entry: ModelEntry, layers: str, source: SegmentationSource, de
                         (TableWriter, "close")], writers) as writer_s:
         start = time.perf_counter()
         outcome = run_extract(out, [source], [entry.name], options)[source.name][0]
-        _sync(device)
+        sync(device)
         seconds = time.perf_counter() - start
     if outcome.status != "done":
         raise PatchAtlasError(f"{entry.name}: extraction {outcome.status} ({outcome.reason}); the benchmark needs a "
@@ -495,17 +476,6 @@ def writer_alone(rows: int, dim: int, work: Path, repeats: int) -> dict:
 # ---------------------------------------------------------------- report
 
 
-def format_table(header: Sequence[str], rows: Sequence[Sequence[str]], left: int = 1) -> str:
-    """Plain aligned columns: the first ``left`` columns to the left, the rest to the right."""
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-
-    def line(cells):
-        return "  ".join(str(c).ljust(w) if i < left else str(c).rjust(w)
-                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-
-    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
-
-
 def _num(value: float | None, digits: int = 1) -> str:
     return "n/a" if value is None else f"{value:,.{digits}f}"
 
@@ -546,14 +516,6 @@ def render_report(report: dict) -> str:
     lines.append(f"{p['tables']} tables ({p['dtype']}, {p['encoding']}): one after another {p['serial_mb_s']:,.0f} MB/s, "
                  f"on {p['tables']} threads {p['parallel_mb_s']:,.0f} MB/s ({p['speedup']:.2f}×)")
     return "\n".join(lines)
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise PatchAtlasError("device 'cuda': CUDA is not available here; use --device cpu or auto")
-    return torch.device(name)
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -603,7 +565,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         MODELS[model_name] = RANDOM_VITB16
     try:
         entry = get_model_entry(model_name)
-        machine = machine_info(device)
+        machine = machine_info(device, pyarrow=pa.__version__)
         depth = model_geometry(entry).depth
         gflop = forward_gflop(entry, max(resolve_layers(args.layers, depth)))
         peak = peak_bf16_flops(machine["gpu"])

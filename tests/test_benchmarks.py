@@ -17,17 +17,22 @@ import pytest
 
 from conftest import offline_tiny_zoo
 
-BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "pipeline.py"
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
 N_IMAGES = 8
 SIDE = 64
 
 
-@pytest.fixture(scope="module")
-def pipeline():
-    spec = importlib.util.spec_from_file_location("pipeline_benchmark", BENCHMARK)
+def load_benchmark(name: str):
+    """A benchmark script as a module, loaded from its path (benchmarks/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"{name}_benchmark", BENCHMARKS / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def pipeline():
+    return load_benchmark("pipeline")
 
 
 @pytest.fixture(scope="module")
@@ -120,17 +125,13 @@ def test_writers_are_left_as_they_were(report):
 
 # ---------------------------------------------------------------- k-NN and linear probe against scikit-learn
 
-KNN_BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "knn_scale.py"
 TINY_KNN = ["--device", "cpu", "--queries", "500", "--train", "300", "--dim", "16", "--classes", "4",
             "--sklearn-queries", "200", "--probe-epochs", "40", "--probe-batch-size", "100", "--probe-lr", "0.1"]
 
 
 @pytest.fixture(scope="module")
 def knn_scale():
-    spec = importlib.util.spec_from_file_location("knn_scale_benchmark", KNN_BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("knn_scale")
 
 
 @pytest.fixture(scope="module")
@@ -202,13 +203,8 @@ def test_knn_agreement_sees_a_different_ranking(knn_scale):
     assert cosine["agreement_with_sklearn"] == 1.0
 
 
-LAYERWISE_BENCHMARK = Path(__file__).resolve().parent.parent / "benchmarks" / "layerwise_stream.py"
-
-
 def test_layerwise_benchmark_runs_the_three_ways_and_the_curves_agree(tmp_path_factory):
-    spec = importlib.util.spec_from_file_location("layerwise_benchmark", LAYERWISE_BENCHMARK)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_benchmark("layerwise_stream")
     mp = offline_tiny_zoo(tmp_path_factory)
     path = tmp_path_factory.mktemp("bench") / "layerwise.json"
     stdout = io.StringIO()

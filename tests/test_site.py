@@ -10,7 +10,6 @@ import pytest
 from generator.cli import main
 from generator.models.registry import MODELS
 from generator.sources import registry as source_registry
-from generator.sources.base import ClassInfo
 from generator.sources.synthetic import synthetic_scenes
 
 from conftest import TINY_RANDOM
