@@ -455,7 +455,7 @@ def _probe_context(out: Path, docs: Path, src: dict, families: dict[str, str]) -
     for p in layer_rows:
         if p["norm"] == "postnorm":
             by_model.setdefault(p["model"], []).append(p)
-    # Layers that were not published: their k-NN comes from the streaming pass of extract.
+    # Layers that were not published: their curves were streamed while extracting (generator/stream.py).
     streamed = []
     for record in _load_json((out / "results" / name).glob("*/layerwise.json")):
         published = {p["layer"] for p in by_model.get(record["model"], [])}
