@@ -318,9 +318,6 @@ def extract_shard(source: SegmentationSource, encoder: Encoder, shard: Shard, ta
                 batch, attention = encoder.tokens_and_attention(pixels, layers, norms)
             else:
                 batch, attention = encoder.tokens(pixels, layers, norms), None
-            if layerwise is not None:
-                layerwise.add(first_index, labels, batch)
-            first_index += len(image_ids)
             tokens = {key: toks.patch for key, toks in batch.layers.items()}
             if attention is not None:
                 tokens.update({(encoder.depth, view): t for view, t in attention.views.items()})
@@ -332,6 +329,11 @@ def extract_shard(source: SegmentationSource, encoder: Encoder, shard: Shard, ta
                 {key: to_host(toks.prefix, dtype, f"{where}, layer {key[0]} ({key[1]}) prefix")
                  for key, toks in batch.layers.items() if key in prefix_writers},
                 attention.cls_maps.cpu().numpy() if attention_writer is not None else None)
+            # After the published tokens went to the host, so that their copies do not wait for
+            # the accumulators' work on the device.
+            if layerwise is not None:
+                layerwise.add(first_index, labels, batch)
+            first_index += len(image_ids)
     return {rel: file_sha256(repo / rel) for rel in tables}
 
 

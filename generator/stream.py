@@ -145,15 +145,24 @@ class LayerwiseAccumulator:
             raise PatchAtlasError(f"layer-wise curves: images from {first_index} after {self.seen} seen; "
                                   "every image must come once, in dataset order")
         device = self._moments[self.layers[0]].mean.device
-        y = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64)).reshape(-1).to(device)
+        y = torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64)).reshape(-1)
+        if device.type == "cuda":  # from pageable memory the copy would wait for the device first
+            y = y.pin_memory().to(device, non_blocking=True)
+        y = y.to(device)
         n_images, per_image = labels.shape[0], labels.shape[1] * labels.shape[2]
         split = min(max(self.n_train - self.seen, 0), n_images) * per_image  # rows of train images
+        posts = {layer: batch.layers[(layer, "postnorm")].patch.reshape(-1, self.dim) for layer in self.layers}
+        pres = {layer: batch.layers[(layer, "prenorm")].patch.reshape(-1, self.dim) for layer in self.layers}
+        # The one read-back of the batch (the accumulators read nothing back): all layers checked at
+        # once, before any of them is counted.
+        finite = torch.stack([torch.isfinite(pres[layer]).all() & torch.isfinite(posts[layer]).all()
+                              for layer in self.layers]).tolist()
+        if not all(finite):
+            raise PatchAtlasError(f"{self.model} on images {first_index}..{first_index + n_images - 1}, "
+                                  f"layer {self.layers[finite.index(False)]}: NaN/inf tokens; the weights or the "
+                                  "inputs are broken")
         for layer in self.layers:
-            post = batch.layers[(layer, "postnorm")].patch.reshape(-1, self.dim)
-            pre = batch.layers[(layer, "prenorm")].patch.reshape(-1, self.dim)
-            if not bool(torch.isfinite(pre).all() & torch.isfinite(post).all()):
-                raise PatchAtlasError(f"{self.model} on images {first_index}..{first_index + n_images - 1}, "
-                                      f"layer {layer}: NaN/inf tokens; the weights or the inputs are broken")
+            post, pre = posts[layer], pres[layer]
             if split:
                 self._knn[layer].add_train(post[:split].to(self._bank_dtype), y[:split])
                 self._moments[layer].update(post[:split])

@@ -1,18 +1,27 @@
 """Streamed analyses equal their whole-array references, chunk sizes notwithstanding, and find
-planted signals: high-variance junk dimensions, high-norm tokens, separable classes, clusters."""
+planted signals: high-variance junk dimensions, high-norm tokens, separable classes, clusters.
+Fed chunk by chunk they read nothing back to the host, and refuse bad input when read."""
 
 from __future__ import annotations
+
+import contextlib
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
-from generator.analyses import clusters
+from generator.analyses import clusters, streaming
 from generator.analyses.clusters import chance_miou, hungarian_match, kmeans, match_from_confusion
 from generator.analyses.probes import knn_predict, segmentation_metrics
 from generator.analyses.streaming import NormHistogram, RunningMoments, StreamingKMeans, StreamingKNN
 from generator.analyses.variance import feature_variance, top_variance_dims
 from generator.errors import PatchAtlasError
+from generator.models.encoder import LayerTokens, TokenBatch
+from generator.sources.synthetic import synthetic_scenes
+from generator.stream import LayerwiseAccumulator
 
 
 def _chunks(x: torch.Tensor, sizes: list[int]):
@@ -62,8 +71,21 @@ def test_norm_histogram_adds_up_over_chunks_and_flags_planted_high_norm_tokens()
     assert control.quantile(0.995) < 3 * control.quantile(0.5)
 
 
+def test_norm_histogram_bins_as_numpy_searchsorted_right_does_with_norms_on_the_edges():
+    histogram = NormHistogram(low=1.0, high=4.0, bins=2)
+    assert histogram.edges.tolist() == [1.0, 2.0, 4.0]
+    norms = np.array([0.5, 1.0, 2.0, 3.0, 4.0, 5.0, np.inf])  # on an edge: the bin above it
+    histogram.update(torch.from_numpy(norms).float().unsqueeze(1))
+    reference = np.bincount(np.searchsorted(histogram.edges, norms, side="right"), minlength=4)
+    np.testing.assert_array_equal(histogram.counts, reference)
+    assert histogram.counts.tolist() == [1, 1, 2, 3]  # below 1, [1, 2), [2, 4), 4 and above
+    assert histogram.max == np.inf and histogram.count == 7
+
+
+@pytest.mark.parametrize("drop_unlabelled_first", [True, False])  # the CPU's way, an accelerator's way
 @pytest.mark.parametrize("k, similarity", [(1, "dot"), (5, "cosine"), (3, "l2")])
-def test_streaming_knn_equals_knn_on_all_rows_at_once(k, similarity):
+def test_streaming_knn_equals_knn_on_all_rows_at_once(k, similarity, drop_unlabelled_first, monkeypatch):
+    monkeypatch.setattr(streaming, "_drop_unlabelled_first", lambda device: drop_unlabelled_first)
     g = torch.Generator().manual_seed(2)
     n_classes, dim = 5, 16
     centres = torch.randn(n_classes, dim, generator=g) * 3
@@ -201,11 +223,15 @@ def test_streaming_kmeans_rejects_bad_input():
     few.add(torch.randn(3, 8), torch.zeros(3, dtype=torch.long))
     with pytest.raises(PatchAtlasError, match="k=4 exceeds the 3 rows"):
         few.result()
-    stream = StreamingKMeans(2, 3)
+    # Labels outside the classes are counted as they come and refused when the result is read.
+    mislabelled = StreamingKMeans(2, 3)
+    mislabelled.add(torch.randn(4, 8), torch.tensor([0, 1, 3, 255]))
     with pytest.raises(PatchAtlasError, match=r"labels \[3\] outside \[0, 3\)"):
-        stream.add(torch.randn(4, 8), torch.tensor([0, 1, 3, 255]))
-    with pytest.raises(PatchAtlasError, match="outside"):
-        stream.add(torch.randn(2, 8), torch.tensor([-1, 0]))
+        mislabelled.result()
+    mislabelled.add(torch.randn(2, 8), torch.tensor([-1, 0]))
+    with pytest.raises(PatchAtlasError, match=r"labels \[-1, 3\] outside \[0, 3\)"):
+        mislabelled.result()
+    stream = StreamingKMeans(2, 3)
     with pytest.raises(PatchAtlasError, match="expected a tensor"):
         stream.add(torch.randn(8), torch.zeros(8, dtype=torch.long))
     with pytest.raises(PatchAtlasError, match="one per row"):
@@ -291,3 +317,150 @@ def test_unpublished_layers_get_streamed_curves_equal_to_the_analysis_of_publish
                        / "probes.json").read_text())
     context = _probe_context(streamed_out, tmp_path / "docs", {"name": "synthetic-scenes"}, {})
     assert context["knn_by_layer"]["tiny_random"] == [(1, row["knn_miou"]), (2, last["knn_miou"])]
+
+
+# ---------------------------------------------------------------------------------------------
+# Nothing read back while streaming
+
+# Tensor methods that hand a value to the host, and operators whose result is sized by the
+# values (an accelerator makes the host wait for both; CUDA's bincount reads its input's range).
+_READ_BACKS = {"cpu", "numpy", "tolist", "item", "__bool__", "__float__", "__int__", "__index__", "__array__"}
+_SIZED_BY_VALUES = {"_local_scalar_dense", "nonzero", "masked_select", "bincount", "_unique2", "unique_dim",
+                    "unique_consecutive"}
+
+
+class _WatchMethods(TorchFunctionMode):
+    def __init__(self, seen: list):
+        super().__init__()
+        self.seen = seen
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        if getattr(func, "__name__", "") in _READ_BACKS:
+            self.seen.append(func.__name__)
+        return func(*args, **(kwargs or {}))
+
+
+class _WatchOperators(TorchDispatchMode):
+    def __init__(self, seen: list):
+        super().__init__()
+        self.seen = seen
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in _SIZED_BY_VALUES:
+            self.seen.append(name)
+        elif name == "index" and any(i is not None and i.dtype == torch.bool for i in args[1]):
+            self.seen.append("boolean mask")
+        return func(*args, **(kwargs or {}))
+
+
+@contextlib.contextmanager
+def _read_backs():
+    """The read-backs to the host made inside the block, by name."""
+    seen: list[str] = []
+    with _WatchMethods(seen), _WatchOperators(seen):
+        yield seen
+
+
+def test_the_read_back_watch_sees_read_backs():
+    x = torch.arange(6.0)
+    with _read_backs() as seen:
+        bool(x[0] > 0), float(x[1]), x.tolist(), x[x > 2], torch.bincount(x.long())
+    assert {"__bool__", "__float__", "_local_scalar_dense", "tolist", "boolean mask", "bincount"} <= set(seen)
+    with _read_backs() as seen:  # the control: work that stays on the device
+        torch.where(x > 2, x, 0.0).sum(), torch.zeros(3).index_add_(0, x.long() % 3, x), x[1:4]
+    assert seen == []
+
+
+def test_accumulators_keep_their_state_on_the_rows_device_and_read_nothing_back_as_they_are_fed(monkeypatch):
+    g = torch.Generator().manual_seed(8)
+    x, y = _planted_directions(1200, 4, 16, 0.1, g)
+    y[::7] = 255
+    monkeypatch.setattr(streaming, "_drop_unlabelled_first", lambda device: False)  # an accelerator's way
+    knn, moments, norms = StreamingKNN(4), RunningMoments(16), NormHistogram()
+    fitted, buffering = StreamingKMeans(4, 4, fit_rows=300, n_init=1), StreamingKMeans(4, 4, fit_rows=2000, n_init=1)
+    # Once per run, read-backs are allowed: building the k-NN train bank, fitting the k-means.
+    knn.add_train(x[:300], y[:300])
+    knn.add_eval(x[300:400], y[300:400])
+    fitted.add(x[:300], y[:300])
+    with _read_backs() as seen:
+        for start in range(400, 1200, 200):
+            chunk, labels = x[start:start + 200], y[start:start + 200]
+            knn.add_eval(chunk, labels)
+            moments.update(chunk)
+            norms.update(chunk)
+            fitted.add(chunk, labels)
+            buffering.add(chunk, labels)
+    assert seen == []
+    state = [knn._counts, knn._bad_labels, moments.mean, norms._counts, norms._total, norms._max,
+             fitted._confusion, fitted._problems, fitted._bad_labels, fitted._centroids, buffering._confusion,
+             *buffering._buffer_x, *buffering._buffer_y]
+    assert all(tensor.device == x.device for tensor in state)
+    # What they counted is right: the planted classes are found, every row is there.
+    assert knn.metrics()["miou"] > 0.9 and knn.counts.sum() == (y[300:] != 255).sum()
+    torch.testing.assert_close(moments.variance(), feature_variance(x[400:]), rtol=1e-9, atol=1e-9)
+    assert norms.count == 800 and norms.summary()["count"] == 800
+    assert fitted.result()["miou"] > 0.9 and fitted.result()["rows"] == 1100
+    assert buffering.result()["fit_rows"] == 800
+
+
+def test_bad_labels_and_nan_tokens_counted_while_streaming_are_refused_when_results_are_read():
+    g = torch.Generator().manual_seed(9)
+    x, y = _planted_directions(600, 3, 8, 0.1, g)
+    bad_y = y.clone()
+    bad_y[[310, 420, 421]] = torch.tensor([7, -2, 7])
+    nan_x = x.clone()
+    nan_x[450, 3] = float("nan")
+    # k-NN: an evaluation label outside the classes, counted into nothing, refused by metrics().
+    knn, control = StreamingKNN(3), StreamingKNN(3)
+    for stream, labels in ((knn, bad_y), (control, y)):
+        stream.add_train(x[:300], labels[:300])
+        for start in range(300, 600, 100):
+            stream.add_eval(x[start:start + 100], labels[start:start + 100])
+    with pytest.raises(PatchAtlasError, match=r"StreamingKNN: labels outside \[0, 3\) that are not the ignore label"):
+        knn.metrics()
+    assert control.metrics()["miou"] > 0.9
+    assert knn.counts.sum() == control.counts.sum() - 3  # the bad rows were not counted
+    # k-means: labels and NaN after the fit are refused by result(); a NaN in the fit rows by the fit.
+    for tokens, labels, message in ((x, bad_y, r"labels \[-2, 7\] outside \[0, 3\)"),
+                                    (nan_x, y, "the tokens hold NaN or infinite values")):
+        stream = StreamingKMeans(3, 3, fit_rows=300, n_init=1)
+        for start in range(0, 600, 150):
+            stream.add(tokens[start:start + 150], labels[start:start + 150])
+        with pytest.raises(PatchAtlasError, match=message):
+            stream.result()
+    late_fit = StreamingKMeans(3, 3, fit_rows=500, n_init=1)
+    late_fit.add(nan_x[:400], y[:400])
+    with pytest.raises(PatchAtlasError, match="NaN or infinite"):
+        late_fit.add(nan_x[400:], y[400:])  # fills the fit rows
+    clean = StreamingKMeans(3, 3, fit_rows=300, n_init=1)
+    assert _feed(clean, x, y, [150] * 4)["miou"] > 0.9
+
+
+def test_layerwise_accumulator_reads_back_once_per_batch_and_names_the_first_broken_layer(monkeypatch):
+    monkeypatch.setattr(streaming, "_drop_unlabelled_first", lambda device: False)  # an accelerator's way
+    source = synthetic_scenes(8, 16)  # four train images, four evaluation images
+    encoder = SimpleNamespace(embed_dim=8, device=torch.device("cpu"), grid=(2, 2),
+                              entry=SimpleNamespace(name="tiny_x"))
+    accumulator = LayerwiseAccumulator(source, [1, 2, 3], encoder, SimpleNamespace(knn_k=1, knn_similarity="dot"))
+    g = torch.Generator().manual_seed(10)
+
+    def batch(broken: dict | None = None) -> TokenBatch:
+        layers = {}
+        for layer in (1, 2, 3):
+            for norm in ("prenorm", "postnorm"):
+                patch = torch.randn(2, 2, 2, 8, generator=g)
+                patch[0, 0, 0, 0] = (broken or {}).get((layer, norm), patch[0, 0, 0, 0])
+                layers[(layer, norm)] = LayerTokens(patch=patch, prefix=torch.zeros(2, 1, 8))
+        return TokenBatch(grid=(2, 2), layers=layers)
+
+    labels = np.random.default_rng(0).integers(0, 8, (2, 2, 2))
+    for first in (0, 2, 4):  # train images, then the bank is built on the first evaluation rows
+        accumulator.add(first, labels, batch())
+    with pytest.raises(PatchAtlasError, match=r"^tiny_x on images 6\.\.7, layer 2: NaN/inf tokens; the weights "):
+        accumulator.add(6, labels, batch({(3, "prenorm"): float("nan"), (2, "postnorm"): float("inf")}))
+    assert accumulator.seen == 6  # nothing of the broken batch was counted
+    with _read_backs() as seen:
+        accumulator.add(6, labels, batch())
+    assert seen == ["tolist"]  # the one check of all layers
+    assert accumulator.complete and [row["layer"] for row in accumulator.results()] == [1, 2, 3]

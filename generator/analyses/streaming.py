@@ -17,6 +17,14 @@ set, which the protocol fixes), never by the number of evaluation images:
 Each gives the same numbers as the whole-array function it stands for (``feature_variance``,
 ``knn_predict`` + ``segmentation_metrics``, ``kmeans`` + nearest centroid + ``hungarian_match``),
 which the tests check. Pure: tensors in, tensors and dicts out, no I/O.
+
+They are fed once per batch while a model runs, on its device. Their state lives on the device
+of the rows they get, and nothing in ``add``/``update`` reads a value back to the host, so a
+GPU keeps running ahead of the host: counts are added with fixed-size scatters (never
+``torch.bincount``, which reads its input's range back on CUDA), rows that must not count go to
+a spare bin that is dropped, and the checks that need a value (labels outside the classes,
+NaN/inf tokens) are counted on the device and raised when the results are read. Only the
+once-per-run steps read back: building the k-NN train bank and fitting the k-means.
 """
 
 from __future__ import annotations
@@ -33,11 +41,20 @@ from generator.analyses.clusters import (
     kmeans,
     match_from_confusion,
 )
-from generator.analyses.probes import knn_predict, metrics_from_counts
+from generator.analyses.probes import (
+    _check_features,
+    _labelled_rows,
+    majority_vote,
+    metrics_from_counts,
+    nearest_neighbours,
+)
 from generator.errors import PatchAtlasError
 
 # Rows per block in the k-means distance computations, as in ``clusters``.
 _CHUNK_ROWS = 65536
+# How many of the offending labels an error names, and the filler for "none (yet)".
+_NAMED_LABELS = 5
+_NO_LABEL = torch.iinfo(torch.int64).max
 
 
 def _rows(x: torch.Tensor, dim: int | None, what: str) -> torch.Tensor:
@@ -47,20 +64,50 @@ def _rows(x: torch.Tensor, dim: int | None, what: str) -> torch.Tensor:
     return x
 
 
-class RunningMoments:
-    """Mean and population variance of every dimension over all rows seen so far."""
+def _drop_unlabelled_first(device: torch.device) -> bool:
+    """Whether to drop unlabelled rows before classifying them. That saves their k-NN search but
+    gives a tensor whose size depends on the labels, which on an accelerator the host must wait
+    for; there they are classified too and counted into the spare bin."""
+    return device.type == "cpu"
 
-    def __init__(self, dim: int, device: str | torch.device = "cpu"):
+
+def _add_counts(counts: torch.Tensor, index: torch.Tensor) -> None:
+    """``counts[i] += (index == i).sum()`` for every i, in place: a scatter into a fixed size,
+    so (unlike ``torch.bincount``) nothing is read back to size the result."""
+    counts.index_add_(0, index, torch.ones_like(index))
+
+
+def _smallest_distinct(held: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """The ``_NAMED_LABELS`` smallest distinct entries of ``held`` and ``values`` together,
+    ascending, padded with ``_NO_LABEL``: a fixed-size record of offending labels kept on the
+    device (``torch.unique`` would read back how many there are)."""
+    pool = torch.cat([held, values])
+    picked = [pool.min()]
+    for _ in range(_NAMED_LABELS - 1):
+        picked.append(torch.where(pool > picked[-1], pool, _NO_LABEL).min())
+    return torch.stack(picked)
+
+
+class RunningMoments:
+    """Mean and population variance of every dimension over all rows seen so far.
+
+    The state lives on ``device``, or without one on the device of the first rows."""
+
+    def __init__(self, dim: int, device: str | torch.device | None = None):
         self.dim = dim
         self.count = 0
+        self._follow_rows = device is None
         self.mean = torch.zeros(dim, dtype=torch.float64, device=device)
         self._m2 = torch.zeros(dim, dtype=torch.float64, device=device)
 
     def update(self, x: torch.Tensor) -> None:
-        x = _rows(x, self.dim, "RunningMoments.update").to(self.mean.device, torch.float64)
+        x = _rows(x, self.dim, "RunningMoments.update")
         n = x.shape[0]
         if n == 0:
             return
+        if self._follow_rows and self.count == 0:
+            self.mean, self._m2 = self.mean.to(x.device), self._m2.to(x.device)
+        x = x.to(self.mean.device, torch.float64)
         chunk_mean = x.mean(dim=0)
         chunk_m2 = ((x - chunk_mean) ** 2).sum(dim=0)
         total = self.count + n
@@ -77,24 +124,51 @@ class RunningMoments:
 
 
 class NormHistogram:
-    """L2 norms of token rows on fixed log-spaced bins (fixed, so chunks add up exactly)."""
+    """L2 norms of token rows on fixed log-spaced bins (fixed, so chunks add up exactly).
+
+    The bin counts, sum and max are kept on the device of the first rows; ``counts``, ``total``
+    and ``max`` read them back."""
 
     def __init__(self, low: float = 1e-2, high: float = 1e5, bins: int = 140):
         if not 0 < low < high or bins < 1:
             raise PatchAtlasError(f"NormHistogram: need 0 < low < high and bins ≥ 1, got {low}, {high}, {bins}")
         self.edges = np.geomspace(low, high, bins + 1)
-        self.counts = np.zeros(bins + 2, dtype=np.int64)  # under, bins…, over
-        self.count, self.total, self.max = 0, 0.0, 0.0
+        self.count = 0
+        self._edges: torch.Tensor | None = None  # the edges on the rows' device, with the state below
+        self._counts: torch.Tensor | None = None  # under, bins…, over
+        self._total: torch.Tensor | None = None
+        self._max: torch.Tensor | None = None
 
     def update(self, x: torch.Tensor) -> None:
-        norms = _rows(x, None, "NormHistogram.update").float().norm(dim=1).cpu().numpy().astype(np.float64)
-        if norms.size == 0:
+        norms = _rows(x, None, "NormHistogram.update").float().norm(dim=1)
+        if norms.shape[0] == 0:
             return
-        index = np.searchsorted(self.edges, norms, side="right")  # 0: below low; bins+1: above high
-        self.counts += np.bincount(index, minlength=self.counts.size)
-        self.count += norms.size
-        self.total += float(norms.sum())
-        self.max = max(self.max, float(norms.max()))
+        if self._counts is None:
+            self._edges = torch.from_numpy(self.edges).to(norms.device)
+            self._counts = torch.zeros(len(self.edges) + 1, dtype=torch.int64, device=norms.device)
+            self._total = torch.zeros((), dtype=torch.float64, device=norms.device)
+            self._max = torch.zeros((), dtype=torch.float64, device=norms.device)
+        norms = norms.to(self._counts.device, torch.float64)
+        # right=True is np.searchsorted's side="right": edges[i-1] <= norm < edges[i] gives i, so
+        # 0 is below low and bins+1 at or above high (NaN too, as numpy sorts it last).
+        _add_counts(self._counts, torch.bucketize(norms, self._edges, right=True))
+        self.count += norms.shape[0]
+        self._total += norms.sum()
+        self._max = torch.maximum(self._max, norms.max())
+
+    @property
+    def counts(self) -> np.ndarray:
+        if self._counts is None:
+            return np.zeros(len(self.edges) + 1, dtype=np.int64)
+        return self._counts.cpu().numpy()
+
+    @property
+    def total(self) -> float:
+        return 0.0 if self._total is None else float(self._total)
+
+    @property
+    def max(self) -> float:
+        return 0.0 if self._max is None else float(self._max)
 
     def quantile(self, q: float) -> float:
         """The upper edge of the bin holding the q-quantile (exact to one bin width)."""
@@ -116,7 +190,9 @@ class StreamingKNN:
     ``add_train`` keeps the labelled train rows (the protocol's fixed few-shot set); after the
     first ``add_eval`` no more train rows are taken. ``add_eval`` classifies a chunk against
     them and adds its counts; ``metrics`` gives what ``segmentation_metrics`` gives on all the
-    evaluation rows at once, from counts of fixed size.
+    evaluation rows at once, from counts of fixed size, kept on the evaluation rows' device.
+    Evaluation labels outside the classes (other than ``ignore_index``) are counted as they come
+    and refused by ``metrics``.
     """
 
     def __init__(self, n_classes: int, *, ignore_index: int = 255, k: int = 1, similarity: str = "dot"):
@@ -124,41 +200,80 @@ class StreamingKNN:
         self._train_x: list[torch.Tensor] = []
         self._train_y: list[torch.Tensor] = []
         self._bank: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.counts = np.zeros((n_classes, n_classes + 1), dtype=np.int64)
+        # Flat [C × (C + 1)] counts (target × prediction, last column: predictions outside the
+        # classes) and one spare bin for rows that do not count.
+        self._counts: torch.Tensor | None = None
+        self._bad_labels: torch.Tensor | None = None
+
+    @property
+    def counts(self) -> np.ndarray:
+        """Target × predicted class counts [C, C + 1], the last column predictions outside the classes."""
+        shape = (self.n_classes, self.n_classes + 1)
+        if self._counts is None:
+            return np.zeros(shape, dtype=np.int64)
+        return self._counts[:-1].reshape(shape).cpu().numpy()
 
     def add_train(self, x: torch.Tensor, y: torch.Tensor) -> None:
         if self._bank is not None:
             raise PatchAtlasError("StreamingKNN: train rows after evaluation rows; the train images come first")
-        x = _rows(x, None, "StreamingKNN.add_train")
-        y = y.reshape(-1).long()
-        keep = y != self.ignore_index
-        self._train_x.append(x[keep])
-        self._train_y.append(y[keep])
+        x, y = self._rows_and_labels(x, y, "StreamingKNN.add_train")
+        if _drop_unlabelled_first(x.device):
+            keep = y != self.ignore_index
+            x, y = x[keep], y[keep]
+        # Elsewhere unlabelled rows are kept until the bank is built, once.
+        self._train_x.append(x)
+        self._train_y.append(y)
 
     def add_eval(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        x = _rows(x, None, "StreamingKNN.add_eval")
+        x, y = self._rows_and_labels(x, y, "StreamingKNN.add_eval")
         if self._bank is None:
-            if sum(len(t) for t in self._train_y) == 0:
-                raise PatchAtlasError("StreamingKNN: no labelled train rows before the evaluation rows")
-            self._bank = torch.cat(self._train_x), torch.cat(self._train_y)
-            self._train_x, self._train_y = [], []
-        y = y.reshape(-1).long()
-        keep = y != self.ignore_index
-        if not bool(keep.any()):
+            self._bank = self._built_bank()
+        if _drop_unlabelled_first(x.device):
+            keep = y != self.ignore_index
+            x, y = x[keep], y[keep]
+        if x.shape[0] == 0:
             return
-        pred = knn_predict(self._bank[0], self._bank[1], x[keep], k=self.k, similarity=self.similarity,
-                           n_classes=self.n_classes, ignore_index=self.ignore_index).cpu().numpy()
-        target = y[keep].cpu().numpy()
-        if target.min() < 0 or target.max() >= self.n_classes:
-            raise PatchAtlasError(f"StreamingKNN: labels outside [0, {self.n_classes}) that are not the ignore "
-                                  f"label {self.ignore_index}")
-        pred = np.where((pred >= 0) & (pred < self.n_classes), pred, self.n_classes)
-        self.counts += np.bincount(target * (self.n_classes + 1) + pred,
-                                   minlength=self.counts.size).reshape(self.counts.shape)
+        if self._counts is None:
+            self._counts = torch.zeros(self.n_classes * (self.n_classes + 1) + 1, dtype=torch.int64, device=x.device)
+            self._bad_labels = torch.zeros((), dtype=torch.int64, device=x.device)
+        bank_x, bank_y = self._bank
+        # knn_predict on the bank, without its per-call label checks: the bank was checked once.
+        _, neighbours = nearest_neighbours(x, bank_x, self.k, similarity=self.similarity)
+        pred = majority_vote(bank_y.to(neighbours.device)[neighbours], self.n_classes)
+        n = self.n_classes
+        labelled = y != self.ignore_index
+        in_classes = (y >= 0) & (y < n)
+        self._bad_labels += (labelled & ~in_classes).sum().to(self._bad_labels.device)
+        pred = torch.where((pred >= 0) & (pred < n), pred, n)
+        index = torch.where(labelled & in_classes, y * (n + 1) + pred, n * (n + 1))  # the spare bin last
+        _add_counts(self._counts, index.to(self._counts.device))
 
     def metrics(self) -> dict:
         """Per-class IoU, mIoU and pixel accuracy of everything evaluated so far."""
+        if self._bad_labels is not None and int(self._bad_labels) > 0:
+            raise PatchAtlasError(f"StreamingKNN: labels outside [0, {self.n_classes}) that are not the ignore "
+                                  f"label {self.ignore_index}")
         return metrics_from_counts(self.counts)
+
+    def _rows_and_labels(self, x: torch.Tensor, y: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+        x = _rows(x, None, what)
+        if not isinstance(y, torch.Tensor) or y.numel() != x.shape[0]:
+            raise PatchAtlasError(f"{what}: expected one label per row ({x.shape[0]}), got "
+                                  f"{type(y).__name__} {tuple(getattr(y, 'shape', ()))}")
+        return x, y.reshape(-1).to(x.device, torch.long)
+
+    def _built_bank(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The labelled train rows, checked as ``knn_predict`` checks them (once: this reads back)."""
+        if self._train_y:
+            x, y = torch.cat(self._train_x), torch.cat(self._train_y)
+            keep = y != self.ignore_index
+            x, y = x[keep], y[keep]
+        if not self._train_y or y.shape[0] == 0:
+            raise PatchAtlasError("StreamingKNN: no labelled train rows before the evaluation rows")
+        _check_features(x, "train_x")
+        _labelled_rows(y, self.n_classes, self.ignore_index, "train_y")
+        self._train_x, self._train_y = [], []
+        return x, y
 
 
 class StreamingKMeans:
@@ -172,7 +287,9 @@ class StreamingKMeans:
     first, as in ``joint_kmeans_segmentation``. The buffer is then assigned to the nearest
     centroid and dropped, and every later row is assigned as it comes. Only a k × n_classes
     confusion matrix of labelled rows (label ≠ ``ignore_index``) grows, so memory is set by
-    ``fit_rows`` and the chunk, never by the number of rows.
+    ``fit_rows`` and the chunk, never by the number of rows. It is kept on the rows' device, and
+    so are the counts of labels outside the classes and of chunks with NaN/inf tokens, which the
+    fit and :meth:`result` refuse.
 
     A chunk that overfills the buffer is split: its first rows complete the fit, the rest are
     assigned after it, so the result does not depend on where chunks begin and end. It equals
@@ -202,7 +319,19 @@ class StreamingKMeans:
         self._inertia = float("nan")
         self._fitted_rows = 0
         self.rows = 0
-        self.confusion = np.zeros((k, n_classes), dtype=np.int64)
+        # On the first rows' device: the flat k × n_classes confusion and a spare bin for rows
+        # that do not count; how many labels were outside the classes and how many chunks held
+        # NaN/inf tokens; the smallest few of those labels, for the error.
+        self._confusion: torch.Tensor | None = None
+        self._problems: torch.Tensor | None = None
+        self._bad_labels: torch.Tensor | None = None
+
+    @property
+    def confusion(self) -> np.ndarray:
+        """Cluster × class counts [k, n_classes] of the labelled rows assigned so far."""
+        if self._confusion is None:
+            return np.zeros((self.k, self.n_classes), dtype=np.int64)
+        return self._confusion[:-1].reshape(self.k, self.n_classes).cpu().numpy()
 
     def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Take a chunk of token rows [rows, D] and their labels [rows]."""
@@ -210,14 +339,14 @@ class StreamingKMeans:
         if not isinstance(y, torch.Tensor) or y.is_floating_point() or y.numel() != x.shape[0]:
             raise PatchAtlasError(f"StreamingKMeans.add: expected integer labels, one per row ({x.shape[0]}), "
                                   f"got {type(y).__name__} {tuple(getattr(y, 'shape', ()))}")
-        y = y.reshape(-1).long().cpu()
+        y = y.reshape(-1).to(x.device, torch.long)
+        if self._confusion is None:
+            self._confusion = torch.zeros(self.k * self.n_classes + 1, dtype=torch.int64, device=x.device)
+            self._problems = torch.zeros(2, dtype=torch.int64, device=x.device)
+            self._bad_labels = torch.full((_NAMED_LABELS,), _NO_LABEL, dtype=torch.int64, device=x.device)
         bad = (y != self.ignore_index) & ((y < 0) | (y >= self.n_classes))
-        if bool(bad.any()):
-            raise PatchAtlasError(f"StreamingKMeans.add: labels {torch.unique(y[bad])[:5].tolist()} outside "
-                                  f"[0, {self.n_classes}) that are not the ignore label {self.ignore_index}")
-        if not bool(torch.isfinite(x).all()):
-            raise PatchAtlasError("StreamingKMeans.add: the tokens hold NaN or infinite values; clean or drop "
-                                  "those tokens before clustering")
+        self._problems += torch.stack([bad.sum(), torch.isfinite(x).all().logical_not().long()])
+        self._bad_labels = _smallest_distinct(self._bad_labels, torch.where(bad, y, _NO_LABEL))
         self.dim = x.shape[1]
         start = 0
         if self._centroids is None:
@@ -236,12 +365,14 @@ class StreamingKMeans:
         """mIoU, pixel accuracy, per-class IoU (NaN for absent classes) and the cluster → class
         matching of every labelled row assigned so far; the inertia is the fit's, in the space
         it was fitted in (on the unit sphere with ``l2_normalize``)."""
+        self._check_inputs()
         if self._centroids is None:
             self._fit()
-        if int(self.confusion.sum()) == 0:
+        confusion = self.confusion
+        if int(confusion.sum()) == 0:
             raise PatchAtlasError(f"StreamingKMeans: none of the {self.rows} rows is labelled (all are the "
                                   f"ignore label {self.ignore_index}); nothing to score")
-        match = match_from_confusion(self.confusion)
+        match = match_from_confusion(confusion)
         return {"k": self.k, "miou": match.miou, "pixel_accuracy": match.pixel_accuracy,
                 "per_class_iou": match.per_class_iou.tolist(),
                 "cluster_to_class": match.cluster_to_class.tolist(),
@@ -252,7 +383,22 @@ class StreamingKMeans:
             return _l2_normalized_rows(x, _CHUNK_ROWS)
         return x.to(_working_dtype(x) if x.is_floating_point() else torch.float32)
 
+    def _check_inputs(self) -> None:
+        """Refuse what ``add`` counted without stopping: labels outside the classes, NaN/inf tokens
+        (a read-back, so only at the fit and at the result)."""
+        if self._problems is None:
+            return
+        bad_labels, non_finite = self._problems.tolist()
+        if bad_labels:
+            named = [label for label in self._bad_labels.tolist() if label != _NO_LABEL]
+            raise PatchAtlasError(f"StreamingKMeans.add: labels {named} outside [0, {self.n_classes}) that are "
+                                  f"not the ignore label {self.ignore_index}")
+        if non_finite:
+            raise PatchAtlasError("StreamingKMeans.add: the tokens hold NaN or infinite values; clean or drop "
+                                  "those tokens before clustering")
+
     def _fit(self) -> None:
+        self._check_inputs()
         if self._buffered < self.k:
             raise PatchAtlasError(f"StreamingKMeans: k={self.k} exceeds the {self._buffered} rows available to "
                                   f"fit the k-means; lower k or feed more rows")
@@ -272,9 +418,7 @@ class StreamingKMeans:
         centroids = self._centroids.to(x.dtype)
         labels, _ = _nearest_centroid(x, _row_squared_norms(x, _CHUNK_ROWS), centroids, _CHUNK_ROWS)
         self.rows += x.shape[0]
-        keep = y != self.ignore_index
-        if not bool(keep.any()):
-            return
-        pred = labels.cpu()[keep].numpy()
-        self.confusion += np.bincount(pred * self.n_classes + y[keep].numpy(),
-                                      minlength=self.confusion.size).reshape(self.confusion.shape)
+        y = y.to(labels.device)
+        counted = (y != self.ignore_index) & (y >= 0) & (y < self.n_classes)
+        index = torch.where(counted, labels * self.n_classes + y, self.k * self.n_classes)  # the spare bin last
+        _add_counts(self._confusion, index.to(self._confusion.device))
