@@ -55,7 +55,8 @@ def check_decode(decode: str) -> None:
                               "CPU; device: JPEGs decoded on the model's device)")
 
 
-def _rgb8(img: Image.Image) -> np.ndarray:
+def rgb8_array(img: Image.Image) -> np.ndarray:
+    """A decoded image as the [H, W, 3] uint8 array every pass feeds the model."""
     return np.asarray(to_rgb8(img))
 
 
@@ -63,7 +64,7 @@ def iter_batches(dataset: datasets.Dataset, batch_size: int) -> Iterator[Batch]:
     """(image ids, RGB uint8 arrays, mask arrays) in order, ``batch_size`` at a time."""
     for start in range(0, len(dataset), batch_size):
         rows = dataset[start:start + batch_size]
-        images = [_rgb8(img) for img in rows["image"]]
+        images = [rgb8_array(img) for img in rows["image"]]
         masks = [np.asarray(m) for m in rows["mask"]]
         yield list(rows["image_id"]), images, masks
 
@@ -129,9 +130,9 @@ def iter_device_batches(dataset: datasets.Dataset, batch_size: int, device: torc
                 # bytearray: torch wants a writable buffer; the copy is the size of the file.
                 jpegs.append(torch.frombuffer(bytearray(data), dtype=torch.uint8))
             else:
-                images[i] = _rgb8(feature.decode_example(cell))
+                images[i] = rgb8_array(feature.decode_example(cell))
         for i, image in zip(jpeg_at, decode_jpegs(jpegs, device)):
-            images[i] = image if image is not None else _rgb8(feature.decode_example(cells[i]))
+            images[i] = image if image is not None else rgb8_array(feature.decode_example(cells[i]))
         masks = [np.asarray(m) for m in rows["mask"]]
         yield list(rows["image_id"]), images, masks
 

@@ -24,7 +24,14 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from generator import __version__
-from generator.batches import encoder_if_available, grid_labels, labelled_batches, load_encoder_for
+from generator.batches import (
+    check_decode,
+    encoder_if_available,
+    grid_labels,
+    labelled_batches,
+    load_encoder_for,
+    rgb8_array,
+)
 from generator.concurrency import BackgroundCalls
 from generator.errors import PatchAtlasError, WeightsUnavailable
 from generator.models.encoder import NORMS, QKV_VIEWS, Encoder, resolve_layers
@@ -105,9 +112,7 @@ class ExtractOptions:
 
     def validate(self) -> None:
         check_embedding_dtype(self.embedding_dtype)
-        if self.decode not in ("host", "device"):
-            raise PatchAtlasError(f"--decode {self.decode!r}: expected one of host, device (host: PIL on the CPU; "
-                                  "device: JPEGs decoded on the model's device)")
+        check_decode(self.decode)
         if self.shard_bytes < 1:
             raise PatchAtlasError(f"shard size {self.shard_bytes} bytes: must be positive")
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
@@ -597,7 +602,7 @@ def _variants_unit(source: SegmentationSource, entry: ModelEntry, options: Extra
         return
     _, val_ids = few_shot_split(source.dataset["image_id"], train_count=source.probe_train_count)
     val = source.dataset.select(range(len(source) - len(val_ids), len(source)))
-    images = [np.asarray(img.convert("RGB")) for img in val["image"]]
+    images = [rgb8_array(img) for img in val["image"]]
     masks = [np.asarray(m) for m in val["mask"]]
     variants = [("degraded", name, level) for name, levels in DEGRADATIONS.items() for level in levels] + [
         ("transformed", name, level) for name, levels in TRANSFORMS.items() if name not in DEGRADATIONS

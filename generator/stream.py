@@ -5,8 +5,8 @@ every layer. For the layers a build does not publish, the extraction pass also a
 for those layers and feeds their tokens to the streaming accumulators of
 ``generator.analyses.streaming`` — the few-shot k-NN probe, k-means segmentation with one
 cluster per class, the variance spectrum of the train tokens and the pre-norm token norms — then
-drops them. Nothing is stored but the results, so
-memory is bounded by the batch and the few-shot train set, not by the dataset.
+drops them. Nothing is stored but the results, so memory is bounded by the batch, the few-shot
+train set and the k-means fit rows, not by the dataset.
 
 The accumulators need every image once, in order. When extraction does not pass over all of
 them (a resumed run whose first shards were already written, a distributed run, or a source
