@@ -18,7 +18,7 @@ inputs are not analysed twice.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Sequence
 
@@ -49,7 +49,7 @@ from generator.analyses.position import (
     positional_consistency,
 )
 from generator.errors import PatchAtlasError
-from generator.extract import dataset_repo_dir, variants_dir
+from generator.extract import dataset_repo_dir, extract_input, variants_dir
 from generator.models.registry import MODELS
 from generator.sources.splits import few_shot_split
 from generator.store.atomic import atomic_path, atomic_write_json
@@ -99,6 +99,8 @@ class AnalysisUnit:
     norm: str
     tables: list[Path]  # the config's shards, in order
     results_dir: Path
+    # How the tokens' images became the model input: {"input_size": side, "resize": policy}.
+    input: dict = field(default_factory=dict)
 
     @property
     def key(self) -> str:
@@ -132,6 +134,7 @@ def analysis_units(out: Path, manifest: Manifest) -> list[AnalysisUnit]:
                 source=entry["source"], model=entry["model"], config=cfg["name"], layer=cfg["layer"],
                 norm=cfg["norm"], tables=[repo / rel for rel in cfg["paths"]],
                 results_dir=results_dir(out, entry["source"], entry["model"], cfg["name"]),
+                input=extract_input(entry["params"]),
             ))
     return units
 
@@ -211,7 +214,7 @@ def analyze_unit(unit: AnalysisUnit, n_classes: int, ignore_index: int, options:
     image_ids, tokens, labels = patch_grid(read_patch_table(unit.tables))
     tokens_t = torch.from_numpy(tokens).to(options.device)
     header = {"source": unit.source, "model": unit.model, "config": unit.config, "layer": unit.layer,
-              "norm": unit.norm, "image_ids": list(image_ids), "grid": list(labels.shape[1:])}
+              "norm": unit.norm, "image_ids": list(image_ids), "grid": list(labels.shape[1:]), **unit.input}
     written = []
     kmeans_metrics, kmeans_maps = kmeans_results(tokens_t, labels, n_classes, ignore_index, options)
     for k, arrays in kmeans_maps.items():

@@ -33,8 +33,9 @@ from generator.concurrency import prefetched
 from generator.errors import PatchAtlasError, WeightsUnavailable
 from generator.models.encoder import Encoder, load_encoder
 from generator.models.registry import ModelEntry
+from generator.sources.geometry import DEFAULT_RESIZE, check_resize
 from generator.sources.images import to_rgb8
-from generator.sources.labels import patch_labels, resize_mask
+from generator.sources.labels import input_patch_labels
 
 DECODE_MODES = ("host", "device")
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -138,10 +139,11 @@ def iter_device_batches(dataset: datasets.Dataset, batch_size: int, device: torc
 
 
 def grid_labels(masks: Sequence[np.ndarray], encoder: Encoder, rule: str, ignore_index: int) -> np.ndarray:
-    """Per-patch labels [B, gh, gw]: the mask is resized to the model input, then reduced per patch."""
+    """Per-patch labels [B, gh, gw], each read from the mask at its own resolution through the
+    geometry its image follows into the model input (the encoder's input size and resize policy)."""
     side = encoder.entry.input_size
     return np.stack([
-        patch_labels(resize_mask(mask, (side, side)), encoder.grid, rule, ignore_index)
+        input_patch_labels(mask, side, encoder.grid, rule, ignore_index, encoder.resize)
         for mask in masks
     ]).astype(np.int16)
 
@@ -168,10 +170,11 @@ def labelled_batches(dataset: datasets.Dataset, batch_size: int, encoder: Encode
 
 
 def load_encoder_for(entry: ModelEntry, options) -> Encoder:
-    """The model's encoder with ``options``' checkpoint, device, cache and compilation; raises
+    """The model's encoder with ``options``' checkpoint, device, cache, resize policy and compilation; raises
     ``WeightsUnavailable`` when its weights cannot be had."""
     encoder = load_encoder(entry, checkpoint=options.weights.get(entry.name), device=options.device,
                            cache_dir=options.cache_dir)
+    encoder.resize = check_resize(getattr(options, "resize", DEFAULT_RESIZE))
     if getattr(options, "compile_blocks", False):
         encoder.compile_blocks()
     return encoder

@@ -22,8 +22,9 @@ PRESETS = {
     "paper-cityscapes": {
         # The local-representations paper's Cityscapes protocol: 72/30 split of 256-px tiles at
         # 224 px, one sampled pixel per patch label (the authors' code), 1-NN on dot products.
+        # A tile is square, so short-side-crop only resizes it, bicubic as PIL does.
         "sources": "paper-cityscapes", "label_rule": "nearest", "layers": "all", "knn_k": 1,
-        "knn_similarity": "dot",
+        "knn_similarity": "dot", "resize": "short-side-crop",
     },
     "paper-ade20k": {
         # The same probe settings on ADE20K: train images from the training split, val images
@@ -123,6 +124,23 @@ def _parse_source_options(pairs: tuple[str, ...]) -> dict[str, int | str]:
     return options
 
 
+def _parse_input_size(value: str | None) -> int | dict[str, int] | None:
+    """``--input-size``: None, one side for every model, or MODEL=SIDE pairs."""
+    if value is None or not str(value).strip():
+        return None
+    text = str(value).strip()
+    try:
+        if "=" not in text:
+            return int(text)
+        pairs = [pair.partition("=") for pair in _split(text)]
+        if any(not sep or not name.strip() for name, sep, _ in pairs):
+            raise ValueError
+        return {name.strip(): int(side) for name, _, side in pairs}
+    except ValueError:
+        raise PatchAtlasError(f"--input-size {value!r}: expected a number of pixels (448) or MODEL=SIZE pairs "
+                              f"separated by commas (dinov2_vits14_reg=518,dino_vits16=448)") from None
+
+
 def _out_option(f):
     return click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_OUT,
                         show_default=True, help="Output folder: datasets, results, docs and site.")(f)
@@ -144,6 +162,13 @@ def _extract_options(f):
                           "--layers are streamed from the extraction pass, and their tokens are not stored."),
         click.option("--label-rule", type=click.Choice(["nearest", "majority"]), default="majority",
                      show_default=True, help="How a patch's label is taken from the mask."),
+        click.option("--resize", type=click.Choice(["squash", "short-side-crop"]), default="squash",
+                     show_default=True, help="How an image becomes the square model input: 'squash' (the whole "
+                          "image resized to the input square) or 'short-side-crop' (short side resized to the "
+                          "input size, centre square kept, as timm's and DINO's eval transforms). Masks follow."),
+        click.option("--input-size", default=None, metavar="SIZE|MODEL=SIZE,...",
+                     help="Input side in pixels, a multiple of the patch size: one number for every model "
+                          "(448) or per model (dinov2_vits14_reg=518,dino_vits16=448); default: the registry's."),
         click.option("--batch-size", type=click.IntRange(min=1), default=None,
                      help="Images per forward pass (default: 256 on CUDA, 16 on CPU)."),
         click.option("--embedding-dtype", type=click.Choice(["float16", "float32"]), default="float16",
@@ -197,7 +222,8 @@ def cli():
     """PatchAtlas: what self-supervised vision transformers see, patch by patch."""
 
 
-def _do_extract(out, sources, source_options, models, layers, norms, curve_layers, label_rule, batch_size,
+def _do_extract(out, sources, source_options, models, layers, norms, curve_layers, label_rule, resize,
+                input_size, batch_size,
                 embedding_dtype, decode, compile_blocks, shard_mb, weights, offline, device, quiet, rank=0,
                 world_size=1, knn_k=1, knn_similarity="dot"):
     _set_offline(offline)
@@ -221,7 +247,7 @@ def _do_extract(out, sources, source_options, models, layers, norms, curve_layer
                              weights=_parse_weights(weights), progress=not quiet, embedding_dtype=embedding_dtype,
                              shard_bytes=int(shard_mb * 1e6), rank=rank, world_size=world_size,
                              curve_layers=curve_layers, knn_k=knn_k, knn_similarity=knn_similarity, decode=decode,
-                             compile_blocks=compile_blocks)
+                             compile_blocks=compile_blocks, resize=resize, input_size=_parse_input_size(input_size))
     outcomes = run_extract(out, loaded, _split(models) if models else list(DEFAULT_MODELS), options)
     for source, rows in outcomes.items():
         for row in rows:
@@ -267,7 +293,8 @@ def _do_render(out, gallery_images, gallery_k, no_html, quiet=False):
 @click.option("--world-size", type=click.IntRange(min=1), default=1, envvar="WORLD_SIZE", show_default=True,
               help="Workers sharing the shards (torchrun sets WORLD_SIZE); 1 runs everything here.")
 @_common
-def extract(out, sources, source_options, models, layers, norms, curve_layers, label_rule, batch_size,
+def extract(out, sources, source_options, models, layers, norms, curve_layers, label_rule, resize, input_size,
+            batch_size,
             embedding_dtype, decode, compile_blocks, shard_mb, weights, offline, rank, world_size, device, quiet):
     """Run models over datasets; write patch-embedding dataset repos under OUT/datasets.
 
@@ -278,7 +305,7 @@ def extract(out, sources, source_options, models, layers, norms, curve_layers, l
     worker = (rank, world_size) if world_size > 1 else None
     with output_lock(out, worker=worker):
         outcomes = _do_extract(out, sources, source_options, models, layers, norms, curve_layers, label_rule,
-                               batch_size, embedding_dtype, decode, compile_blocks, shard_mb, weights, offline,
+                               resize, input_size, batch_size, embedding_dtype, decode, compile_blocks, shard_mb, weights, offline,
                                device, quiet, rank, world_size)
     if worker:
         for source, rows in outcomes.items():
@@ -323,12 +350,13 @@ def render(out, gallery_images, gallery_k, no_html, quiet):
 @_analyze_options
 @_render_options
 @_common
-def build(out, sources, source_options, models, layers, norms, curve_layers, label_rule, batch_size,
+def build(out, sources, source_options, models, layers, norms, curve_layers, label_rule, resize, input_size,
+          batch_size,
           embedding_dtype, decode, compile_blocks, shard_mb, weights, offline, ks, seed, knn_k, knn_similarity, linear_epochs, gallery_images, gallery_k, no_html, device, quiet):
     """extract + analyze + render, resuming whatever is already done."""
     with output_lock(out):
         outcomes = _do_extract(out, sources, source_options, models, layers, norms, curve_layers, label_rule,
-                               batch_size, embedding_dtype, decode, compile_blocks, shard_mb, weights, offline,
+                               resize, input_size, batch_size, embedding_dtype, decode, compile_blocks, shard_mb, weights, offline,
                                device, quiet, knn_k=knn_k, knn_similarity=knn_similarity)
         _do_analyze(out, ks, seed, knn_k, knn_similarity, linear_epochs, device, quiet)
         site = _do_render(out, gallery_images, gallery_k, no_html, quiet)

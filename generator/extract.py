@@ -35,7 +35,7 @@ from generator.batches import (
 from generator.concurrency import BackgroundCalls
 from generator.errors import PatchAtlasError, WeightsUnavailable
 from generator.models.encoder import NORMS, QKV_VIEWS, Encoder, resolve_layers
-from generator.models.registry import Geometry, ModelEntry, get_model_entry, model_geometry
+from generator.models.registry import Geometry, ModelEntry, get_model_entry, model_geometry, with_input_size
 from generator.sources.base import SegmentationSource
 from generator.sources.degradations import (
     DEGRADATIONS,
@@ -44,6 +44,7 @@ from generator.sources.degradations import (
     apply_transform,
     patch_correspondence,
 )
+from generator.sources.geometry import DEFAULT_RESIZE, check_resize
 from generator.sources.labels import LABEL_RULES
 from generator.sources.splits import PROBE_TRAIN_FRACTION, few_shot_split
 from generator.store.atomic import atomic_path
@@ -69,7 +70,7 @@ from generator.store.repo import (
 )
 
 # Bumped whenever extraction would produce different tokens or rows for the same inputs.
-EXTRACTOR_VERSION = "2"
+EXTRACTOR_VERSION = "3"
 # The Hub's guidance for Parquet shards: at most about 500 MB each.
 SHARD_BYTES = 500 * 1000 * 1000
 # Bytes of a patch row besides its embedding (row, col, label as int16 and the image id's
@@ -109,10 +110,29 @@ class ExtractOptions:
     # torch.compile the model's blocks (Encoder.compile_blocks); off by default, as the compiler's
     # start-up only pays back on long GPU runs.
     compile_blocks: bool = False
+    # How an image becomes the square model input: "squash" or "short-side-crop"
+    # (generator/sources/geometry.py); the masks follow the same geometry.
+    resize: str = DEFAULT_RESIZE
+    # The input side: None keeps each model's registry size; one number sets every model's; a
+    # dict sets the named models' (model name -> side). Each must be a multiple of the patch size.
+    input_size: int | dict[str, int] | None = None
 
     def validate(self) -> None:
         check_embedding_dtype(self.embedding_dtype)
         check_decode(self.decode)
+        check_resize(self.resize)
+        sizes = self.input_size.values() if isinstance(self.input_size, dict) else [self.input_size]
+        for size in sizes:
+            if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
+                raise PatchAtlasError(f"input size {size!r}: expected a positive number of pixels such as 448")
+        if isinstance(self.input_size, dict):
+            for name in self.input_size:
+                get_model_entry(name)
+
+    def entry_for(self, entry: ModelEntry) -> ModelEntry:
+        """``entry`` at the input size these options ask for (itself when they ask for none)."""
+        size = self.input_size.get(entry.name) if isinstance(self.input_size, dict) else self.input_size
+        return entry if size is None else with_input_size(entry, size)
         if self.shard_bytes < 1:
             raise PatchAtlasError(f"shard size {self.shard_bytes} bytes: must be positive")
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
@@ -210,7 +230,15 @@ def token_params(entry: ModelEntry, source: SegmentationSource, options: Extract
         **({"decode": options.decode} if options.decode != "host" else {}),
         # Compiled kernels round differently from eager ones (a few ulp).
         **({"compile_blocks": True} if options.compile_blocks else {}),
+        # The input size is the model row's ``input_size`` above; squash keeps the parameters of
+        # tables written before the policy was an option.
+        **({"resize": options.resize} if options.resize != DEFAULT_RESIZE else {}),
     }
+
+
+def extract_input(params: dict) -> dict:
+    """The input size and resize policy recorded in a unit's token parameters."""
+    return {"input_size": params["model"]["input_size"], "resize": params.get("resize", DEFAULT_RESIZE)}
 
 
 def model_params(entry: ModelEntry, source: SegmentationSource, layers: list[int] | str,
@@ -428,7 +456,8 @@ def run_extract(out: Path, sources: Sequence[SegmentationSource], model_names: S
     options.validate()
     out = Path(out)
     manifest = open_manifest(out, options)
-    entries = [get_model_entry(name) for name in model_names]  # unknown names fail before any work
+    # Unknown names and input sizes that do not fit a model fail before any work.
+    entries = [options.entry_for(get_model_entry(name)) for name in model_names]
     for name in options.weights:
         get_model_entry(name)
     jobs = JobCounter(options.rank, options.world_size)
@@ -651,6 +680,7 @@ def write_card(source: SegmentationSource, repo: Path, manifest: Manifest, repo_
             continue
         entry = get_model_entry(unit["model"])
         weights = unit.get("weights", {})
+        recorded = extract_input(unit["params"])
         if unit.get("prefix_paths"):
             extra_configs.append({"name": f"{entry.name}{PREFIX_CONFIG_SUFFIX}", "model": entry.timm_id,
                                   "kind": "CLS and register tokens",
@@ -664,7 +694,7 @@ def write_card(source: SegmentationSource, repo: Path, manifest: Manifest, repo_
                 name=cfg["name"], data_files=str(Path(cfg["paths"][0]).parent / "*.parquet"),
                 model=entry.name, model_id=entry.timm_id if entry.pretrained else "random",
                 revision=weights.get("revision", ""), layer=cfg["layer"], norm=cfg["norm"],
-                input_size=entry.input_size, patch_size=entry.patch_size,
+                input_size=recorded["input_size"], patch_size=entry.patch_size, resize=recorded["resize"],
                 label_rule=unit["params"]["label_rule"], dim=cfg["dim"], num_rows=cfg["num_rows"],
                 num_bytes=cfg["num_bytes"], license=entry.license, dtype=cfg["dtype"],
             ))

@@ -26,6 +26,8 @@ from PIL import Image
 
 from generator.assets import mkdocs_config, site_skeleton_dir, templates_dir
 from generator.errors import PatchAtlasError
+from generator.extract import extract_input
+from generator.sources.geometry import DEFAULT_RESIZE
 from generator.analyses.position import position_cluster_histogram, position_mode_map
 from generator.figures.maps import thumbnail, to_png_bytes, upsample_nearest
 from generator.figures.palette import PALETTE, colorize
@@ -81,6 +83,7 @@ class ModelRow:
     status: str
     reason: str = ""
     weights: dict = field(default_factory=dict)
+    resize: str = "squash"  # how images became the input (generator/sources/geometry.py)
 
 
 def _model_rows(manifest: Manifest, source: str | None = None) -> list[ModelRow]:
@@ -94,9 +97,11 @@ def _model_rows(manifest: Manifest, source: str | None = None) -> list[ModelRow]
         status = unit.get("status", "unknown")
         if name in rows and rows[name].status == "done":
             continue
-        rows[name] = ModelRow(name, entry.family, entry.description, entry.patch_size, entry.input_size,
+        recorded = extract_input(unit["params"]) if "params" in unit else {"input_size": entry.input_size}
+        rows[name] = ModelRow(name, entry.family, entry.description, entry.patch_size, recorded["input_size"],
                               entry.license, entry.timm_id if entry.pretrained else "untrained",
-                              status, unit.get("reason", ""), unit.get("weights", {}))
+                              status, unit.get("reason", ""), unit.get("weights", {}),
+                              recorded.get("resize", DEFAULT_RESIZE))
     return list(rows.values())
 
 

@@ -238,11 +238,14 @@ def test_nearest_indices_match_torch_for_every_small_size():
     ((224, 224), (14, 14)), ((224, 224), (16, 16)), ((518, 518), (37, 37)), ((100, 37), (7, 5)),
     ((57, 91), (13, 9)), ((5, 7), (11, 13)), ((2, 2), (41, 41)),
 ])
-def test_nearest_rule_equals_torch_nearest_exact(shape, grid):
+def test_nearest_rule_equals_opencv_nearest_exact(shape, grid):
+    # OpenCV's rule (the authors' cv2.resize), not torch's: the two part at exact ties, e.g. 2 -> 41.
+    from test_geometry import opencv4_nearest_exact
+
     mask = _random_mask(np.random.default_rng(sum(shape) + sum(grid)), shape, 20, 0.1)
     labels = patch_labels_nearest(mask, grid)
     assert labels.dtype == np.int16 and labels.shape == grid
-    assert np.array_equal(labels, _torch_nearest(mask, grid).astype(np.int16))
+    assert np.array_equal(labels, opencv4_nearest_exact(mask, grid).astype(np.int16))
 
 
 @pytest.mark.parametrize("dtype", [np.uint8, np.int32, np.int64])

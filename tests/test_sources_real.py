@@ -369,7 +369,8 @@ def test_tile_256_geometry_on_a_planted_frame():
     tile_index = np.repeat(np.repeat(np.arange(32).reshape(4, 8), 256, axis=0), 256, axis=1)
     image = np.stack([tile_index * 7 % 256, tile_index, 255 - tile_index], axis=-1).astype(np.uint8)
     tiles = tile_256(image, tile_index.astype(np.uint8))
-    assert tiles.grid == (4, 8) and tiles.images.shape == (32, 224, 224, 3) and tiles.masks.shape == (32, 224, 224)
+    # Tiles stay at 256 px: each encoder resizes them, and labels are read from the 256-px mask.
+    assert tiles.grid == (4, 8) and tiles.images.shape == (32, 256, 256, 3) and tiles.masks.shape == (32, 256, 256)
     assert tiles.origins[9] == (256, 256) and tiles.origins[31] == (768, 1792)
     for k in range(32):
         assert (tiles.masks[k] == k).all()

@@ -23,6 +23,7 @@ from generator.errors import PatchAtlasError, WeightsUnavailable
 from generator.models.attention import attention_output, capture_last_block_attention, last_block_attention
 from generator.models.checkpoints import create_model_from_checkpoint
 from generator.models.registry import ModelEntry
+from generator.sources.geometry import DEFAULT_RESIZE, check_resize, input_geometry
 
 NORMS = ("prenorm", "postnorm")
 # The last block's attention inputs, kept as extra views of the patches (heads concatenated).
@@ -106,8 +107,9 @@ class Encoder:
     """A timm ViT wrapped to the atlas's token contract."""
 
     def __init__(self, entry: ModelEntry, model: torch.nn.Module, weights: WeightsInfo,
-                 device: str | torch.device = "cpu"):
+                 device: str | torch.device = "cpu", resize: str = DEFAULT_RESIZE):
         self.entry = entry
+        self.resize = check_resize(resize)  # how an image becomes the square input (sources/geometry.py)
         self.device = torch.device(device)
         self.model = model.eval().to(self.device)
         self.weights = weights
@@ -127,8 +129,10 @@ class Encoder:
         """Images → [B, 3, S, S] normalised floats. Each image is an [H, W, 3] uint8 array or a
         [3, H, W] uint8 tensor (on any device: one decoded there stays there); sizes may differ.
 
-        Each image is resized to the model's input side with its interpolation and antialiasing,
-        as the timm eval transform does, then normalised with the model's mean and std. Images
+        Each image becomes the model's S × S input by the encoder's resize policy (``squash``:
+        resized to S × S; ``short-side-crop``: short side resized to S, centre square kept, as
+        timm's and DINO's eval transforms do), resized with the model's interpolation and
+        antialiasing, then normalised with the model's mean and std. Images
         of one size are resized together, in one call (the result does not depend on the
         batch); on CUDA the arrays travel in one pinned buffer, with one asynchronous copy.
         """
@@ -186,18 +190,33 @@ class Encoder:
         return [part.view(shape).permute(0, 3, 1, 2) for part, shape in zip(moved.split(counts), shapes)]
 
     def _resize(self, block: torch.Tensor) -> torch.Tensor:
-        """[n, 3, H, W] uint8 → [n, 3, S, S] floats in [0, 1], a bounded slice of images at a time."""
-        size = (self.entry.input_size, self.entry.input_size)
+        """[n, 3, H, W] uint8 → [n, 3, S, S] floats in [0, 1], a bounded slice of images at a time.
+
+        ``squash`` resizes in one float pass. ``short-side-crop`` resizes as PIL does, which is
+        what timm's and torchvision's eval transforms run on: the width, then the height, each
+        pass rounded to 8 bits (within one level of PIL; one float pass differs by up to 20
+        levels on fine texture, where PIL clips the first pass's overshoot), then crops.
+        """
+        side = self.entry.input_size
+        geometry = input_geometry(tuple(block.shape[-2:]), side, self.resize)
+        (height, width), (top, left) = geometry.resized_hw, geometry.crop_tl
         mode = "bicubic" if self.entry.interpolation == "bicubic" else "bilinear"
-        if tuple(block.shape[-2:]) == size:
-            return block.float().div_(255.0)
+        if tuple(block.shape[-2:]) == (height, width):
+            return block[..., top:top + side, left:left + side].float().div_(255.0)
+
+        def resized(images: torch.Tensor) -> torch.Tensor:
+            if self.resize == "squash":
+                return F.interpolate(images.float().div_(255.0), size=(height, width), mode=mode, antialias=True,
+                                     align_corners=False).clamp_(0, 1)
+            x = images.float()
+            for size in ((x.shape[-2], width), (height, width)):
+                if tuple(x.shape[-2:]) != size:
+                    x = F.interpolate(x, size=size, mode=mode, antialias=True, align_corners=False).round_().clamp_(0, 255)
+            return x[..., top:top + side, left:left + side].div_(255.0)
+
         # The float copy of a slice stays near RESIZE_SLICE_BYTES, however large the images.
         step = max(1, RESIZE_SLICE_BYTES // max(1, 4 * block[0].numel()))
-        slices = [
-            F.interpolate(block[start:start + step].float().div_(255.0), size=size, mode=mode, antialias=True,
-                          align_corners=False).clamp_(0, 1)
-            for start in range(0, len(block), step)
-        ]
+        slices = [resized(block[start:start + step]) for start in range(0, len(block), step)]
         return torch.cat(slices) if len(slices) > 1 else slices[0]
 
     def _autocast(self):

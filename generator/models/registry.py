@@ -7,10 +7,11 @@ two agree.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 from dataclasses import dataclass, field
 
-from generator.errors import UnknownName
+from generator.errors import PatchAtlasError, UnknownName
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -69,6 +70,16 @@ class ModelEntry:
     def grid_size(self) -> tuple[int, int]:
         side = self.input_size // self.patch_size
         return side, side
+
+
+def with_input_size(entry: ModelEntry, side: int) -> ModelEntry:
+    """``entry`` fed ``side`` × ``side`` inputs. Fixed-size models are then built at that size
+    (``img_size``), and timm resamples their position embedding when the weights load."""
+    if isinstance(side, bool) or not isinstance(side, int) or side < entry.patch_size or side % entry.patch_size:
+        near = entry.patch_size * max(1, round(side / entry.patch_size)) if isinstance(side, (int, float)) else 224
+        raise PatchAtlasError(f"input size {side!r} for {entry.name}: must be a positive multiple of its patch size "
+                              f"{entry.patch_size}, such as {near}")
+    return entry if side == entry.input_size else dataclasses.replace(entry, input_size=side)
 
 
 def _dino(name, arch, patch, desc):

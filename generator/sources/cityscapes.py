@@ -3,8 +3,9 @@
 From the official folder layout (``leftImg8bit/{train,val}/<city>/<id>_leftImg8bit.png`` and
 ``gtFine/{train,val}/<city>/<id>_gtFine_labelIds.png``): 4 images from each of the 18 train
 cities and 10 from each of the 3 val cities (72/30, seeded per city), each 1024×2048 image cut
-into 4×8 tiles of 256 px resized to 224 (images bicubic, masks nearest), label ids mapped to
-the 19 evaluation classes. The 72·32 train tiles come first, so the few-shot split trains on
+into 4×8 tiles of 256 px, label ids mapped to the 19 evaluation classes. Tiles stay at 256 px:
+each encoder resizes them to its input (224 in the paper; bicubic), and patch labels are read
+from the 256-px mask (generator/sources/labels.py), as the authors' code reads them. The 72·32 train tiles come first, so the few-shot split trains on
 exactly them.
 """
 
@@ -80,6 +81,7 @@ def paper_cityscapes_source(path: str = "", seed: int = 0) -> SegmentationSource
         name=PAPER_CITYSCAPES_NAME, dataset=datasets.Dataset.from_dict(rows, features=features),
         classes=list(layout.classes), ignore_index=255, revision=digest.hexdigest()[:12], license=layout.license,
         description="Cityscapes few-shot protocol of the local-representations paper: 72 train images "
-                    "(4 per train city) and 30 val images (10 per val city), tiled 4×8 at 256 px, resized to 224.",
+                    "(4 per train city) and 30 val images (10 per val city), tiled 4×8 at 256 px (each model "
+                    "resizes the tiles to its input).",
         params={"path": str(root), "seed": seed}, probe_train_count=len(train_ids) * tiles_per_image,
     )

@@ -1,13 +1,19 @@
 """Patch labels: from a per-pixel class mask to one label per patch of the token grid.
 
-The mask is first resized to the model's input size (``resize_mask``), then reduced to the
-patch grid by one of two rules, because the literature disagrees with itself:
+Labels are read from the mask at its own resolution, through the geometry the image follows
+into the model input (``generator.sources.geometry``: the resize policy, the input size, the
+crop), so a patch's label comes from the pixels the patch sees and the mask is never resampled
+twice. Two rules, because the literature disagrees with itself:
 
-- ``nearest``: one sampled pixel per patch, exactly ``torch.nn.functional.interpolate(...,
-  mode="nearest-exact")`` on the mask. This is what the local-representations authors' code does.
-- ``majority``: the most frequent labelled class among a patch's pixels. This is what their
-  paper says.
+- ``nearest``: the mask pixel at the patch centre. The local-representations authors' code
+  (AlvardBarseghyan/mae, branch ``draft``) resizes the 256-px tile's mask straight to the patch
+  grid with ``cv2.resize(..., interpolation=cv2.INTER_NEAREST_EXACT)``; the centre is located in
+  the 16.16 fixed point of OpenCV 4's ``resizeNN_bitexact`` (imgproc/src/resize.cpp), so the
+  labels equal OpenCV's bit for bit, ties included (``patch_centre_indices``).
+- ``majority``: the most frequent labelled class among the mask pixels whose centres fall in
+  the patch. This is what their paper says.
 
+``resize_mask`` (torch ``nearest-exact``) stays for resizing a mask with its image, e.g. tiles.
 All functions are pure numpy. Patch labels are returned as ``int16`` (the dtype of the label
 column in the token tables); ``resize_mask`` keeps the mask's own dtype.
 """
@@ -17,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from generator.errors import PatchAtlasError
+from generator.sources.geometry import DEFAULT_RESIZE, Axis, InputGeometry, input_geometry, squash_geometry
 
 LABEL_RULES = ("nearest", "majority")
 
@@ -85,16 +92,47 @@ def _check_fits_labels(mask: np.ndarray, ignore_index: int | None = None) -> Non
         raise PatchAtlasError(f"ignore index {ignore_index}: must lie in {limits.min}..{limits.max}")
 
 
-def patch_labels_nearest(mask: np.ndarray, grid_hw: tuple[int, int]) -> np.ndarray:
-    """One label per patch: the mask pixel nearest each patch centre ([gh, gw], int16).
+def patch_centre_indices(axis: Axis, n_cells: int) -> np.ndarray:
+    """The source pixel at the centre of each of ``n_cells`` patches along one axis.
 
-    Equal to ``interpolate(mask[None, None].float(), size=grid_hw, mode="nearest-exact")``.
+    The centre of patch j is at ``offset + (j + 0.5) * length / n_cells`` in the resized image,
+    i.e. at ``(offset + (j + 0.5) * length / n_cells) * source / resized`` source pixels. It is
+    located as OpenCV 4's ``INTER_NEAREST_EXACT`` locates it: a step of 16.16 fixed point rounded
+    to nearest, half a step in, less ``source % 2`` units; for the squash geometry this is that
+    function exactly. (OpenCV 5 changed its rounding at exact ties; the authors' code ran on 4.)
+    """
+    src, res, off, length = axis.source, axis.resized, axis.offset, axis.length
+    step = (2 * length * src * 65536 + res * n_cells) // (2 * res * n_cells)
+    start = (off * src * 65536) // res
+    j = np.arange(n_cells, dtype=np.int64)
+    return np.clip((start + step // 2 - src % 2 + j * step) >> 16, 0, src - 1)
+
+
+def _geometry_of(mask: np.ndarray, grid_hw: tuple[int, int], geometry: InputGeometry | None) -> InputGeometry:
+    if geometry is None:
+        return squash_geometry(mask.shape, grid_hw)
+    if (geometry.rows.source, geometry.cols.source) != mask.shape:
+        raise PatchAtlasError(f"mask of shape {mask.shape} with a geometry made for "
+                              f"{(geometry.rows.source, geometry.cols.source)}: build the geometry from this mask's "
+                              f"size (input_geometry(mask.shape, side, resize))")
+    return geometry
+
+
+def patch_labels_nearest(mask: np.ndarray, grid_hw: tuple[int, int],
+                         geometry: InputGeometry | None = None) -> np.ndarray:
+    """One label per patch: the mask pixel at each patch centre ([gh, gw], int16).
+
+    ``geometry`` is how the image (and so the mask) becomes the model input; None maps the whole
+    mask onto the grid, which is ``cv2.resize(mask, (gw, gh), interpolation=INTER_NEAREST_EXACT)``.
     A sampled ignore pixel stays the ignore label.
     """
     mask = _check_mask(mask)
     grid_hw = _check_size(grid_hw, "patch grid")
     _check_fits_labels(mask)
-    return resize_mask(mask, grid_hw).astype(LABEL_DTYPE)
+    geometry = _geometry_of(mask, grid_hw, geometry)
+    rows = patch_centre_indices(geometry.rows, grid_hw[0])
+    cols = patch_centre_indices(geometry.cols, grid_hw[1])
+    return mask[np.ix_(rows, cols)].astype(LABEL_DTYPE)
 
 
 def pixel_cells(n_pixels: int, n_cells: int) -> np.ndarray:
@@ -108,19 +146,35 @@ def pixel_cells(n_pixels: int, n_cells: int) -> np.ndarray:
     return ((2 * y + 1) * n_cells) // (2 * n_pixels)
 
 
-def patch_labels_majority(mask: np.ndarray, grid_hw: tuple[int, int], ignore_index: int = 255) -> np.ndarray:
+def pixel_patches(axis: Axis, n_cells: int) -> np.ndarray:
+    """The patch each source pixel's centre lands in along one axis, or -1 outside the kept window.
+
+    Pixel y's centre ``y + 0.5`` is at ``(y + 0.5) * resized / source - offset`` input pixels, in
+    patch ``floor(that * n_cells / length)``; integer arithmetic, so no pixel flips on rounding.
+    Without a crop this is ``pixel_cells``.
+    """
+    src, res, off, length = axis.source, axis.resized, axis.offset, axis.length
+    y = np.arange(src, dtype=np.int64)
+    cells = ((2 * y + 1) * res * n_cells - 2 * off * src * n_cells) // (2 * src * length)
+    return np.where((cells >= 0) & (cells < n_cells), cells, -1)
+
+
+def patch_labels_majority(mask: np.ndarray, grid_hw: tuple[int, int], ignore_index: int = 255,
+                          geometry: InputGeometry | None = None) -> np.ndarray:
     """One label per patch: the most frequent labelled class among its pixels ([gh, gw], int16).
 
-    Pixels equal to ``ignore_index`` do not vote; a patch with no labelled pixel (all ignore,
-    or no pixel at all when the grid is finer than the mask) gets ``ignore_index``. Ties go to
-    the smallest class id.
+    A patch's pixels are the mask pixels whose centres ``geometry`` (None: the whole mask onto
+    the grid) puts in it; pixels cropped away belong to none. Pixels equal to ``ignore_index``
+    do not vote; a patch with no labelled pixel (all ignore, or no pixel at all when the grid is
+    finer than the mask) gets ``ignore_index``. Ties go to the smallest class id.
     """
     mask = _check_mask(mask)
     gh, gw = _check_size(grid_hw, "patch grid")
     _check_fits_labels(mask, ignore_index)
-    height, width = mask.shape
-    cell = pixel_cells(height, gh)[:, None] * gw + pixel_cells(width, gw)[None, :]
-    labelled = mask != ignore_index
+    geometry = _geometry_of(mask, (gh, gw), geometry)
+    row_cells, col_cells = pixel_patches(geometry.rows, gh), pixel_patches(geometry.cols, gw)
+    cell = row_cells[:, None] * gw + col_cells[None, :]
+    labelled = (mask != ignore_index) & (row_cells[:, None] >= 0) & (col_cells[None, :] >= 0)
     # Count over the classes present only (sorted, so argmax's first-maximum rule = smallest id).
     classes, code = np.unique(mask[labelled], return_inverse=True)
     n_cells = gh * gw
@@ -134,10 +188,19 @@ def patch_labels_majority(mask: np.ndarray, grid_hw: tuple[int, int], ignore_ind
     return out.reshape(gh, gw)
 
 
-def patch_labels(mask: np.ndarray, grid_hw: tuple[int, int], rule: str, ignore_index: int = 255) -> np.ndarray:
-    """Patch labels ([gh, gw], int16) by ``rule``, one of ``LABEL_RULES``."""
+def patch_labels(mask: np.ndarray, grid_hw: tuple[int, int], rule: str, ignore_index: int = 255,
+                 geometry: InputGeometry | None = None) -> np.ndarray:
+    """Patch labels ([gh, gw], int16) by ``rule``, one of ``LABEL_RULES``, through ``geometry``
+    (how the image becomes the model input; None: the whole mask onto the grid)."""
     if rule == "nearest":
-        return patch_labels_nearest(mask, grid_hw)
+        return patch_labels_nearest(mask, grid_hw, geometry)
     if rule == "majority":
-        return patch_labels_majority(mask, grid_hw, ignore_index)
+        return patch_labels_majority(mask, grid_hw, ignore_index, geometry)
     raise PatchAtlasError(f"label rule {rule!r}: expected one of {', '.join(LABEL_RULES)}")
+
+
+def input_patch_labels(mask: np.ndarray, side: int, grid_hw: tuple[int, int], rule: str, ignore_index: int = 255,
+                       resize: str = DEFAULT_RESIZE) -> np.ndarray:
+    """Patch labels of a mask whose image becomes a ``side`` × ``side`` input by ``resize``."""
+    mask = _check_mask(mask)
+    return patch_labels(mask, grid_hw, rule, ignore_index, input_geometry(mask.shape, side, resize))

@@ -5,7 +5,8 @@ All pure functions over image ids (or ``(image_id, city)`` records) and arrays:
 - ``cityscapes_72_30_split``: 4 images from each of the 18 Cityscapes train cities (72) train
   the probes, 10 from each of the 3 val cities (30) evaluate them.
 - ``tile_256``: a 1024 x 2048 Cityscapes frame, zero-padded to a multiple of 256 if needed,
-  cut into 256 x 256 tiles (4 x 8) and each tile resized to 224 (bicubic image, nearest mask).
+  cut into 256 x 256 tiles (4 x 8), kept at 256: each encoder resizes a tile to its input (224
+  in the paper) and patch labels are read from the 256-px mask, as the authors' code does.
 - ``ade20k_fewshot_split``: disjoint random train / val subsets of ADE20K ids.
 - ``ade20k_train_val_split``: ``n_train`` ids drawn from the ADE20K training split and
   ``n_val`` from the validation split.
@@ -35,7 +36,6 @@ CITYSCAPES_VAL_CITIES: tuple[str, ...] = ("frankfurt", "lindau", "munster")
 CITYSCAPES_TRAIN_PER_CITY = 4
 CITYSCAPES_VAL_PER_CITY = 10
 TILE_SIDE = 256
-TILE_OUTPUT_SIDE = 224
 
 
 # ---------------------------------------------------------------------------------------------
@@ -214,7 +214,7 @@ def tile_image(
     image: np.ndarray,
     mask: np.ndarray | None = None,
     tile: int = TILE_SIDE,
-    out_side: int = TILE_OUTPUT_SIDE,
+    out_side: int = TILE_SIDE,
     ignore_index: int = 255,
 ) -> Tiles:
     """Zero-pad ``image`` to a multiple of ``tile``, cut ``tile`` x ``tile`` tiles, resize each to ``out_side``.
@@ -249,5 +249,9 @@ def tile_image(
 
 
 def tile_256(image: np.ndarray, mask: np.ndarray | None = None, ignore_index: int = 255) -> Tiles:
-    """The Cityscapes few-shot tiling: 256 x 256 tiles (4 x 8 of a 1024 x 2048 frame), each resized to 224."""
-    return tile_image(image, mask, TILE_SIDE, TILE_OUTPUT_SIDE, ignore_index)
+    """The Cityscapes few-shot tiling: 256 x 256 tiles (4 x 8 of a 1024 x 2048 frame), not resized.
+
+    The 256-px tile mask is what the authors sample patch labels from; resizing it to 224 first
+    would sample it twice and move about 1.6 % of the labels.
+    """
+    return tile_image(image, mask, TILE_SIDE, TILE_SIDE, ignore_index)

@@ -109,6 +109,7 @@ class ConfigCardInfo:
     num_bytes: int
     license: str
     dtype: str = "float16"  # of the embedding column
+    resize: str = "squash"  # how images became the input (generator/sources/geometry.py)
 
 
 def yaml_str(value) -> markupsafe.Markup:
