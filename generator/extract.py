@@ -128,11 +128,6 @@ class ExtractOptions:
         if isinstance(self.input_size, dict):
             for name in self.input_size:
                 get_model_entry(name)
-
-    def entry_for(self, entry: ModelEntry) -> ModelEntry:
-        """``entry`` at the input size these options ask for (itself when they ask for none)."""
-        size = self.input_size.get(entry.name) if isinstance(self.input_size, dict) else self.input_size
-        return entry if size is None else with_input_size(entry, size)
         if self.shard_bytes < 1:
             raise PatchAtlasError(f"shard size {self.shard_bytes} bytes: must be positive")
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
@@ -147,6 +142,11 @@ class ExtractOptions:
             self.batch_size = DEFAULT_BATCH_SIZES["cuda" if str(self.device).startswith("cuda") else "cpu"]
         if self.batch_size < 1:
             raise PatchAtlasError(f"batch size {self.batch_size}: must be at least 1")
+
+    def entry_for(self, entry: ModelEntry) -> ModelEntry:
+        """``entry`` at the input size these options ask for (itself when they ask for none)."""
+        size = self.input_size.get(entry.name) if isinstance(self.input_size, dict) else self.input_size
+        return entry if size is None else with_input_size(entry, size)
 
 
 @dataclass

@@ -40,7 +40,7 @@ def test_split_tiles_and_labels_follow_the_protocol(tmp_path):
     val_cities = {i.split("/")[0] for i in ids[144:]}
     assert train_cities == set(CITYSCAPES_TRAIN_CITIES) and val_cities == set(CITYSCAPES_VAL_CITIES)
     first = source.dataset[0]
-    assert first["image"].size == (224, 224)
+    assert first["image"].size == first["mask"].size == (256, 256)  # each encoder resizes the tile
     mask = np.asarray(first["mask"])
     assert set(np.unique(mask)) <= {0, 13, 255}
     assert (mask[:100] == 0).mean() > 0.9 and (mask[-100:] == 13).all()
@@ -55,6 +55,7 @@ def test_preset_runs_the_protocol_end_to_end(tmp_path, tiny_models):
                  "--no-html"]) == 0
     manifest = json.loads((out / "manifest.json").read_text())["entries"]
     assert manifest["extract/paper-cityscapes/tiny_random"]["params"]["label_rule"] == "nearest"
+    assert manifest["extract/paper-cityscapes/tiny_random"]["params"]["resize"] == "short-side-crop"
     probes = json.loads((out / "results" / "paper-cityscapes" / "tiny_random" / "tiny_random-L02-postnorm"
                          / "probes.json").read_text())
     assert probes["n_train_images"] == 144 and probes["n_val_images"] == 60

@@ -204,8 +204,8 @@ def test_card_states_provenance_and_licences(tmp_path):
     body = planted["card"].read_text(encoding="utf-8").split("\n---\n", 1)[1]
     row = next(line for line in body.splitlines() if line.startswith("| tiny\\_vit-L02-postnorm |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert cells == ["tiny\\_vit-L02-postnorm", "timm/tiny\\_vit.test", "0123abc", "2", "postnorm", "64 px",
-                     "16 px", "majority", "float16[8]", "24", str(planted["cards"][1].num_bytes), "apache-2.0"]
+    assert cells == ["tiny\\_vit-L02-postnorm", "timm/tiny\\_vit.test", "0123abc", "2", "postnorm",
+                     "64 px, squash", "16 px", "majority", "float16[8]", "24", str(planted["cards"][1].num_bytes), "apache-2.0"]
     assert "- tiny\\_vit (timm/tiny\\_vit.test): apache-2.0" in body
     assert "under CC0-1.0" in body
 
