@@ -44,7 +44,7 @@ from generator.sources.degradations import (
     apply_transform,
     patch_correspondence,
 )
-from generator.sources.geometry import DEFAULT_RESIZE, check_resize
+from generator.sources.geometry import DEFAULT_RESIZE, check_resize, input_geometry
 from generator.sources.labels import LABEL_RULES
 from generator.sources.splits import PROBE_TRAIN_FRACTION, few_shot_split
 from generator.store.atomic import atomic_path
@@ -648,8 +648,10 @@ def _variants_unit(source: SegmentationSource, entry: ModelEntry, options: Extra
             results = [apply_transform(img, m, name, level, ignore_index=source.ignore_index)
                        for img, m in zip(images, masks)]
             changed, new_masks = [r.image for r in results], [r.mask for r in results]
-            correspondence = np.stack([patch_correspondence(r.to_source, r.image.shape[:2], encoder.grid)
-                                       for r in results])
+            correspondence = np.stack([
+                patch_correspondence(r.to_source, r.image.shape[:2], encoder.grid,
+                                     input_geometry(r.image.shape[:2], encoder.entry.input_size, encoder.resize))
+                for r in results])
         labels = grid_labels(new_masks, encoder, options.label_rule, source.ignore_index)
         tokens = []
         for start in range(0, len(changed), options.batch_size):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from types import SimpleNamespace
 
 import numpy as np
@@ -226,3 +227,66 @@ def test_bad_input_size_names_the_model_and_the_size():
                                                                            "dino_vits16": 448}
     with pytest.raises(PatchAtlasError, match="--input-size"):
         _parse_input_size("big")
+
+
+def test_a_changed_input_size_or_policy_extracts_new_tables(tiny_models, tmp_path):
+    from generator.extract import run_extract
+    from generator.sources.registry import load_source
+    from generator.store.parquet import patch_grid, read_patch_table
+
+    source = load_source("synthetic-scenes", n_images=2, size=80)
+    out = tmp_path / "out"
+    weights = tmp_path / "tiny.safetensors"
+    save_untrained_weights(TINY_SUPERVISED, weights, seed=4)  # saved at 64 px, loaded at 96 too
+    seen = {}
+    for size, resize, status in [(None, "squash", "done"), (96, "squash", "done"), (96, "squash", "reused"),
+                                 (96, "short-side-crop", "done")]:
+        options = ExtractOptions(layers="last", norms=["postnorm"], device="cpu", progress=False, variants=False,
+                                 last_block_attention=False, curve_layers="last", input_size=size, resize=resize,
+                                 embedding_dtype="float32", weights={"tiny_vit": str(weights)})
+        [outcome] = run_extract(out, [source], ["tiny_vit"], options)["synthetic-scenes"]
+        assert outcome.status == status, (size, resize)
+        unit = json.loads((out / "manifest.json").read_text())["entries"]["extract/synthetic-scenes/tiny_vit"]
+        side = size or 64
+        assert unit["grid"] == [side // 16, side // 16] and unit["params"]["model"]["input_size"] == side
+        assert unit["params"].get("resize", "squash") == resize
+        _, tokens, labels = patch_grid(read_patch_table(sorted((out / "datasets" / "synthetic-scenes" / "tiny_vit")
+                                                               .glob("L*-postnorm/*.parquet"))))
+        assert tokens.shape[1:3] == labels.shape[1:] == (side // 16, side // 16)
+        seen[(side, resize)] = tokens
+    card = (out / "datasets" / "synthetic-scenes" / "README.md").read_text()
+    assert "96 px, short-side-crop" in card
+    # The synthetic scenes are square: the crop changes nothing but the resampler's rounding.
+    assert np.abs(seen[(96, "short-side-crop")] - seen[(96, "squash")]).max() < 0.5
+
+
+def test_config_file_sets_resize_and_input_size(tmp_path):
+    import click
+
+    from generator.cli import cli
+
+    config = tmp_path / "atlas.toml"
+    config.write_text('resize = "short-side-crop"\ninput-size = "dino_vits16=448"\n[build]\ninput-size = 448\n')
+    parent = click.Context(cli, info_name="patchatlas")
+    params = cli.commands["extract"].make_context("extract", ["--config", str(config)], parent=parent).params
+    assert params["resize"] == "short-side-crop" and params["input_size"] == "dino_vits16=448"
+    params = cli.commands["build"].make_context("build", ["--config", str(config)], parent=parent).params
+    assert params["input_size"] == "448"
+    config.write_text('resize = "crop"\n')
+    with pytest.raises(PatchAtlasError, match="resize"):
+        cli.commands["extract"].make_context("extract", ["--config", str(config)], parent=parent)
+
+
+def test_patch_correspondence_follows_the_crop():
+    from generator.sources.degradations import AffineMap, patch_correspondence
+
+    geometry = input_geometry((96, 160), 64, "short-side-crop")  # 4 × 4 patches of 16 input px
+    same = patch_correspondence(AffineMap.identity(), (96, 160), (4, 4), geometry)
+    rows, cols = np.meshgrid(np.arange(4), np.arange(4), indexing="ij")
+    np.testing.assert_array_equal(same, np.stack([rows, cols], axis=-1))
+    # A patch is 16 · 160/106 ≈ 24.2 source columns wide under the crop, 40 when squashed:
+    # content 13 columns to the right in the original is one patch over under the crop only.
+    shift = AffineMap(((1.0, 0.0), (0.0, 1.0)), (0.0, 13.0))
+    np.testing.assert_array_equal(patch_correspondence(shift, (96, 160), (4, 4), geometry)[..., 1],
+                                  np.where(cols < 3, cols + 1, -1))
+    np.testing.assert_array_equal(patch_correspondence(shift, (96, 160), (4, 4))[..., 1], cols)

@@ -28,6 +28,7 @@ import numpy as np
 from scipy import ndimage
 
 from generator.errors import PatchAtlasError, UnknownName
+from generator.sources.geometry import InputGeometry, squash_geometry
 
 __all__ = [
     "DEGRADATIONS",
@@ -328,23 +329,38 @@ def scale(img, mask=None, factor: float = 1.0, *, fill: int = 0, ignore_index: i
     return _warp(img, mask, _about_centre(np.eye(2) / factor, h, w), _check_fill(fill), ignore_index)
 
 
-def patch_correspondence(to_source: AffineMap, image_hw: tuple[int, int], grid_hw: tuple[int, int]) -> np.ndarray:
+def patch_correspondence(to_source: AffineMap, image_hw: tuple[int, int], grid_hw: tuple[int, int],
+                         geometry: InputGeometry | None = None) -> np.ndarray:
     """Source patch (row, col) of every patch of a transformed image: int64 [gh, gw, 2].
 
     The source patch is the one of the original image's grid that contains the source point of
     the transformed patch's centre (the paper's definition); -1 where that point lies outside
-    the original image. Patches tile the image evenly (the image is resized to the model input
-    as a whole), so a patch spans H / gh x W / gw image pixels.
+    the original image or outside the part of it the model sees. ``geometry`` is how an image of
+    ``image_hw`` becomes the model input (``sources.geometry.input_geometry``; the transformed
+    image has the original's size, so both follow the same one); None: the whole image resized
+    to the input, so a patch spans H / gh x W / gw image pixels.
     """
     h, w = (int(v) for v in image_hw)
     gh, gw = (int(v) for v in grid_hw)
     if min(h, w, gh, gw) < 1:
         raise PatchAtlasError(f"image_hw {image_hw!r} and grid_hw {grid_hw!r}: expected positive sizes")
-    ph, pw = h / gh, w / gw
-    rows, cols = np.meshgrid((np.arange(gh) + 0.5) * ph - 0.5, (np.arange(gw) + 0.5) * pw - 0.5, indexing="ij")
+    geometry = geometry or squash_geometry((h, w), (gh, gw))
+
+    def window(axis, n):  # where the kept window starts, and one patch's span, in image pixels
+        scale = axis.source / axis.resized
+        return axis.offset * scale, (axis.length / n) * scale
+
+    def to_image(axis, n):  # patch centres, in image pixel indices (centre of pixel y is y)
+        start, span = window(axis, n)
+        return start + (np.arange(n) + 0.5) * span - 0.5
+
+    def to_patch(axis, n, y):  # the patch holding image point y (pixel index coordinates)
+        start, span = window(axis, n)
+        return np.floor((y + 0.5 - start) / span).astype(np.int64)
+
+    rows, cols = np.meshgrid(to_image(geometry.rows, gh), to_image(geometry.cols, gw), indexing="ij")
     src = to_source(np.stack([rows, cols], axis=-1))
-    pr = np.floor((src[..., 0] + 0.5) / ph).astype(np.int64)
-    pc = np.floor((src[..., 1] + 0.5) / pw).astype(np.int64)
+    pr, pc = to_patch(geometry.rows, gh, src[..., 0]), to_patch(geometry.cols, gw, src[..., 1])
     valid = (pr >= 0) & (pr < gh) & (pc >= 0) & (pc < gw)
     out = np.stack([pr, pc], axis=-1)
     out[~valid] = -1
