@@ -57,10 +57,6 @@ class InputGeometry:
     def crop_tl(self) -> tuple[int, int]:
         return self.rows.offset, self.cols.offset
 
-    @property
-    def is_squash(self) -> bool:
-        return self.resized_hw == (self.rows.length, self.cols.length)
-
 
 def short_side_size(size_hw: tuple[int, int], side: int) -> tuple[int, int]:
     """(height, width) after resizing the short side to ``side``, as torchvision's ``Resize(side)``."""
