@@ -193,7 +193,8 @@ def map_results(tokens: torch.Tensor, is_prenorm: bool, seed: int) -> tuple[dict
         norms = token_norms(tokens)
         outliers = high_norm_outliers(norms)
         counts, edges = norm_histogram(norms)
-        metrics["norms"] = {"threshold": float(outliers["threshold"]), "outlier_share": float(outliers["share"]),
+        metrics["norms"] = {"threshold": outliers["threshold"], "outlier_share": float(outliers["share"]),
+                            "outlier_method": outliers["method"], "outlier_params": outliers["params"],
                             "median": float(norms.median()), "max": float(norms.max()),
                             "histogram": {"counts": np.asarray(counts).tolist(), "edges": np.asarray(edges).tolist()}}
         arrays["norm_maps"] = norms.cpu().numpy().astype(np.float32)
