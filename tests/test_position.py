@@ -178,6 +178,13 @@ def test_ridge_strength_and_held_out_r2_match_scikit_learn():
     assert result["col_r2"] == pytest.approx(r2_score(truth[:, 1], pred[:, 1]), abs=1e-8)
 
 
+def test_a_single_training_image_takes_the_strongest_ridge():
+    result = position_decodability(_noise(12, (2, GH, GW, 256)), seed=0)
+    assert result["n_train_images"] == 1 and result["cv_folds"] == 0
+    assert result["relative_alpha"] == max(result["ridge_grid"])
+    assert abs(result["row_r2"]) < 0.05 and abs(result["col_r2"]) < 0.05
+
+
 def test_decodability_rejects_bad_ridge_settings():
     with pytest.raises(PatchAtlasError, match="ridge_grid"):
         position_decodability(_noise(0), ridge_grid=())

@@ -302,9 +302,8 @@ def position_decodability(
             error = path.squared_error(a * path.scale, moments[f])
             errors[0, i] += float(error[:2].sum())
             errors[1, i] += float(error[2:].sum())
-    # Without folds every strength ties at 0 and the last (strongest) one is taken.
-    chosen = [len(grid) - 1 - int(np.argmin(e[::-1])) for e in errors] if folds < 2 else \
-        [int(np.argmin(e)) for e in errors]
+    # Without folds there is no validation error to compare: the strongest strength is taken.
+    chosen = [int(np.argmax(grid))] * 2 if folds < 2 else [int(np.argmin(e)) for e in errors]
 
     upper = torch.tensor([gh - 1, gw - 1], dtype=torch.float64, device=device)
     scores = {}
@@ -328,6 +327,7 @@ def position_decodability(
     return {
         **scores,
         "cv_folds": folds if folds >= 2 else 0,
+        "train_fraction": float(train_fraction),
         "ridge_grid": grid.tolist(),
         "train_images": [int(i) for i in train_order],
         "n_train_images": int(n_train),
