@@ -56,7 +56,7 @@ from generator.store.atomic import atomic_path, atomic_write_json
 from generator.store.manifest import Manifest, file_sha256, params_hash
 from generator.store.parquet import patch_grid, read_attention_table, read_patch_table
 
-ANALYSIS_VERSION = "3"
+ANALYSIS_VERSION = "4"  # 4: high-norm mode by log gap, cross-validated position probe
 STABILITY_SEEDS = 3
 
 
