@@ -3,7 +3,6 @@ range check, and a rerun with another dtype recomputes them."""
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 
