@@ -56,7 +56,7 @@ from generator.store.atomic import atomic_path, atomic_write_json
 from generator.store.manifest import Manifest, file_sha256, params_hash
 from generator.store.parquet import patch_grid, read_attention_table, read_patch_table
 
-ANALYSIS_VERSION = "3"
+ANALYSIS_VERSION = "4"  # 4: high-norm mode by log gap, cross-validated position probe
 STABILITY_SEEDS = 3
 
 
@@ -196,7 +196,8 @@ def map_results(tokens: torch.Tensor, is_prenorm: bool, seed: int) -> tuple[dict
         norms = token_norms(tokens)
         outliers = high_norm_outliers(norms)
         counts, edges = norm_histogram(norms)
-        metrics["norms"] = {"threshold": float(outliers["threshold"]), "outlier_share": float(outliers["share"]),
+        metrics["norms"] = {"threshold": outliers["threshold"], "outlier_share": float(outliers["share"]),
+                            "outlier_method": outliers["method"], "outlier_params": outliers["params"],
                             "median": float(norms.median()), "max": float(norms.max()),
                             "histogram": {"counts": np.asarray(counts).tolist(), "edges": np.asarray(edges).tolist()}}
         arrays["norm_maps"] = norms.cpu().numpy().astype(np.float32)

@@ -620,7 +620,8 @@ def _variants_unit(source: SegmentationSource, entry: ModelEntry, options: Extra
     if not source.probes or len(source) < 2 or "postnorm" not in options.norms:
         return
     key = f"variants/{source.name}/{entry.name}"
-    params = {"extract": tokens_hash, "degradations": DEGRADATIONS,
+    # The dtype is in tokens_hash too; it is named here because it decides these files' bytes.
+    params = {"extract": tokens_hash, "embedding_dtype": options.embedding_dtype, "degradations": DEGRADATIONS,
               "transforms": {k: v for k, v in TRANSFORMS.items() if k not in DEGRADATIONS},
               "train_fraction": PROBE_TRAIN_FRACTION, "train_count": source.probe_train_count,
               "version": EXTRACTOR_VERSION}
@@ -657,8 +658,12 @@ def _variants_unit(source: SegmentationSource, entry: ModelEntry, options: Extra
         for start in range(0, len(changed), options.batch_size):
             batch = encoder.tokens(encoder.preprocess(changed[start:start + options.batch_size]),
                                    [encoder.depth], ["postnorm"])
-            tokens.append(batch.layers[(encoder.depth, "postnorm")].patch.cpu().numpy())
-        arrays = {"tokens": np.concatenate(tokens).astype(np.float16), "labels": labels,
+            # The published tables' dtype and range check: a degraded image can push a token
+            # past float16's range, which a plain cast would store as inf.
+            tokens.append(to_host(batch.layers[(encoder.depth, "postnorm")].patch, options.embedding_dtype,
+                                  f"{entry.name} on {source.name}, variants table "
+                                  f"{variant_name(kind, name, level)}, layer {encoder.depth} (postnorm)"))
+        arrays = {"tokens": np.concatenate(tokens), "labels": labels,
                   "image_ids": np.asarray(val_ids)}
         if correspondence is not None:
             arrays["correspondence"] = correspondence

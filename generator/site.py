@@ -325,6 +325,7 @@ def _source_context(out: Path, docs: Path, src: dict, manifest: Manifest, option
             "model": m["model"], "family": families[m["model"]], "layer": m["layer"], "norm": m["norm"],
             "registers": get_model_entry(m["model"]).num_registers if m["model"] in MODELS else None,
             "border_score": mj.get("border_score"), "row_r2": position.get("row_r2"), "col_r2": position.get("col_r2"),
+            "row_chance_r2": position.get("row_chance_r2"), "col_chance_r2": position.get("col_chance_r2"),
             "consistency": chosen.get("positional_consistency") if chosen else None,
             "stability": (m.get("stability") or {}).get("mean_ari"),
             "outlier_share": (mj.get("norms") or {}).get("outlier_share"),

@@ -102,3 +102,89 @@ def test_norm_histogram_counts_every_token_and_shows_two_modes():
     np.testing.assert_array_equal(fixed, [mask.size - mask.sum(), mask.sum()])
     with pytest.raises(PatchAtlasError, match="increasing"):
         norm_histogram(norms, bins=np.array([3.0, 1.0]))
+
+
+# ------------------------------------------------------------------ separate high-norm mode
+
+MODE_SHAPE = (40, 14, 14)
+
+
+def _ordinary_norms(seed: int) -> np.ndarray:
+    """Norms of ordinary content: a tight bulk plus 10 % brighter content at about twice the
+    median (sky, specular regions) — a heavy right shoulder, but one continuous distribution."""
+    rng = np.random.default_rng(seed)
+    norms = np.exp(rng.normal(0.0, 0.15, size=MODE_SHAPE))
+    bright = rng.random(MODE_SHAPE) < 0.10
+    norms[bright] = np.exp(rng.normal(0.6, 0.1, size=int(bright.sum())))
+    return 10.0 * norms
+
+
+def _with_artifacts(norms: np.ndarray, ratio: float, share: float, seed: int):
+    """``share`` of the tokens replaced by artifacts at ``ratio`` × the median norm (±3 %)."""
+    rng = np.random.default_rng(seed)
+    planted = norms.copy()
+    index = rng.choice(norms.size, int(round(share * norms.size)), replace=False)
+    planted.flat[index] = ratio * np.median(norms) * np.exp(rng.normal(0.0, 0.03, index.size))
+    mask = np.zeros(norms.shape, dtype=bool)
+    mask.flat[index] = True
+    return planted, mask
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("content", ["bright", "lognormal", "gamma"])
+def test_ordinary_content_has_no_high_norm_mode(content, seed):
+    rng = np.random.default_rng(seed)
+    norms = {"bright": _ordinary_norms(seed),
+             "lognormal": 10.0 * np.exp(rng.normal(0.0, 0.6, size=MODE_SHAPE)),
+             "gamma": rng.gamma(3.0, 3.0, size=MODE_SHAPE)}[content]
+    result = high_norm_outliers(norms)
+    assert result["share"] < 0.005
+    assert result["method"] == "gap" and result["params"] == {"min_ratio": 3.0, "min_gap": 1.5}
+
+
+def test_fences_flag_ordinary_bright_content_and_the_gap_rule_does_not():
+    # Why the fences are not the default: the top of a heavy tail is not an artifact.
+    norms = _ordinary_norms(0)
+    assert high_norm_outliers(norms, method="iqr")["share"] > 0.02
+    assert high_norm_outliers(norms)["share"] == 0.0 and high_norm_outliers(norms)["threshold"] is None
+
+
+@pytest.mark.parametrize("ratio", [5.0, 10.0, 20.0])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_planted_high_norm_mode_is_found_exactly(ratio, seed):
+    norms, mask = _with_artifacts(_ordinary_norms(seed), ratio, 0.026, seed + 10)
+    result = high_norm_outliers(norms)
+    assert abs(result["share"] - 0.026) <= 0.003
+    np.testing.assert_array_equal(result["mask"], mask)
+    # The threshold sits in the valley: above every ordinary token, below every artifact.
+    assert norms[~mask].max() < result["threshold"] < norms[mask].min()
+    tensor_result = high_norm_outliers(torch.from_numpy(norms))
+    np.testing.assert_array_equal(tensor_result["mask"].numpy(), mask)
+
+
+def test_gap_rule_parameters_decide_what_counts_as_a_separate_mode():
+    norms, mask = _with_artifacts(_ordinary_norms(3), 5.0, 0.026, 4)
+    assert high_norm_outliers(norms, min_ratio=6.0)["share"] == 0.0  # a mode at 5× is below 6×
+    assert high_norm_outliers(norms, min_gap=3.0)["share"] == 0.0  # its gap is under a factor 3
+    np.testing.assert_array_equal(high_norm_outliers(norms, min_ratio=4.0, min_gap=1.2)["mask"], mask)
+    with pytest.raises(PatchAtlasError, match="min_gap"):
+        high_norm_outliers(norms, min_gap=0.5)
+    with_zeros = np.concatenate([np.zeros(5), norms.ravel()])
+    np.testing.assert_array_equal(high_norm_outliers(with_zeros)["mask"][5:], mask.ravel())
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_untrained_vit_tokens_have_no_high_norm_mode(seed):
+    import timm
+
+    from generator.sources.synthetic import render_scene
+
+    images = np.stack([render_scene(i, size=64)[0] for i in range(24)])
+    pixels = (torch.from_numpy(images).permute(0, 3, 1, 2).float() / 255 - 0.5) / 0.5
+    torch.manual_seed(seed)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, depth=2, img_size=64).eval()
+    with torch.no_grad():
+        blocks = model.forward_intermediates(pixels, indices=[0, 1], norm=False, output_fmt="NLC",
+                                             intermediates_only=True)  # patch tokens only
+    for block in blocks:
+        assert high_norm_outliers(token_norms(block))["share"] < 0.005

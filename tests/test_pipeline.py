@@ -211,3 +211,18 @@ def test_probes_variance_robustness_and_retrieval_are_analysed(built):
     assert "tiny_reg" in page and "Retrieval outcomes" in page
     for src in re.findall(r'<img[^>]+src="([^"]+)"', page):
         assert (out / "site" / "probe-metrics" / src).resolve().is_file(), src
+
+
+def test_position_r2_is_printed_beside_its_chance_level(built):
+    out = built["out"]
+    maps = json.loads((out / "results" / "synthetic-scenes" / "tiny_reg" / "tiny_reg-L02-postnorm" / "maps.json")
+                      .read_text())
+    position = maps["position"]
+    assert {"row_chance_r2", "col_chance_r2", "alpha", "cv_folds", "ridge_grid"} <= set(position)
+    page = (out / "site" / "positional-artifacts" / "index.html").read_text()
+    assert "chance level" in page and "worse than the mean" in page
+    cell = f"{position['row_r2']:.2f} ({position['row_chance_r2']:.2f})"
+    assert cell in page
+    norms = json.loads((out / "results" / "synthetic-scenes" / "tiny_reg" / "tiny_reg-L02-prenorm" / "maps.json")
+                       .read_text())["norms"]
+    assert norms["outlier_method"] == "gap" and norms["outlier_params"] == {"min_ratio": 3.0, "min_gap": 1.5}

@@ -114,6 +114,84 @@ def test_decoding_content_alone_is_not_position():
     assert result["row_r2"] < 0.1 and result["col_r2"] < 0.1
 
 
+@pytest.mark.parametrize("shape", [(6, 6, 7, 128), (4, 6, 7, 96), (N_IMG, GH, GW, DIM)])
+def test_content_only_tokens_score_chance_never_far_below_zero(shape):
+    # More dimensions than training patches: an unregularised probe memorises the training
+    # images and predicts held-out ones far worse than the mean position.
+    result = position_decodability(_noise(7, shape), seed=1)
+    for axis in ("row", "col"):
+        assert result[f"{axis}_r2"] > -0.05
+        assert abs(result[f"{axis}_chance_r2"]) < 0.05
+        assert abs(result[f"{axis}_r2"] - result[f"{axis}_chance_r2"]) < 0.05
+
+
+def test_planted_position_scores_far_above_its_chance_level():
+    # Few images, many dimensions: the position lives in 16 of them, noise fills the rest.
+    n_img, gh, gw, dim = 8, 6, 7, 128
+    w_row, w_col = torch.randn(2, 16, generator=torch.Generator().manual_seed(9))
+    tokens = _noise(8, (n_img, gh, gw, dim))
+    tokens[..., :16] += (torch.arange(gh, dtype=torch.float32).view(1, gh, 1, 1) * w_row
+                         + torch.arange(gw, dtype=torch.float32).view(1, 1, gw, 1) * w_col)
+    result = position_decodability(tokens, seed=2)
+    assert result["row_r2"] > 0.9 and result["col_r2"] > 0.9
+    assert abs(result["row_chance_r2"]) < 0.05 and abs(result["col_chance_r2"]) < 0.05
+    assert result["row_chance_acc"] < 0.4 and result["col_chance_acc"] < 0.4
+
+
+def test_ridge_strength_and_held_out_r2_match_scikit_learn():
+    from sklearn.linear_model import Ridge
+    from sklearn.metrics import r2_score
+
+    n_img = 12
+    tokens = _noise(10, (n_img, GH, GW, DIM)) + 0.05 * _positional_code(11)
+    grid = (1e-4, 1e-2, 1e-1, 1.0, 10.0, 1e3)
+    result = position_decodability(tokens, seed=3, ridge_grid=grid, cv_folds=3)
+    x = tokens.double().numpy().reshape(n_img, GH * GW, DIM)
+    y = np.stack(np.meshgrid(np.arange(GH), np.arange(GW), indexing="ij"), axis=-1).reshape(-1, 2).astype(float)
+    train = result["train_images"]
+    test = sorted(set(range(n_img)) - set(train))
+    assert result["cv_folds"] == 3 and len(test) == result["n_test_images"]
+
+    def scale(images):  # trace of the centred Gram matrix / D
+        flat = x[images].reshape(-1, DIM)
+        return float(((flat - flat.mean(axis=0)) ** 2).sum()) / DIM
+
+    # Cross-validation by whole images, the i-th training image in fold i mod 3.
+    errors = []
+    for a in grid:
+        total = 0.0
+        for fold in range(3):
+            held = [img for i, img in enumerate(train) if i % 3 == fold]
+            fit = [img for i, img in enumerate(train) if i % 3 != fold]
+            model = Ridge(alpha=a * scale(fit)).fit(x[fit].reshape(-1, DIM), np.tile(y, (len(fit), 1)))
+            total += float(((model.predict(x[held].reshape(-1, DIM)) - np.tile(y, (len(held), 1))) ** 2).sum())
+        errors.append(total)
+    best = grid[int(np.argmin(errors))]
+    assert 0 < int(np.argmin(errors)) < len(grid) - 1, "the planted signal should pick an inner strength"
+    assert result["relative_alpha"] == best
+    assert result["alpha"] == pytest.approx(best * scale(train), rel=1e-9)
+
+    model = Ridge(alpha=result["alpha"]).fit(x[train].reshape(-1, DIM), np.tile(y, (len(train), 1)))
+    pred = model.predict(x[test].reshape(-1, DIM))
+    truth = np.tile(y, (len(test), 1))
+    assert result["row_r2"] == pytest.approx(r2_score(truth[:, 0], pred[:, 0]), abs=1e-8)
+    assert result["col_r2"] == pytest.approx(r2_score(truth[:, 1], pred[:, 1]), abs=1e-8)
+
+
+def test_a_single_training_image_takes_the_strongest_ridge():
+    result = position_decodability(_noise(12, (2, GH, GW, 256)), seed=0)
+    assert result["n_train_images"] == 1 and result["cv_folds"] == 0
+    assert result["relative_alpha"] == max(result["ridge_grid"])
+    assert abs(result["row_r2"]) < 0.05 and abs(result["col_r2"]) < 0.05
+
+
+def test_decodability_rejects_bad_ridge_settings():
+    with pytest.raises(PatchAtlasError, match="ridge_grid"):
+        position_decodability(_noise(0), ridge_grid=())
+    with pytest.raises(PatchAtlasError, match="cv_folds"):
+        position_decodability(_noise(0), cv_folds=1)
+
+
 def test_decodability_needs_two_images():
     with pytest.raises(PatchAtlasError, match="at least 2 images"):
         position_decodability(_noise(0, (1, GH, GW, DIM)))

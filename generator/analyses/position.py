@@ -136,10 +136,89 @@ def position_mode_map(hist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 # --------------------------------------------------------------------------------------------
 
 
+# Ridge strengths tried by the cross-validation, relative to the mean eigenvalue of the centred
+# training Gram matrix (trace / D), so the grid follows the tokens' scale. The top of the grid
+# shrinks the probe to predicting the mean position (R² ≈ 0), which CV picks when there is no
+# position to read.
+RIDGE_GRID = tuple(float(a) for a in np.logspace(-6, 4, 21))
+CV_FOLDS = 5
+
+
 def _r2(pred: torch.Tensor, target: torch.Tensor) -> float:
     residual = float(((pred - target) ** 2).sum())
     spread = float(((target - target.mean()) ** 2).sum())
     return 1.0 - residual / spread if spread > 0 else 0.0
+
+
+def _shuffled_targets(targets: torch.Tensor, n_img: int, seed: int) -> torch.Tensor:
+    """Per image, the (row, col) targets permuted over the patches: the chance-level control.
+    Tokens keep their content and their statistics; only their link to a position is cut."""
+    rng = np.random.default_rng([seed, 1])
+    order = torch.as_tensor(np.stack([rng.permutation(targets.shape[0]) for _ in range(n_img)]),
+                            device=targets.device)
+    return targets[order]  # [n_img, P, 2]
+
+
+class _Moments:
+    """Sums over one group of images that fix any ridge fit on them: Σx xᵀ, Σx, Σx yᵀ, Σy, Σy²."""
+
+    def __init__(self, dim: int, n_targets: int, device: torch.device):
+        f64 = torch.float64
+        self.gram = torch.zeros(dim, dim, dtype=f64, device=device)
+        self.x = torch.zeros(dim, dtype=f64, device=device)
+        self.xy = torch.zeros(dim, n_targets, dtype=f64, device=device)
+        self.y = torch.zeros(n_targets, dtype=f64, device=device)
+        self.yy = torch.zeros(n_targets, dtype=f64, device=device)
+        self.count = 0
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:  # x [m, D], y [m, T], float64
+        self.gram += x.T @ x
+        self.x += x.sum(dim=0)
+        self.xy += x.T @ y
+        self.y += y.sum(dim=0)
+        self.yy += (y * y).sum(dim=0)
+        self.count += x.shape[0]
+
+    def __add__(self, other: "_Moments") -> "_Moments":
+        total = _Moments(self.x.numel(), self.y.numel(), self.x.device)
+        for name in ("gram", "x", "xy", "y", "yy"):
+            setattr(total, name, getattr(self, name) + getattr(other, name))
+        total.count = self.count + other.count
+        return total
+
+
+class _RidgePath:
+    """Ridge fits of every strength on one training set, from one eigendecomposition of its
+    centred Gram matrix: W(λ) = V diag(1 / (e + λ)) Vᵀ Xᵀy, the closed form of sklearn's Ridge
+    with an intercept (features and targets centred on the training means)."""
+
+    def __init__(self, train: _Moments):
+        n = train.count
+        self.x_mean, self.y_mean = train.x / n, train.y / n
+        gram_c = train.gram - n * torch.outer(self.x_mean, self.x_mean)
+        self.scale = float(torch.diagonal(gram_c).sum()) / gram_c.shape[0]
+        self.eigval, self.eigvec = torch.linalg.eigh(gram_c)
+        self.eigval = self.eigval.clamp_min(0.0)
+        self.proj = self.eigvec.T @ (train.xy - n * torch.outer(self.x_mean, self.y_mean))
+
+    def weights(self, lam: float) -> torch.Tensor:
+        if lam > 0:
+            inverse = 1.0 / (self.eigval + lam)
+        else:  # λ = 0: the minimum-norm least-squares solution
+            keep = self.eigval > self.eigval.max() * 1e-12
+            inverse = torch.where(keep, 1.0 / torch.where(keep, self.eigval, 1.0), 0.0)
+        return self.eigvec @ (inverse[:, None] * self.proj)
+
+    def squared_error(self, lam: float, held: _Moments) -> torch.Tensor:
+        """Σ (y − ŷ)² per target over the images summarised by ``held``, without their tokens."""
+        w = self.weights(lam)
+        n = held.count
+        gram = held.gram - torch.outer(held.x, self.x_mean) - torch.outer(self.x_mean, held.x) \
+            + n * torch.outer(self.x_mean, self.x_mean)  # Σ (x − μx)(x − μx)ᵀ
+        xy = held.xy - torch.outer(held.x, self.y_mean) - torch.outer(self.x_mean, held.y) \
+            + n * torch.outer(self.x_mean, self.y_mean)  # Σ (x − μx)(y − μy)ᵀ
+        yy = held.yy - 2 * self.y_mean * held.y + n * self.y_mean**2  # Σ (y − μy)²
+        return yy - 2 * (w * xy).sum(dim=0) + (w * (gram @ w)).sum(dim=0)
 
 
 def position_decodability(
@@ -147,19 +226,31 @@ def position_decodability(
     *,
     train_fraction: float = 0.5,
     seed: int = 0,
-    ridge: float = 1e-3,
+    ridge_grid: tuple[float, ...] = RIDGE_GRID,
+    cv_folds: int = CV_FOLDS,
 ) -> dict:
     """How well a linear probe reads (row, col) out of a patch token, on images it never saw.
 
     Images (never patches: neighbouring patches of one image share content) are split at
     random into a training part (``train_fraction`` of them, at least one) and a held-out part.
-    A ridge regression from the token to its row and to its column is solved in closed form in
-    float64 on the tokens' device: features and targets are centred on the training means and
-    W = (XᵀX + λ I)⁻¹ Xᵀy with λ = ``ridge`` · trace(XᵀX) / D, so the penalty is relative to
-    the tokens' scale. Returns held-out ``row_r2`` and ``col_r2`` (coefficient of
-    determination; 1 = exact, ≤ 0 = no better than predicting the mean position) and
-    ``row_acc`` / ``col_acc`` (share of held-out patches whose prediction rounds to the right
-    row / column), plus the split sizes.
+    A ridge regression from the token to its row and column (intercept included) is solved in
+    closed form in float64 on the tokens' device. Its strength is chosen by cross-validation
+    over the training images, in ``cv_folds`` folds of whole images (training image i of the
+    shuffled order goes to fold i mod folds) over λ = a · trace(XᵀX) / D for a in
+    ``ridge_grid`` (X the centred tokens the fit sees, so a is free of the tokens' scale). The
+    a with the smallest validation squared error, summed over folds, rows and columns, is
+    refitted on all training images. With a single training image there is nothing to
+    cross-validate and the strongest λ of the grid is used.
+
+    The same pipeline (its own cross-validation included) run on targets shuffled over the
+    patches of each image gives the **chance level**: what this probe scores on these tokens
+    when they carry no position. Returns held-out ``row_r2`` / ``col_r2`` (coefficient of
+    determination: 1 = exact, 0 = no better than predicting the mean position, < 0 = worse),
+    ``row_chance_r2`` / ``col_chance_r2``, ``row_acc`` / ``col_acc`` (share of held-out patches
+    whose prediction rounds to the right row / column) and the chance accuracies, ``alpha``
+    (the chosen λ, as sklearn's Ridge ``alpha`` on these tokens in float64), ``relative_alpha``
+    (a), ``cv_folds`` (0 without cross-validation), ``train_images`` (in fold order: image i of
+    the list is in fold i mod ``cv_folds``), ``ridge_grid`` and the split sizes.
     """
     tokens = _check_tokens(tokens, "position_decodability")
     n, gh, gw, dim = tokens.shape
@@ -167,59 +258,78 @@ def position_decodability(
         raise PatchAtlasError(f"position_decodability needs at least 2 images to hold some out, got {n}")
     if not 0.0 < train_fraction < 1.0:
         raise PatchAtlasError(f"train_fraction must lie in (0, 1), got {train_fraction!r}")
-    if not ridge >= 0.0:
-        raise PatchAtlasError(f"ridge must be >= 0, got {ridge!r}")
+    grid = np.asarray(ridge_grid, dtype=np.float64)
+    if grid.ndim != 1 or grid.size < 1 or not (np.isfinite(grid) & (grid >= 0)).all():
+        raise PatchAtlasError(f"ridge_grid must be a non-empty sequence of finite strengths >= 0, got {ridge_grid!r}")
+    if isinstance(cv_folds, bool) or not isinstance(cv_folds, (int, np.integer)) or cv_folds < 2:
+        raise PatchAtlasError(f"cv_folds must be an integer >= 2, got {cv_folds!r}")
     if gh < 2 and gw < 2:
         raise PatchAtlasError(f"a {gh}×{gw} grid has no position to decode")
 
     device = tokens.device
     n_train = min(n - 1, max(1, int(round(n * train_fraction))))
     order = np.random.default_rng(seed).permutation(n)
-    train_ids = torch.as_tensor(np.sort(order[:n_train]), device=device)
+    train_order = order[:n_train]  # shuffled: the fold of a training image is its rank mod folds
     test_ids = torch.as_tensor(np.sort(order[n_train:]), device=device)
+    folds = min(int(cv_folds), n_train)
 
     rows = torch.arange(gh, device=device, dtype=torch.float64).repeat_interleave(gw)
     cols = torch.arange(gw, device=device, dtype=torch.float64).repeat(gh)
-    targets_one_image = torch.stack([rows, cols], dim=1)  # [gh*gw, 2]
+    targets = torch.stack([rows, cols], dim=1)  # [P, 2]
+    shuffled = _shuffled_targets(targets, n, seed)  # [n, P, 2]
     per_chunk = _images_per_chunk(gh * gw * dim)
 
-    # Normal equations accumulated image chunk by image chunk; every image carries the same
-    # targets, so the target sums are closed form.
-    gram = torch.zeros(dim, dim, dtype=torch.float64, device=device)
-    x_sum = torch.zeros(dim, dtype=torch.float64, device=device)
-    xy = torch.zeros(dim, 2, dtype=torch.float64, device=device)
-    for start in range(0, n_train, per_chunk):
-        idx = train_ids[start : start + per_chunk]
-        x = tokens[idx].reshape(idx.numel(), gh * gw, dim).to(torch.float64)
-        gram += torch.einsum("bpd,bpe->de", x, x)
-        x_sum += x.sum(dim=(0, 1))
-        xy += torch.einsum("bpd,pt->dt", x, targets_one_image)
-    count = n_train * gh * gw
-    x_mean = x_sum / count
-    y_mean = targets_one_image.mean(dim=0)
-    gram_c = gram - count * torch.outer(x_mean, x_mean)
-    xy_c = xy - count * torch.outer(x_mean, y_mean)
-    lam = ridge * float(torch.diagonal(gram_c).sum()) / dim
-    system = gram_c + lam * torch.eye(dim, dtype=torch.float64, device=device)
-    if lam > 0:
-        weights = torch.linalg.solve(system, xy_c)
-    else:
-        weights = torch.linalg.pinv(system, hermitian=True) @ xy_c
+    # Targets 0, 1: (row, col); 2, 3: the same shuffled within each image (the chance level).
+    moments = [_Moments(dim, 4, device) for _ in range(max(folds, 1))]
+    fold_of = {int(img): rank % max(folds, 1) for rank, img in enumerate(train_order)}
+    for img in train_order:
+        x = tokens[int(img)].reshape(gh * gw, dim).to(torch.float64)
+        moments[fold_of[int(img)]].add(x, torch.cat([targets, shuffled[int(img)]], dim=1))
+    train = moments[0]
+    for extra in moments[1:]:
+        train = train + extra
 
-    preds = []
-    for start in range(0, test_ids.numel(), per_chunk):
-        idx = test_ids[start : start + per_chunk]
-        x = tokens[idx].reshape(-1, dim).to(torch.float64)
-        preds.append((x - x_mean) @ weights + y_mean)
-    pred = torch.cat(preds)
-    truth = targets_one_image.repeat(test_ids.numel(), 1)
+    full = _RidgePath(train)
+    # Validation error per (target pair, strength): row 0 the true targets, row 1 the shuffled.
+    errors = np.zeros((2, len(grid)))
+    for f in range(folds if folds >= 2 else 0):
+        rest = [m for g, m in enumerate(moments) if g != f]
+        fit_on = rest[0]
+        for extra in rest[1:]:
+            fit_on = fit_on + extra
+        path = _RidgePath(fit_on)
+        for i, a in enumerate(grid):
+            error = path.squared_error(a * path.scale, moments[f])
+            errors[0, i] += float(error[:2].sum())
+            errors[1, i] += float(error[2:].sum())
+    # Without folds there is no validation error to compare: the strongest strength is taken.
+    chosen = [int(np.argmax(grid))] * 2 if folds < 2 else [int(np.argmin(e)) for e in errors]
+
     upper = torch.tensor([gh - 1, gw - 1], dtype=torch.float64, device=device)
-    hit = torch.round(pred).clamp(min=torch.zeros_like(upper), max=upper) == truth
+    scores = {}
+    for name, columns, pick in (("", (0, 1), chosen[0]), ("chance_", (2, 3), chosen[1])):
+        lam = float(grid[pick]) * full.scale
+        weights = full.weights(lam)[:, list(columns)]
+        y_mean = full.y_mean[list(columns)]
+        preds, truth = [], []
+        for start in range(0, test_ids.numel(), per_chunk):
+            idx = test_ids[start : start + per_chunk]
+            x = tokens[idx].reshape(-1, dim).to(torch.float64)
+            preds.append((x - full.x_mean) @ weights + y_mean)
+            truth.append(targets.repeat(idx.numel(), 1) if not name else shuffled[idx].reshape(-1, 2))
+        pred, true = torch.cat(preds), torch.cat(truth)
+        hit = torch.round(pred).clamp(min=torch.zeros_like(upper), max=upper) == true
+        scores.update({f"row_{name}r2": _r2(pred[:, 0], true[:, 0]), f"col_{name}r2": _r2(pred[:, 1], true[:, 1]),
+                       f"row_{name}acc": float(hit[:, 0].double().mean()),
+                       f"col_{name}acc": float(hit[:, 1].double().mean())})
+        if not name:
+            scores.update({"alpha": lam, "relative_alpha": float(grid[pick])})
     return {
-        "row_r2": _r2(pred[:, 0], truth[:, 0]),
-        "col_r2": _r2(pred[:, 1], truth[:, 1]),
-        "row_acc": float(hit[:, 0].double().mean()),
-        "col_acc": float(hit[:, 1].double().mean()),
+        **scores,
+        "cv_folds": folds if folds >= 2 else 0,
+        "train_fraction": float(train_fraction),
+        "ridge_grid": grid.tolist(),
+        "train_images": [int(i) for i in train_order],
         "n_train_images": int(n_train),
         "n_test_images": int(test_ids.numel()),
     }
