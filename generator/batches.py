@@ -171,7 +171,8 @@ def load_encoder_for(entry: ModelEntry, options) -> Encoder:
     """The model's encoder with ``options``' checkpoint, device, cache and compilation; raises
     ``WeightsUnavailable`` when its weights cannot be had."""
     encoder = load_encoder(entry, checkpoint=options.weights.get(entry.name), device=options.device,
-                           cache_dir=options.cache_dir)
+                           cache_dir=options.cache_dir,
+                           trust_pickle=entry.name in getattr(options, "trust_checkpoints", ()))
     if getattr(options, "compile_blocks", False):
         encoder.compile_blocks()
     return encoder
