@@ -24,7 +24,7 @@ from click.testing import CliRunner
 from safetensors.torch import save_file
 
 from generator.errors import PatchAtlasError
-from generator.models.encoder import load_encoder
+from generator.models.encoder import load_encoder, use_pos_embed_rule
 from generator.models.registry import MODELS, ModelEntry
 
 TINY = {"depth": 2, "embed_dim": 64, "num_heads": 2}
@@ -153,6 +153,10 @@ def test_rows_declare_a_resize_rule_exactly_when_they_have_a_position_embedding(
                                       **dict(fmt, **entry.create_kwargs(), depth=1))
         has_pos_embed = getattr(model, "pos_embed", None) is not None
         assert (entry.pos_embed_resample is not None) == has_pos_embed, entry.name
+        # timm's own step stays wherever the row's rule is timm's or nothing is resized.
+        use_pos_embed_rule(entry, model)
+        replaced = "_pos_embed" in vars(model)
+        assert replaced == ("dinov2" in entry.timm_id and not entry.num_registers), entry.name
     dinov2 = [e for e in MODELS.values() if "dinov2" in e.timm_id]
     assert len(dinov2) == 8
     for entry in dinov2:
@@ -223,6 +227,23 @@ def test_dinov3_biases_under_another_mask_are_refused(tmp_path):
     torch.save(state, path)
     with pytest.raises(PatchAtlasError, match=r"dinov3_mask\.pth.*blocks\.0\.attn\.qkv\.bias_mask"):
         load_encoder(entry, checkpoint=path)
+
+
+def test_dinov3_k_bias_without_its_mask_must_be_zero(tmp_path):
+    """Without qkv.bias_mask nothing zeroes the k third that timm drops."""
+    entry, reference = _dinov3_reference(seed=24)
+    state = {k: v for k, v in _as_original_dinov3(reference).items() if not k.endswith("bias_mask")}
+    torch.save(state, tmp_path / "random_k.pth")
+    with pytest.raises(PatchAtlasError, match=r"blocks\.0\.attn\.qkv\.bias \(its non-zero k third\)"):
+        load_encoder(entry, checkpoint=tmp_path / "random_k.pth")
+    for key, value in state.items():
+        if key.endswith("qkv.bias"):
+            third = value.shape[0] // 3
+            value[third:2 * third] = 0
+    torch.save(state, tmp_path / "zero_k.pth")
+    x = _pixels(64, 64)
+    got = load_encoder(entry, checkpoint=tmp_path / "zero_k.pth").model.forward_features(x)
+    assert torch.allclose(got, reference.forward_features(x), atol=1e-5, rtol=1e-5)
 
 
 def test_dinov3_periods_other_than_the_architectures_are_refused(tmp_path):

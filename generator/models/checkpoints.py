@@ -478,6 +478,7 @@ _PRETRAINING_ONLY = re.compile(r"mask_token")
 _QKV_BIAS_MASK = re.compile(r"blocks\.\d+\.attn\.qkv\.bias_mask")
 # DINOv3's rotary periods: a function of the architecture's base, rebuilt by timm. Accepted when
 # the file's values are timm's (the original stores them in bfloat16, hence the tolerance).
+_FUSED_QKV_BIAS = re.compile(r"(blocks\.\d+\.attn\.)qkv\.bias")
 _ROPE_PERIODS = re.compile(r"rope_embed\.periods")
 _BF16_RTOL = 1e-2
 
@@ -564,10 +565,9 @@ def check_nothing_dropped(given: Mapping[str, torch.Tensor], consumed: Mapping[s
     """Raise :class:`CheckpointMismatch` naming every key of ``given`` (what a checkpoint filter
     was given) that did not reach ``consumed`` (what it returned), unless the forward never
     reads it."""
-    raw = given
     lost = []
     for key in unconsumed_keys(given, consumed):
-        value = raw[key]
+        value = given[key]
         if _PRETRAINING_ONLY.fullmatch(key):
             continue
         if _QKV_BIAS_MASK.fullmatch(key) and _expected_qkv_bias_mask(value):
@@ -575,6 +575,14 @@ def check_nothing_dropped(given: Mapping[str, torch.Tensor], consumed: Mapping[s
         if _ROPE_PERIODS.fullmatch(key) and _matches_model_periods(value, model):
             continue
         lost.append(key)
+    for key, value in given.items():
+        # timm keeps only the q and v thirds of a fused qkv.bias. Without DINOv3's mask beside
+        # it, nothing zeroes the k third by construction, so it must be zero in the file.
+        fused = _FUSED_QKV_BIAS.fullmatch(key)
+        if fused and key not in consumed and f"{fused.group(1)}qkv.bias_mask" not in given:
+            third = value.shape[-1] // 3
+            if value[..., third:2 * third].any():
+                lost.append(f"{key} (its non-zero k third)")
     if lost:
         raise CheckpointMismatch(
             what, unexpected=lost,
