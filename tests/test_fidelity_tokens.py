@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import re
 
 import pytest
 import timm
@@ -300,14 +301,8 @@ def test_mapped_formats_refuse_an_unknown_key_by_name():
                "beit_hf": "beit.encoder.layer.0.extra", "torchvision_vit": "encoder.extra"}
     assert set(originals) == set(CHECKPOINT_FORMATS)
     for name, fmt in CHECKPOINT_FORMATS.items():
-        with pytest.raises(PatchAtlasError, match=re_escape(unknown[name].split(".", 1)[1])):
+        with pytest.raises(PatchAtlasError, match=re.escape(unknown[name].split(".", 1)[1])):
             fmt.convert({**originals[name], unknown[name]: torch.zeros(1)})
-
-
-def re_escape(text: str) -> str:
-    import re
-
-    return re.escape(text)
 
 
 def test_two_keys_landing_on_one_name_are_refused():
