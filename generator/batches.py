@@ -173,7 +173,8 @@ def load_encoder_for(entry: ModelEntry, options) -> Encoder:
     """The model's encoder with ``options``' checkpoint, device, cache, resize policy and compilation; raises
     ``WeightsUnavailable`` when its weights cannot be had."""
     encoder = load_encoder(entry, checkpoint=options.weights.get(entry.name), device=options.device,
-                           cache_dir=options.cache_dir)
+                           cache_dir=options.cache_dir,
+                           trust_pickle=entry.name in getattr(options, "trust_checkpoints", ()))
     encoder.resize = check_resize(getattr(options, "resize", DEFAULT_RESIZE))
     if getattr(options, "compile_blocks", False):
         encoder.compile_blocks()

@@ -183,6 +183,10 @@ def _extract_options(f):
                      help="Largest Parquet shard, in MB (10^6 bytes)."),
         click.option("--weights", multiple=True, metavar="MODEL=PATH",
                      help="Local checkpoint for a model (repeatable); otherwise the Hub or its cache."),
+        click.option("--trust-checkpoint", "trust_checkpoints", multiple=True, metavar="MODEL",
+                     help="Read this model's checkpoint even though it pickles Python objects (training "
+                          "checkpoints with their arguments or config): unpickling runs code, so only for "
+                          "files of trusted origin (repeatable)."),
         click.option("--offline/--online", default=None,
                      help="Only use locally cached weights (default: follow HF_HUB_OFFLINE)."),
     ]
@@ -224,7 +228,7 @@ def cli():
 
 def _do_extract(out, sources, source_options, models, layers, norms, curve_layers, label_rule, resize,
                 input_size, batch_size,
-                embedding_dtype, decode, compile_blocks, shard_mb, weights, offline, device, quiet, rank=0,
+                embedding_dtype, decode, compile_blocks, shard_mb, weights, trust_checkpoints, offline, device, quiet, rank=0,
                 world_size=1, knn_k=1, knn_similarity="dot"):
     _set_offline(offline)
     from generator.extract import ExtractOptions, run_extract
@@ -244,7 +248,8 @@ def _do_extract(out, sources, source_options, models, layers, norms, curve_layer
             click.echo(f"skipped input of {source.name}: {skip['path']}: {skip['reason']}", err=True)
     options = ExtractOptions(layers=layers, norms=_split(norms), label_rule=label_rule, batch_size=batch_size,
                              device=_device(device, rank if world_size > 1 else None),
-                             weights=_parse_weights(weights), progress=not quiet, embedding_dtype=embedding_dtype,
+                             weights=_parse_weights(weights), trust_checkpoints=tuple(trust_checkpoints),
+                             progress=not quiet, embedding_dtype=embedding_dtype,
                              shard_bytes=int(shard_mb * 1e6), rank=rank, world_size=world_size,
                              curve_layers=curve_layers, knn_k=knn_k, knn_similarity=knn_similarity, decode=decode,
                              compile_blocks=compile_blocks, resize=resize, input_size=_parse_input_size(input_size))
@@ -295,7 +300,7 @@ def _do_render(out, gallery_images, gallery_k, no_html, quiet=False):
 @_common
 def extract(out, sources, source_options, models, layers, norms, curve_layers, label_rule, resize, input_size,
             batch_size,
-            embedding_dtype, decode, compile_blocks, shard_mb, weights, offline, rank, world_size, device, quiet):
+            embedding_dtype, decode, compile_blocks, shard_mb, weights, trust_checkpoints, offline, rank, world_size, device, quiet):
     """Run models over datasets; write patch-embedding dataset repos under OUT/datasets.
 
     Distributed: `torchrun --nproc-per-node N -m generator.cli extract ...` runs N workers that
@@ -305,7 +310,8 @@ def extract(out, sources, source_options, models, layers, norms, curve_layers, l
     worker = (rank, world_size) if world_size > 1 else None
     with output_lock(out, worker=worker):
         outcomes = _do_extract(out, sources, source_options, models, layers, norms, curve_layers, label_rule,
-                               resize, input_size, batch_size, embedding_dtype, decode, compile_blocks, shard_mb, weights, offline,
+                               resize, input_size, batch_size, embedding_dtype, decode, compile_blocks, shard_mb, weights,
+                               trust_checkpoints, offline,
                                device, quiet, rank, world_size)
     if worker:
         for source, rows in outcomes.items():
@@ -352,11 +358,12 @@ def render(out, gallery_images, gallery_k, no_html, quiet):
 @_common
 def build(out, sources, source_options, models, layers, norms, curve_layers, label_rule, resize, input_size,
           batch_size,
-          embedding_dtype, decode, compile_blocks, shard_mb, weights, offline, ks, seed, knn_k, knn_similarity, linear_epochs, gallery_images, gallery_k, no_html, device, quiet):
+          embedding_dtype, decode, compile_blocks, shard_mb, weights, trust_checkpoints, offline, ks, seed, knn_k, knn_similarity, linear_epochs, gallery_images, gallery_k, no_html, device, quiet):
     """extract + analyze + render, resuming whatever is already done."""
     with output_lock(out):
         outcomes = _do_extract(out, sources, source_options, models, layers, norms, curve_layers, label_rule,
-                               resize, input_size, batch_size, embedding_dtype, decode, compile_blocks, shard_mb, weights, offline,
+                               resize, input_size, batch_size, embedding_dtype, decode, compile_blocks, shard_mb, weights,
+                               trust_checkpoints, offline,
                                device, quiet, knn_k=knn_k, knn_similarity=knn_similarity)
         _do_analyze(out, ks, seed, knn_k, knn_similarity, linear_epochs, device, quiet)
         site = _do_render(out, gallery_images, gallery_k, no_html, quiet)

@@ -91,6 +91,9 @@ class ExtractOptions:
     batch_size: int | None = None  # None: DEFAULT_BATCH_SIZES for the device
     device: str = "cpu"
     weights: dict[str, str] = field(default_factory=dict)  # model name -> checkpoint path
+    # Models whose checkpoint may be unpickled (it holds Python objects beside the tensors).
+    # Not a token parameter: the tensors read are the same either way.
+    trust_checkpoints: Sequence[str] = ()
     last_block_attention: bool = True  # CLS attention maps and q/k/v views of the last block
     variants: bool = True  # last-layer tokens of degraded and transformed evaluation images
     cache_dir: str | None = None
@@ -458,7 +461,7 @@ def run_extract(out: Path, sources: Sequence[SegmentationSource], model_names: S
     manifest = open_manifest(out, options)
     # Unknown names and input sizes that do not fit a model fail before any work.
     entries = [options.entry_for(get_model_entry(name)) for name in model_names]
-    for name in options.weights:
+    for name in [*options.weights, *options.trust_checkpoints]:
         get_model_entry(name)
     jobs = JobCounter(options.rank, options.world_size)
     outcomes: dict[str, list[ModelOutcome]] = {}

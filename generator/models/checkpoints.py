@@ -26,7 +26,9 @@ load is strict, so nothing is left randomly initialised.
 
 from __future__ import annotations
 
+import contextlib
 import re
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Mapping
@@ -46,6 +48,7 @@ class CheckpointMismatch(PatchAtlasError):
         self.missing = sorted(missing)
         self.unexpected = sorted(unexpected)
         self.shapes = list(shapes)
+        self.hint = hint
         parts = [f"{what} does not fit"]
         if self.missing:
             parts.append(f"missing keys: {_listing(self.missing)}")
@@ -74,6 +77,9 @@ def _strip_prefixes(state: Mapping[str, torch.Tensor], prefixes: tuple[str, ...]
                 if key.startswith(prefix):
                     key = key[len(prefix):]
                     stripped = True
+        if key in out:
+            raise CheckpointMismatch("checkpoint", unexpected=[key],
+                                     hint="two entries name this key once their wrapper prefixes are removed")
         out[key] = value
     return out
 
@@ -94,7 +100,11 @@ def _rename(state: Mapping[str, torch.Tensor], rules: list[tuple[str, str]], dro
             continue
         for pattern, repl in compiled:
             if pattern.fullmatch(key):
-                out[pattern.sub(repl, key)] = value
+                target = pattern.sub(repl, key)
+                if target in out:
+                    raise CheckpointMismatch(what, unexpected=[key],
+                                             hint=f"another key of the file also maps to {target!r}")
+                out[target] = value
                 break
         else:
             unknown.append(key)
@@ -305,13 +315,18 @@ def get_checkpoint_format(name: str) -> CheckpointFormat:
         ) from None
 
 
+class PickledCheckpoint(PatchAtlasError):
+    """A torch checkpoint that pickles Python objects, read without trusting its origin."""
+
+
 def read_state_dict_file(path: str | Path, nested_keys: tuple[str, ...] = (), *,
-                         trust_pickle: bool = False) -> StateDict:
+                         trust_pickle: bool = False, model_name: str = "") -> StateDict:
     """The tensors of a ``.safetensors`` or torch (``.pth``/``.pt``/``.bin``) file.
 
     Torch files are read with ``weights_only=True``: a file that also pickles Python objects
     (training checkpoints keep their argument namespace or config) is refused unless
-    ``trust_pickle`` says its origin is trusted, because unpickling runs code.
+    ``trust_pickle`` says its origin is trusted, because unpickling runs code; the refusal names
+    the option that grants it for ``model_name``.
     """
     path = Path(path).expanduser()
     if not path.is_file():
@@ -328,9 +343,10 @@ def read_state_dict_file(path: str | Path, nested_keys: tuple[str, ...] = (), *,
     except Exception as err:
         if trust_pickle:
             raise PatchAtlasError(f"{path} is not a readable torch checkpoint: {err}") from err
-        raise PatchAtlasError(
+        raise PickledCheckpoint(
             f"{path} holds pickled Python objects beside its tensors ({type(err).__name__}). "
-            f"Extract the state dict into a tensors-only file, or load it trusting its origin."
+            f"Extract the state dict into a tensors-only file, or load it trusting its origin with "
+            f"--trust-checkpoint {model_name or 'MODEL'}."
         ) from err
     if isinstance(obj, Mapping):
         for key in nested_keys:
@@ -380,7 +396,7 @@ def _block_structure_check(state: StateDict, what: str) -> None:
 
 def load_original_checkpoint(path: str | Path, format_name: str, *,
                              model: torch.nn.Module | None = None,
-                             trust_pickle: bool = False) -> StateDict:
+                             trust_pickle: bool = False, model_name: str = "") -> StateDict:
     """Read an original checkpoint and return it as a timm state dict.
 
     With ``model``, the result is also checked against it (keys and shapes) and resized to its
@@ -388,7 +404,7 @@ def load_original_checkpoint(path: str | Path, format_name: str, *,
     the missing or unexpected keys when the file does not fit.
     """
     fmt = get_checkpoint_format(format_name)
-    raw = read_state_dict_file(path, fmt.nested_keys, trust_pickle=trust_pickle)
+    raw = read_state_dict_file(path, fmt.nested_keys, trust_pickle=trust_pickle, model_name=model_name)
     what = f"checkpoint {Path(path)} (format {fmt.name!r})"
     try:
         state = fmt.convert(raw)
@@ -400,7 +416,7 @@ def load_original_checkpoint(path: str | Path, format_name: str, *,
         if str(Path(path)) in str(err):
             raise
         raise CheckpointMismatch(what, err.missing, err.unexpected, err.shapes,
-                                 hint="check that the file is the model and format named") from err
+                                 hint=err.hint or "check that the file is the model and format named") from err
     return state
 
 
@@ -432,13 +448,144 @@ def fit_grid(state: StateDict, model: torch.nn.Module) -> StateDict:
 
 
 def create_model_from_checkpoint(path: str | Path, format_name: str, architecture: str | None = None,
-                                 *, trust_pickle: bool = False, **create_kwargs) -> torch.nn.Module:
+                                 *, trust_pickle: bool = False, model_name: str = "",
+                                 **create_kwargs) -> torch.nn.Module:
     """Build the timm model for a format and load an original checkpoint into it strictly."""
     import timm
 
     fmt = get_checkpoint_format(format_name)
     kwargs = {**fmt.model_kwargs, **create_kwargs, "num_classes": 0}
     model = timm.create_model(architecture or fmt.architecture, pretrained=False, **kwargs)
-    state = load_original_checkpoint(path, format_name, model=model, trust_pickle=trust_pickle)
+    state = load_original_checkpoint(path, format_name, model=model, trust_pickle=trust_pickle,
+                                     model_name=model_name)
     model.load_state_dict(state, strict=True)
     return model.eval()
+
+
+# --- checkpoints loaded through timm's own checkpoint filters ---------------------------------
+#
+# timm's filters rename original keys and silently skip some (DINOv3's q/v biases when the
+# architecture has none, text towers, anything outside a prefix). A load is accepted only when
+# every key of the file reached the model, or is one of the keys below, which the encoder's
+# forward provably never reads.
+
+# The embedding that replaces masked patches (DINOv2, DINOv3, EVA MIM): read only under masked
+# pretraining; the atlas never masks.
+_PRETRAINING_ONLY = re.compile(r"mask_token")
+# DINOv3's LinearKMaskedBias multiplies qkv.bias by this buffer (dinov3/layers/attention.py),
+# set to 1 for q and v and 0 for k (dinov3/models/vision_transformer.py init). timm keeps q and v
+# and drops k: exact only for that mask, so the file's mask is checked to be it.
+_QKV_BIAS_MASK = re.compile(r"blocks\.\d+\.attn\.qkv\.bias_mask")
+# DINOv3's rotary periods: a function of the architecture's base, rebuilt by timm. Accepted when
+# the file's values are timm's (the original stores them in bfloat16, hence the tolerance).
+_FUSED_QKV_BIAS = re.compile(r"(blocks\.\d+\.attn\.)qkv\.bias")
+_ROPE_PERIODS = re.compile(r"rope_embed\.periods")
+_BF16_RTOL = 1e-2
+
+_FILTER_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def capture_checkpoint_filter():
+    """While active, timm's pretrained loading records what its checkpoint filter returned.
+
+    The filter runs inside ``timm.create_model``; the state dict it hands to
+    ``load_state_dict`` is the only record of which file entries the model received. Both the
+    filter's input (``given``: timm copies the state dict it is passed) and its output
+    (``state``) are recorded.
+    """
+    from timm.models import _builder
+
+    seen: dict[str, Mapping[str, torch.Tensor]] = {}
+    original = _builder.load_pretrained
+
+    def load_pretrained(model, *args, filter_fn=None, **kwargs):
+        def recording_filter(state_dict, model):
+            # A copy of what the filter is given (filters pop entries), and what it returns.
+            seen["given"] = dict(state_dict)
+            out = filter_fn(state_dict, model) if filter_fn is not None else state_dict
+            seen["state"] = out
+            return out
+
+        return original(model, *args, filter_fn=recording_filter, **kwargs)
+
+    with _FILTER_LOCK:
+        _builder.load_pretrained = load_pretrained
+        try:
+            yield seen
+        finally:
+            _builder.load_pretrained = original
+
+
+def _memory_span(tensor: torch.Tensor) -> tuple[int, int, int] | None:
+    """(storage, first byte, end byte) of a tensor's elements; None when it has none."""
+    if tensor.numel() == 0:
+        return None
+    start = tensor.data_ptr()
+    extent = sum((size - 1) * stride for size, stride in zip(tensor.shape, tensor.stride())) + 1
+    return tensor.untyped_storage().data_ptr(), start, start + extent * tensor.element_size()
+
+
+def unconsumed_keys(raw: Mapping[str, torch.Tensor], consumed: Mapping[str, torch.Tensor]) -> list[str]:
+    """Keys of ``raw`` that did not reach ``consumed`` (what a checkpoint filter returned).
+
+    A key reached it when the filter kept its name (possibly resampled: a position embedding)
+    or returned a tensor in its memory (renamed, reshaped or sliced: DINOv3's qkv.bias becomes
+    q_bias and v_bias views). A tensor the filter computed anew from several entries keeps
+    neither; each filter in use keeps the names of such entries (DINOv2's cls_token).
+    """
+    spans = [span for span in map(_memory_span, consumed.values()) if span is not None]
+    missing = []
+    for key, value in raw.items():
+        if key in consumed:
+            continue
+        span = _memory_span(value)
+        if span is not None and any(s == span[0] and a < span[2] and span[1] < b for s, a, b in spans):
+            continue
+        missing.append(key)
+    return sorted(missing)
+
+
+def _expected_qkv_bias_mask(mask: torch.Tensor) -> bool:
+    third = mask.shape[-1] // 3
+    want = torch.ones_like(mask)
+    want[..., third:2 * third] = 0
+    return mask.shape[-1] == 3 * third and torch.equal(mask, want)
+
+
+def _matches_model_periods(value: torch.Tensor, model: torch.nn.Module) -> bool:
+    for name, buffer in model.named_buffers():
+        if name.endswith("periods") and buffer.shape == value.shape:
+            return torch.allclose(value.float(), buffer.float(), rtol=_BF16_RTOL, atol=0)
+    return False
+
+
+def check_nothing_dropped(given: Mapping[str, torch.Tensor], consumed: Mapping[str, torch.Tensor],
+                          model: torch.nn.Module, what: str) -> None:
+    """Raise :class:`CheckpointMismatch` naming every key of ``given`` (what a checkpoint filter
+    was given) that did not reach ``consumed`` (what it returned), unless the forward never
+    reads it."""
+    lost = []
+    for key in unconsumed_keys(given, consumed):
+        value = given[key]
+        if _PRETRAINING_ONLY.fullmatch(key):
+            continue
+        if _QKV_BIAS_MASK.fullmatch(key) and _expected_qkv_bias_mask(value):
+            continue
+        if _ROPE_PERIODS.fullmatch(key) and _matches_model_periods(value, model):
+            continue
+        lost.append(key)
+    for key, value in given.items():
+        # timm keeps only the q and v thirds of a fused qkv.bias. Without DINOv3's mask beside
+        # it, nothing zeroes the k third by construction, so it must be zero in the file.
+        fused = _FUSED_QKV_BIAS.fullmatch(key)
+        if fused and key not in consumed and f"{fused.group(1)}qkv.bias_mask" not in given:
+            third = value.shape[-1] // 3
+            if value[..., third:2 * third].any():
+                lost.append(f"{key} (its non-zero k third)")
+    if lost:
+        raise CheckpointMismatch(
+            what, unexpected=lost,
+            hint="the architecture's checkpoint filter leaves these entries out, so their weights would "
+                 "be lost; pass a file that holds only this model's encoder",
+        )

@@ -10,6 +10,7 @@ labelled ``random`` row).
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -21,8 +22,13 @@ import torch.nn.functional as F
 
 from generator.errors import PatchAtlasError, WeightsUnavailable
 from generator.models.attention import attention_output, capture_last_block_attention, last_block_attention
-from generator.models.checkpoints import create_model_from_checkpoint
-from generator.models.registry import ModelEntry
+from generator.models.checkpoints import (
+    capture_checkpoint_filter,
+    check_nothing_dropped,
+    create_model_from_checkpoint,
+    read_state_dict_file,
+)
+from generator.models.registry import TIMM_POS_EMBED, ModelEntry, PosEmbedResample
 from generator.sources.geometry import DEFAULT_RESIZE, check_resize, input_geometry
 
 NORMS = ("prenorm", "postnorm")
@@ -53,6 +59,7 @@ class WeightsInfo:
     source: str  # "hub" | "checkpoint" | "random-init"
     location: str  # Hub repo id, checkpoint path, or the init seed
     revision: str  # file hash or Hub revision; "" when unknown
+    architecture: str = ""  # the timm architecture the weights went into ("" : the row's own)
 
 
 def resolve_layers(spec: str | Sequence[int], depth: int) -> list[int]:
@@ -87,6 +94,73 @@ def resolve_layers(spec: str | Sequence[int], depth: int) -> list[int]:
     if not resolved:
         raise PatchAtlasError(f"layers {spec!r} selects no layer")
     return sorted(resolved)
+
+
+def resample_pos_embed(pos_embed: torch.Tensor, grid: tuple[int, int], num_prefix_tokens: int,
+                       rule: PosEmbedResample) -> torch.Tensor:
+    """A [1, prefix + M·M, D] position embedding resized to ``grid`` (rows, columns) by ``rule``.
+
+    The DINO / DINOv2 rule (facebookresearch/dinov2 ``interpolate_pos_encoding``): left as is
+    on the native square grid; otherwise the patch part is interpolated bicubically in float32,
+    with a scale factor of (grid + offset) / M when an offset is set, and the prefix part is
+    kept.
+    """
+    prefix, patch = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    side = math.isqrt(patch.shape[1])
+    if side * side != patch.shape[1]:
+        raise PatchAtlasError(f"position embedding of {patch.shape[1]} patches is not a square grid")
+    rows, cols = grid
+    if (rows, cols) == (side, side):
+        return pos_embed
+    square = patch.float().reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    if rule.offset:
+        how = {"scale_factor": ((rows + rule.offset) / side, (cols + rule.offset) / side)}
+    else:
+        how = {"size": (rows, cols)}
+    resized = F.interpolate(square, mode="bicubic", antialias=rule.antialias, **how)
+    if tuple(resized.shape[-2:]) != (rows, cols):
+        raise PatchAtlasError(f"position embedding resized to {tuple(resized.shape[-2:])}, not the grid "
+                              f"{rows}x{cols}: offset {rule.offset} is too large")
+    resized = resized.permute(0, 2, 3, 1).reshape(1, rows * cols, -1).to(pos_embed.dtype)
+    return torch.cat([prefix, resized], dim=1)
+
+
+def use_pos_embed_rule(entry: ModelEntry, model: torch.nn.Module) -> None:
+    """Make the model resize its position embedding as the row declares, in place.
+
+    timm resizes with its own rule (antialiased bicubic to the exact size); where the original
+    code does otherwise, the position-embedding step of timm's ``VisionTransformer`` is replaced
+    by one that calls :func:`resample_pos_embed`. Everything else about the step (prefix
+    tokens, whether they carry a position) is timm's.
+    """
+    rule = entry.pos_embed_resample
+    if getattr(model, "pos_embed", None) is None or rule is None or rule == TIMM_POS_EMBED:
+        return
+    from timm.models.vision_transformer import VisionTransformer
+
+    if not getattr(model, "dynamic_img_size", False):
+        if entry.input_size != entry.native_size:
+            raise PatchAtlasError(
+                f"{entry.name}: its position embedding is resized by {rule}, which only the dynamic input "
+                f"policy applies; set input_policy='dynamic' or input_size={entry.native_size}")
+        return  # the native grid: nothing is resized
+    if not isinstance(model, VisionTransformer):
+        raise PatchAtlasError(f"{entry.name}: resizing the position embedding by {rule} is implemented for "
+                              f"timm VisionTransformer models only, not {type(model).__name__}")
+
+    def pos_embed_step(x: torch.Tensor) -> torch.Tensor:
+        batch, rows, cols, dim = x.shape
+        prefix_in_pos = 0 if model.no_embed_class else model.num_prefix_tokens
+        pos = resample_pos_embed(model.pos_embed, (rows, cols), prefix_in_pos, rule)
+        x = x.view(batch, -1, dim)
+        prefix = [t.expand(batch, -1, -1) for t in (model.cls_token, model.reg_token) if t is not None]
+        if model.no_embed_class:
+            x = torch.cat(prefix + [x + pos], dim=1)
+        else:
+            x = torch.cat(prefix + [x], dim=1) + pos
+        return model.pos_drop(x)
+
+    model._pos_embed = pos_embed_step
 
 
 def _final_norm(model: torch.nn.Module) -> torch.nn.Module:
@@ -331,12 +405,16 @@ def _sha256_file(path: Path) -> str:
 
 
 def load_encoder(entry: ModelEntry, *, checkpoint: str | Path | None = None,
-                 device: str | torch.device = "cpu", cache_dir: str | Path | None = None) -> Encoder:
+                 device: str | torch.device = "cpu", cache_dir: str | Path | None = None,
+                 trust_pickle: bool = False) -> Encoder:
     """Build the encoder for a registry row.
 
     - ``random``: timm's own initialisation under a fixed seed (the labelled baseline).
     - ``checkpoint`` given: timm loads that file through its pretrained path (with the model's
-      checkpoint filter, strict key matching).
+      checkpoint filter, strict key matching), and every entry of the file must reach the model
+      (``check_nothing_dropped``). A file with q/v biases goes into the row's
+      ``qkv_bias_architecture`` when it has one. ``trust_pickle`` lets a torch file that
+      pickles Python objects be read (``--trust-checkpoint``).
     - otherwise: timm resolves the pretrained tag on the Hub, which under ``HF_HUB_OFFLINE=1``
       reads only the local cache.
     Raises :class:`WeightsUnavailable` when weights cannot be had; never falls back to random.
@@ -351,30 +429,25 @@ def load_encoder(entry: ModelEntry, *, checkpoint: str | Path | None = None,
             raise PatchAtlasError(f"{entry.name} is the untrained baseline; it takes no checkpoint")
         torch.manual_seed(RANDOM_INIT_SEED)
         model = timm.create_model(entry.architecture, pretrained=False, num_classes=0, **kwargs)
-        return Encoder(entry, model, WeightsInfo("random-init", f"seed={RANDOM_INIT_SEED}", ""), device)
+        return _encoder(entry, model, WeightsInfo("random-init", f"seed={RANDOM_INIT_SEED}", ""), device)
 
     if entry.checkpoint_format:
         path = Path(checkpoint).expanduser() if checkpoint is not None else _hub_file(entry, cache_dir)
         if not path.is_file():
             raise WeightsUnavailable(entry.name, f"checkpoint file not found: {path}")
-        model = create_model_from_checkpoint(path, entry.checkpoint_format, entry.architecture, **kwargs)
-        return Encoder(entry, model, WeightsInfo("checkpoint", str(path), _sha256_file(path)), device)
+        model = create_model_from_checkpoint(path, entry.checkpoint_format, entry.architecture,
+                                             trust_pickle=trust_pickle, model_name=entry.name, **kwargs)
+        return _encoder(entry, model, WeightsInfo("checkpoint", str(path), _sha256_file(path)), device)
 
     if checkpoint is not None:
         path = Path(checkpoint).expanduser()
         if not path.is_file():
             raise WeightsUnavailable(entry.name, f"checkpoint file not found: {path}")
-        try:
-            model = timm.create_model(
-                entry.timm_id, pretrained=True, pretrained_cfg_overlay={"file": str(path)}, **kwargs,
-            )
-        except RuntimeError as err:
-            # timm loads strictly: missing or unexpected keys end up here.
-            raise PatchAtlasError(
-                f"checkpoint {path} does not fit {entry.name} ({entry.timm_id}): {err}. "
-                f"Check that the file holds weights of this architecture."
-            ) from err
-        return Encoder(entry, model, WeightsInfo("checkpoint", str(path), _sha256_file(path)), device)
+        model, timm_id = _timm_model_from_file(entry, path, trust_pickle, kwargs)
+        architecture = timm_id.split(".", 1)[0]
+        return _encoder(entry, model, WeightsInfo("checkpoint", str(path), _sha256_file(path),
+                                                  "" if architecture == entry.architecture else architecture),
+                        device)
 
     try:
         model = timm.create_model(
@@ -389,7 +462,53 @@ def load_encoder(entry: ModelEntry, *, checkpoint: str | Path | None = None,
             f"{entry.name}=PATH to a local checkpoint. ({type(err).__name__})",
         ) from err
     hub_id = model.pretrained_cfg.get("hf_hub_id") or entry.timm_id
-    return Encoder(entry, model, WeightsInfo("hub", hub_id, _hub_revision(hub_id, cache_dir)), device)
+    return _encoder(entry, model, WeightsInfo("hub", hub_id, _hub_revision(hub_id, cache_dir)), device)
+
+
+def _encoder(entry: ModelEntry, model: torch.nn.Module, weights: WeightsInfo,
+             device: str | torch.device) -> Encoder:
+    use_pos_embed_rule(entry, model)
+    return Encoder(entry, model, weights, device)
+
+
+# Where timm's original-format filters look for q/v biases: DINOv3's fused qkv.bias, timm's
+# q_bias / v_bias, split projections.
+_QV_BIAS_KEY = r"blocks\.\d+\.attn\.(qkv\.bias|q_bias|v_bias|q_proj\.bias|v_proj\.bias)"
+
+
+def _timm_model_from_file(entry: ModelEntry, path: Path, trust_pickle: bool,
+                          kwargs: dict) -> tuple[torch.nn.Module, str]:
+    """The row's timm model with the file's weights, through timm's checkpoint filter.
+
+    The file is read here (timm's own reader has no trust gate), nested state dicts and DDP /
+    compile prefixes are unwrapped as timm's ``load_state_dict`` does, and the result is handed
+    to timm as the pretrained state dict.
+    """
+    import re
+
+    from timm.models import clean_state_dict
+
+    raw = clean_state_dict(read_state_dict_file(
+        path, ("state_dict_ema", "model_ema", "state_dict", "model"), trust_pickle=trust_pickle,
+        model_name=entry.name))
+    timm_id = entry.timm_id
+    if entry.qkv_bias_architecture and any(re.fullmatch(_QV_BIAS_KEY, key) for key in raw):
+        timm_id = f"{entry.qkv_bias_architecture}.{entry.timm_id.split('.', 1)[1]}"
+    what = f"checkpoint {path} for {entry.name} ({timm_id})"
+    try:
+        with capture_checkpoint_filter() as seen:
+            # A copy: filters edit the dict they are given (DINOv2's pops mask_token).
+            model = timm.create_model(timm_id, pretrained=True, pretrained_cfg_overlay={"state_dict": dict(raw)},
+                                      **kwargs)
+    except RuntimeError as err:
+        # timm loads strictly: missing or unexpected keys end up here.
+        raise PatchAtlasError(
+            f"{what} does not fit: {err}. Check that the file holds weights of this architecture."
+        ) from err
+    if set(seen["given"]) != set(raw):
+        raise PatchAtlasError(f"{what}: timm's loader did not pass the file's entries to its checkpoint filter")
+    check_nothing_dropped(seen["given"], seen["state"], model, what)
+    return model, timm_id
 
 
 def _hub_file(entry: ModelEntry, cache_dir: str | Path | None) -> Path:

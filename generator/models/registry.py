@@ -23,6 +23,27 @@ FAMILIES = ("CL", "MIM", "CL+MIM", "supervised", "language", "random")
 
 
 @dataclass(frozen=True)
+class PosEmbedResample:
+    """How a learned absolute position embedding is resized to another patch grid (bicubic).
+
+    ``offset`` 0 interpolates to the target grid size. A non-zero offset is the DINO / DINOv2
+    rule (``interpolate_pos_encoding`` in facebookresearch/dino and dinov2
+    ``dinov2/models/vision_transformer.py``): the scale factor is (grid + offset) / native grid and
+    the kernel samples at that scale, not at the ratio of the two sizes.
+    """
+
+    antialias: bool = True
+    offset: float = 0.0
+
+
+# timm's own rule (``resample_abs_pos_embed``), which the original code of most rows also follows.
+TIMM_POS_EMBED = PosEmbedResample(antialias=True, offset=0.0)
+# DINO and the DINOv2 models without registers (dinov2/hub/backbones.py defaults):
+# no antialiasing, offset 0.1. The register models set antialias=True, offset 0.
+DINO_POS_EMBED = PosEmbedResample(antialias=False, offset=0.1)
+
+
+@dataclass(frozen=True)
 class ModelEntry:
     """One model of the zoo.
 
@@ -53,6 +74,13 @@ class ModelEntry:
     # such a checkpoint, when it does ("repo_id/filename").
     checkpoint_format: str = ""
     hub_file: str = ""
+    # How the position embedding is resized when the input grid is not the native one; None for
+    # models without a learned absolute position embedding (DINOv3: rotary embeddings only).
+    pos_embed_resample: PosEmbedResample | None = TIMM_POS_EMBED
+    # The timm architecture that holds learned q/v biases, for rows whose default architecture
+    # has none (DINOv3: timm's ``*_qkvb`` twins); a checkpoint that carries such biases loads
+    # into it, so they are never dropped.
+    qkv_bias_architecture: str = ""
 
     @property
     def architecture(self) -> str:
@@ -74,22 +102,33 @@ class ModelEntry:
 
 def with_input_size(entry: ModelEntry, side: int) -> ModelEntry:
     """``entry`` fed ``side`` × ``side`` inputs. Fixed-size models are then built at that size
-    (``img_size``), and timm resamples their position embedding when the weights load."""
+    (``img_size``), and timm resamples their position embedding when the weights load, unless
+    the row resizes it by a rule of its own (DINO's): then the grid becomes dynamic, so that rule
+    applies at every pass."""
     if isinstance(side, bool) or not isinstance(side, int) or side < entry.patch_size or side % entry.patch_size:
         near = entry.patch_size * max(1, round(side / entry.patch_size)) if isinstance(side, (int, float)) else 224
         raise PatchAtlasError(f"input size {side!r} for {entry.name}: must be a positive multiple of its patch size "
                               f"{entry.patch_size}, such as {near}")
-    return entry if side == entry.input_size else dataclasses.replace(entry, input_size=side)
+    if side == entry.input_size:
+        return entry
+    if (entry.input_policy == "fixed" and side != entry.native_size
+            and entry.pos_embed_resample not in (None, TIMM_POS_EMBED)):
+        # timm would resample at load with its own rule; built at its native size with a dynamic
+        # grid, the model resizes its embedding at every forward pass by the row's own rule.
+        return dataclasses.replace(entry, input_size=side, input_policy="dynamic")
+    return dataclasses.replace(entry, input_size=side)
 
 
 def _dino(name, arch, patch, desc):
-    return ModelEntry(name, f"{arch}.dino", "CL", patch, 224, 224, 1, description=desc)
+    return ModelEntry(name, f"{arch}.dino", "CL", patch, 224, 224, 1, description=desc,
+                      pos_embed_resample=DINO_POS_EMBED)
 
 
 def _dinov2(name, arch, registers, desc):
     return ModelEntry(
         name, f"{arch}.lvd142m", "CL", 14, 224, 518, 1 + registers, num_registers=registers,
         input_policy="dynamic", description=desc,
+        pos_embed_resample=TIMM_POS_EMBED if registers else DINO_POS_EMBED,
     )
 
 
@@ -101,7 +140,8 @@ def _dinov3(name, arch, desc, tag="lvd1689m"):
     stats = {"mean": SAT493M_MEAN, "std": SAT493M_STD} if tag == "sat493m" else {}
     return ModelEntry(
         name, f"{arch}.{tag}", "CL", 16, 224, 256, 5, num_registers=4, license="dinov3-license",
-        gated=True, input_policy="dynamic", description=desc, **stats,
+        gated=True, input_policy="dynamic", description=desc, pos_embed_resample=None,
+        qkv_bias_architecture=f"{arch}_qkvb", **stats,
     )
 
 
@@ -143,15 +183,19 @@ MODELS: dict[str, ModelEntry] = {
         ModelEntry("siglip_vitb16", "vit_base_patch16_siglip_224.webli", "language", 16, 224, 224, 0,
                    mean=HALF, std=HALF, description="SigLIP ViT-B/16 image tower (no CLS token)"),
         ModelEntry("ibot_vits16", "vit_small_patch16_224", "CL+MIM", 16, 224, 224, 1, checkpoint_format="ibot",
+                   pos_embed_resample=DINO_POS_EMBED,
                    description="iBOT ViT-S/16 (teacher), original checkpoint"),
         ModelEntry("ibot_vitb16", "vit_base_patch16_224", "CL+MIM", 16, 224, 224, 1, checkpoint_format="ibot",
+                   pos_embed_resample=DINO_POS_EMBED,
                    description="iBOT ViT-B/16 (teacher), original checkpoint"),
         ModelEntry("ibot_vitl16", "vit_large_patch16_224", "CL+MIM", 16, 224, 224, 1, checkpoint_format="ibot",
+                   pos_embed_resample=DINO_POS_EMBED,
                    description="iBOT ViT-L/16 (teacher), original checkpoint"),
         ModelEntry("simmim_vitb16", "beit_base_patch16_224", "MIM", 16, 224, 224, 1, license="mit",
-                   checkpoint_format="simmim", description="SimMIM ViT-B/16 (800 epochs), original checkpoint"),
+                   checkpoint_format="simmim", pos_embed_resample=None,
+                   description="SimMIM ViT-B/16 (800 epochs), original checkpoint"),
         ModelEntry("beit_vitb16_pt22k", "beit_base_patch16_224", "MIM", 16, 224, 224, 1, mean=HALF, std=HALF,
-                   license="apache-2.0", checkpoint_format="beit_hf",
+                   license="apache-2.0", checkpoint_format="beit_hf", pos_embed_resample=None,
                    hub_file="microsoft/beit-base-patch16-224-pt22k/model.safetensors",
                    description="BEiT ViT-B/16 self-supervised on IN-22k (no fine-tuning)"),
         ModelEntry("torchvision_vitb16", "vit_base_patch16_224", "supervised", 16, 224, 224, 1,
