@@ -736,7 +736,8 @@ def leaderboard_tables(boards: dict[str, list[dict]], ranked: dict[str, bool]) -
     column's references. ``ranked[name]`` False (a dataset without regions to segment, see
     :func:`ranks_by_segmentation`) leaves the dataset out of the ranking altogether."""
     tables = {}
-    for name, rows in boards.items():
+    # Ranked datasets first: the leaderboard opens on a ranking, not on a dataset left out.
+    for name, rows in sorted(boards.items(), key=lambda item: not ranked.get(item[0], True)):
         models = [r for r in rows if not is_reference(r["family"])]
         reference = [r for r in rows if is_reference(r["family"])]
         tables[name] = {
