@@ -150,7 +150,9 @@ def test_every_table_puts_reference_rows_after_the_models(built):
     pages = ["", "datasets/synthetic-scenes/", "datasets/content-free/", "positional-artifacts/", "probe-metrics/"]
     checked = 0
     for page_name in pages:
-        page, _ = read_page(built["site"], page_name)
+        page, html = read_page(built["site"], page_name)
+        # A table broken by a stray blank line leaks its rows as text.
+        assert not re.search(r"<p>\s*\|", html), f"{page_name}: table rows rendered as a paragraph"
         for table in page.tables:
             refs = model_rows(table, REFERENCES)
             reals = model_rows(table, (REAL,))
@@ -162,6 +164,11 @@ def test_every_table_puts_reference_rows_after_the_models(built):
             assert all(i < divider and "reference-row" not in r["spans"] for i, r in reals), page_name
             checked += 1
     assert checked >= 6  # leaderboard, models, scores ×2, artifacts ×2, probes ×2
+    # The scores table holds one row per model, layer, view and k: none lost, none merged.
+    page, _ = read_page(built["site"], "datasets/synthetic-scenes/")
+    scores = next(t for t in page.tables if t[0]["cells"][:5] == ["Model", "Family", "Layer", "Tokens", "k"])
+    records = [json.loads(p.read_text()) for p in (built["out"] / "results" / "synthetic-scenes").glob("*/*/kmeans.json")]
+    assert len(model_rows(scores, (REAL, *REFERENCES))) == sum(len(r["kmeans"]) for r in records)
 
 
 def test_reference_notes_carry_chance_and_the_controls_values(built):
