@@ -55,6 +55,8 @@ def test_miou_chart_keeps_the_zero_to_one_scale_and_labels_in_words():
     ax = fig.axes[0]
     assert ax.get_ylim() == (0.0, 1.0)  # data span 0.2–0.4: without the scale it would zoom in
     assert ax.get_xlabel() == "Layer" and ax.get_ylabel() == "k-NN mIoU"
+    fig.canvas.draw()
+    assert all(float(t).is_integer() for t in ax.get_xticks())  # layers are whole numbers
 
 
 def test_long_labels_and_legend_stay_inside_the_figure():

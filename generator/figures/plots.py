@@ -12,6 +12,7 @@ import matplotlib
 matplotlib.use("Agg")  # files only; never open a window
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from generator.store.atomic import atomic_write_bytes  # noqa: E402
 
@@ -87,6 +88,8 @@ def line_chart(series: Sequence[dict], *, xlabel: str, ylabel: str, title: str =
                             zorder=style.get("zorder", 2))
     if baseline is not None:
         ax.axhline(baseline, color="black", linewidth=0.8, linestyle=":", label=baseline_label)
+    if series and all(float(x).is_integer() for s in series for x in s["x"]):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # layers, levels: no "1.5"
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
     if log_y:
