@@ -220,6 +220,8 @@ def test_reference_model_page_says_it_is_not_a_result(built):
     assert "A reference model, not a result" in html
     _, real = read_page(built["site"], f"models/{REAL}/")
     assert "A reference model, not a result" not in real
+    # A model's own table carries the references' values too.
+    assert re.search(r'<p class="reference-note">.*tiny_control \(control\)', real, flags=re.S)
 
 
 # --- the pure helpers --------------------------------------------------------------------------
