@@ -387,6 +387,15 @@ def test_reference_rows_and_strip_show_in_both_themes(driver, base_url, artifact
             "const row = arguments[0]; const model = row.parentElement.querySelector('tr:not(.reference-row):not(.reference-divider)');"
             "return [getComputedStyle(row).color, model ? getComputedStyle(model).color : null];", rows[0])
         assert colours[1] is None or colours[0] != colours[1], "reference rows are not set apart from the models"
+        # Sorting a column, either way, never lifts a reference row above a model.
+        table = rows[0].find_element(By.XPATH, "./ancestor::table")
+        header = table.find_elements(By.CSS_SELECTOR, "thead th")[2]
+        for _ in range(2):
+            header.click()
+            kinds = driver.execute_script(
+                "return Array.from(arguments[0].tBodies[0].rows, r => r.classList.contains('reference-row') ? 'ref'"
+                " : r.classList.contains('reference-divider') ? 'divider' : 'model');", table)
+            assert "divider" in kinds and kinds == sorted(kinds, key=("model", "divider", "ref").index), kinds
         assert severe_console_messages(driver) == []
     finally:
         driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": []})
