@@ -47,6 +47,40 @@ def md_escape(value) -> markupsafe.Markup:
     return markupsafe.Markup(_MD_SPECIAL.sub(r"\\\1", html_safe))
 
 
+# Families whose rows are references, with the word a reader sees beside them: the untrained
+# network and the calibration controls (models with a known answer) give each metric its scale.
+# They stand beside the models in every table and chart, never in a ranking.
+REFERENCE_FAMILIES = {"random": "baseline", "control": "control"}
+
+
+def is_reference(family: str | None) -> bool:
+    return family in REFERENCE_FAMILIES
+
+
+def reference_tag(family: str | None) -> str:
+    return REFERENCE_FAMILIES.get(family, "")
+
+
+def model_order(families: dict[str, str]):
+    """Sort key for model names: real models first (by family, name), references after them."""
+    return lambda model: (is_reference(families.get(model)), families.get(model, "?"), model)
+
+
+def _fmt_pct(value) -> str:
+    return "—" if value is None else f"{100 * value:.1f}"
+
+
+def with_interval(row: dict, key: str, as_percent: bool = True) -> str:
+    """``row[key]`` with its interval ``row[key + "_ci"]`` (``[lo, hi]``) when the result has one:
+    "53.0 (49.0–57.0)"."""
+    fmt = _fmt_pct if as_percent else (lambda v: "—" if v is None else f"{v:.2f}")
+    text = fmt(row.get(key))
+    interval = row.get(f"{key}_ci")
+    if row.get(key) is not None and interval and None not in interval:
+        text += f" ({fmt(interval[0])}–{fmt(interval[1])})"
+    return text
+
+
 def template_env() -> jinja2.Environment:
     # Autoescape is on so any value that skips the `md` filter is still HTML-escaped.
     env = jinja2.Environment(
@@ -56,7 +90,11 @@ def template_env() -> jinja2.Environment:
     env.filters["md"] = md_escape
     # Front matter is YAML, not Markdown: a JSON string is a safe YAML scalar for any name.
     env.filters["yaml_str"] = lambda value: markupsafe.Markup(json.dumps(str(value)))
-    env.filters["pct"] = lambda v: "—" if v is None else f"{100 * v:.1f}"
+    env.filters["pct"] = _fmt_pct
+    env.filters["with_interval"] = with_interval
+    env.filters["reference_tag"] = reference_tag
+    env.tests["reference"] = is_reference
+    env.filters["reference_models"] = lambda families: [m for m, f in families.items() if is_reference(f)]
     env.filters["mib"] = lambda v: "—" if v is None else f"{v / 2**20:.2f} MiB"
     return env
 
@@ -158,6 +196,22 @@ class PngWriter:
             self._pool.shutdown()
 
 
+def labelled_class_count(mask: np.ndarray, ignore_index: int) -> int:
+    """How many ground-truth classes one image's mask holds (ignored pixels are no class)."""
+    values = np.unique(np.asarray(mask))
+    return int((values != ignore_index).sum())
+
+
+def ranks_by_segmentation(classes_per_image: list[int]) -> bool:
+    """Whether a dataset's segmentation scores may rank models: some image holds two or more classes.
+
+    Where every image is a single class (the content-free inputs: each image labelled by its
+    kind), a Hungarian-matched mIoU rewards telling images apart, which an untrained network
+    does perfectly on constant colours; it says nothing about segmenting.
+    """
+    return any(count >= 2 for count in classes_per_image)
+
+
 class SourceFigures:
     """Writes the figures of one source under ``docs/assets/<source>`` and returns their paths.
 
@@ -174,6 +228,7 @@ class SourceFigures:
         self.ids = [img["image_id"] for img in self.images]
         self.base_rows = []
         self.sizes = {}
+        self.classes_per_image = []
         for img in self.images:
             rgb = _decode_png(img["image_png"])
             rgb = thumbnail(rgb.reshape(img["height"], img["width"], -1)[..., :3], options.thumb_side)
@@ -182,7 +237,9 @@ class SourceFigures:
             # The stored original opens on click; galleries show the thumbnail.
             full_rel = (self.assets / "full" / f"{img['image_id']}.png").as_posix()
             self.writer.submit_bytes(img["image_png"], self.docs / full_rel)
-            mask = upsample_nearest(colorize(_decode_png(img["mask_png"]), self.ignore_index), rgb.shape[:2])
+            raw_mask = _decode_png(img["mask_png"])
+            self.classes_per_image.append(labelled_class_count(raw_mask, self.ignore_index))
+            mask = upsample_nearest(colorize(raw_mask, self.ignore_index), rgb.shape[:2])
             mask_rel = self._save_rgb(mask, "masks", img["image_id"])
             self.base_rows.append({"image_id": img["image_id"], "image": image_rel, "image_full": full_rel,
                                    "mask": mask_rel})
@@ -241,6 +298,11 @@ class SourceFigures:
         return Grid(title, columns, rows, caption)
 
 
+def _column_label(model: str, family: str) -> str:
+    """A gallery column's heading: a reference model says it is one."""
+    return f"{model} ({reference_tag(family)})" if is_reference(family) else model
+
+
 def _load_maps(out: Path, source: str, model: str, config: str) -> dict:
     path = out / "results" / source / model / config / "maps.npz"
     with np.load(path) as npz:
@@ -274,7 +336,7 @@ def _source_context(out: Path, docs: Path, src: dict, manifest: Manifest, option
     gallery_norm = options.gallery_norm
     post = [m for m in kmeans if m["norm"] == gallery_norm]
     pre = [m for m in kmeans if m["norm"] == "prenorm"]
-    models = sorted({m["model"] for m in kmeans}, key=lambda m: (families[m], m))
+    models = sorted({m["model"] for m in kmeans}, key=model_order(families))
     layers = sorted({m["layer"] for m in post})
     cluster_paths = {(m["model"], m["layer"]): figures.cluster_maps(m["model"], m["config"], nearest_k(m))
                      for m in post if nearest_k(m) is not None}
@@ -282,7 +344,8 @@ def _source_context(out: Path, docs: Path, src: dict, manifest: Manifest, option
     by_layer = []
     for layer in layers:
         layer_models = [m for m in models if (m, layer) in cluster_paths]
-        by_layer.append(figures.grid(f"Layer {layer}", layer_models, [cluster_paths[(m, layer)] for m in layer_models]))
+        by_layer.append(figures.grid(f"Layer {layer}", [_column_label(m, families[m]) for m in layer_models],
+                                     [cluster_paths[(m, layer)] for m in layer_models]))
     by_model, pca, norms = [], [], []
     for model in models:
         model_layers = [layer for layer in layers if (model, layer) in cluster_paths]
@@ -345,10 +408,10 @@ def _source_context(out: Path, docs: Path, src: dict, manifest: Manifest, option
         for model, m in last.items():
             loc = maps_json[(model, m["config"])]["locality"]
             series.append({"label": f"{model} L{m['layer']}", "x": loc["distance"], "y": loc["mean_cosine"],
-                           "family": families[model]})
+                           "family": families[model], "reference": is_reference(families[model])})
             baselines.append(loc["random_baseline"])
         rel = figures.assets / "charts" / "locality.png"
-        line_chart_png(series, docs / rel, xlabel="patch distance (Chebyshev)", ylabel="mean cosine similarity",
+        line_chart_png(series, docs / rel, xlabel="Patch distance (Chebyshev)", ylabel="Mean cosine similarity",
                        title=f"Locality on {name} (last layer, {gallery_norm})", baseline=float(np.mean(baselines)))
         charts["locality"] = rel.as_posix()
     last_pre = {model: max((m for m in pre if m["model"] == model), key=lambda m: m["layer"]) for model in models
@@ -357,13 +420,14 @@ def _source_context(out: Path, docs: Path, src: dict, manifest: Manifest, option
         hists = {}
         for model, m in last_pre.items():
             h = maps_json[(model, m["config"])]["norms"]["histogram"]
-            hists[f"{model} L{m['layer']}"] = {**h, "family": families[model]}
+            hists[f"{model} L{m['layer']}"] = {**h, "family": families[model], "reference": is_reference(families[model])}
         rel = figures.assets / "charts" / "norms.png"
         histogram_png(hists, docs / rel, xlabel="L2 norm of pre-norm patch tokens", title=f"Token norms on {name}")
         charts["norms"] = rel.as_posix()
 
     return {
         "source": src, "models": _model_rows(manifest, name), "families": families,
+        "ranked": ranks_by_segmentation(figures.classes_per_image),
         "gallery": {"k": k, "norm": gallery_norm, "by_layer": by_layer, "by_model": by_model, "pca": pca,
                     "norms": norms, "attention": attention_grids},
         "metrics": sorted(kmeans, key=lambda m: (families[m["model"]], m["model"], m["layer"], m["norm"])),
@@ -396,7 +460,8 @@ def render_docs(out: Path, docs: Path, options: RenderOptions) -> list[Path]:
         for src in tqdm(sources, disable=not options.progress, desc="figures", unit="dataset"):
             context = _source_context(out, docs, src, manifest, options, writer)
             context.update(legend=_legend(docs, src["name"], src["classes"], writer),
-                           dataset_dir=f"datasets/{src['name']}", page_depth="../")
+                           dataset_dir=f"datasets/{src['name']}", page_depth="../",
+                           notes=source_reference_notes(context))
             contexts[src["name"]] = context
     finally:
         writer.close()
@@ -415,6 +480,8 @@ def render_docs(out: Path, docs: Path, options: RenderOptions) -> list[Path]:
     for src in sources:
         probe = _probe_context(out, docs, src, contexts[src["name"]]["families"])
         if probe:
+            probe["notes"] = metric_references(
+                [{**p, "family": probe["families"].get(p["model"])} for p in probe["last"]], PROBE_METRICS)
             probe_contexts[src["name"]] = probe
     _write_page(docs / "probe-metrics.md", env.get_template("probes.md.j2").render(
         contexts=probe_contexts, overlaps=_top_variance_overlaps(probe_contexts), page_depth=""))
@@ -432,11 +499,27 @@ def render_docs(out: Path, docs: Path, options: RenderOptions) -> list[Path]:
         _write_page(docs / "models" / f"{model.name}.md", page)
         pages.append(docs / "models" / f"{model.name}.md")
     home = env.get_template("index.md.j2").render(
-        models=models, datasets=dataset_pages, out=str(out), leaderboards=_leaderboards(contexts),
-        headline=_headline_figures(docs, contexts))
+        models=models, datasets=dataset_pages, out=str(out), headline=_headline_figures(docs, contexts),
+        leaderboards=leaderboard_tables(_leaderboards(contexts), {n: c["ranked"] for n, c in contexts.items()}),
+        strip=gallery_strip(contexts))
     _write_page(docs / "index.md", home)
     pages.append(docs / "index.md")
     return pages
+
+
+# Chart axes name the metric in words; mIoU charts keep its whole 0–1 scale.
+METRIC_LABELS = {"knn_miou": "k-NN mIoU", "linear_miou": "Linear-probe mIoU"}
+MIOU_SCALE = (0.0, 1.0)
+DEGRADATION_LABELS = {"blur": "Box blur kernel (px)", "noise": "Gaussian noise std (0–255 scale)",
+                      "frequency_band": "Noise frequency band (0 = lowest)"}
+
+
+def _interval_band(rows: list[dict], key: str) -> dict:
+    """``y_lo``/``y_hi`` of a chart series from the rows' ``<key>_ci`` intervals, when all have one."""
+    intervals = [r.get(f"{key}_ci") for r in rows]
+    if not rows or any(not ci or None in ci for ci in intervals):
+        return {}
+    return {"y_lo": [ci[0] for ci in intervals], "y_hi": [ci[1] for ci in intervals]}
 
 
 def _probe_context(out: Path, docs: Path, src: dict, families: dict[str, str]) -> dict | None:
@@ -454,8 +537,10 @@ def _probe_context(out: Path, docs: Path, src: dict, families: dict[str, str]) -
     charts = {}
 
     def series(model_rows, x_key, y_key):
-        return [{"label": model, "family": families.get(model, ""), "x": [r[x_key] for r in rows],
-                 "y": [r[y_key] for r in rows]} for model, rows in model_rows.items()]
+        order = model_order(families)
+        return [{"label": model, "family": families.get(model, ""), "reference": is_reference(families.get(model)),
+                 "x": [r[x_key] for r in rows], "y": [r[y_key] for r in rows], **_interval_band(rows, y_key)}
+                for model, rows in sorted(model_rows.items(), key=lambda item: order(item[0]))]
 
     by_model: dict[str, list[dict]] = {}
     for p in layer_rows:
@@ -476,29 +561,32 @@ def _probe_context(out: Path, docs: Path, src: dict, families: dict[str, str]) -
     for metric in ("knn_miou", "linear_miou"):
         rel = assets / f"layers-{metric}.png"
         rows_by_model = knn_by_model if metric == "knn_miou" else by_model
-        line_chart_png(series(rows_by_model, "layer", metric), docs / rel, xlabel="layer",
-                       ylabel=metric.replace("_", " "), title=f"{metric.split('_')[0]} mIoU by layer on {name}")
+        label = METRIC_LABELS[metric]
+        line_chart_png(series(rows_by_model, "layer", metric), docs / rel, xlabel="Layer", ylabel=label,
+                       title=f"{label} by layer on {name}", ylim=MIOU_SCALE)
         charts[f"layers_{metric}"] = rel.as_posix()
     with_variance = {m: p for m, p in last.items() if "variance" in p}
     if with_variance:
         rel = assets / "variance-spectrum.png"
-        line_chart_png([{"label": m, "family": families.get(m, ""), "x": list(range(1, len(p["variance"]["spectrum"]) + 1)),
+        line_chart_png([{"label": m, "family": families.get(m, ""), "reference": is_reference(families.get(m)),
+                         "x": list(range(1, len(p["variance"]["spectrum"]) + 1)),
                          "y": p["variance"]["spectrum"]} for m, p in with_variance.items()], docs / rel,
-                       xlabel="dimension (sorted by train variance)", ylabel="variance",
+                       xlabel="Dimension (sorted by train variance)", ylabel="Variance",
                        title=f"Feature variance spectrum on {name}", log_y=True)
         charts["spectrum"] = rel.as_posix()
         rel = assets / "variance-removal.png"
         line_chart_png(series({m: p["variance"]["removal"] for m, p in with_variance.items()}, "n_removed",
-                              "knn_miou"), docs / rel, xlabel="top-variance dimensions removed",
-                       ylabel="k-NN mIoU", title=f"Removing high-variance dimensions on {name}")
+                              "knn_miou"), docs / rel, xlabel="Top-variance dimensions removed",
+                       ylabel="k-NN mIoU", title=f"Removing high-variance dimensions on {name}", ylim=MIOU_SCALE)
         charts["removal"] = rel.as_posix()
         for degradation in ("blur", "noise", "frequency_band"):
             rows = {m: [r for r in p.get("robustness", []) if r["degradation"] == degradation]
                     for m, p in with_variance.items()}
             if any(rows.values()):
                 rel = assets / f"robustness-{degradation}.png"
-                line_chart_png(series(rows, "level", "knn_miou"), docs / rel, xlabel=f"{degradation} level",
-                               ylabel="k-NN mIoU", title=f"Robustness to {degradation.replace('_', ' ')} on {name}")
+                line_chart_png(series(rows, "level", "knn_miou"), docs / rel, xlabel=DEGRADATION_LABELS[degradation],
+                               ylabel="k-NN mIoU", title=f"Robustness to {degradation.replace('_', ' ')} on {name}",
+                               ylim=MIOU_SCALE)
                 charts[f"robustness_{degradation}"] = rel.as_posix()
     retrieval_rows = []
     for model, p in with_variance.items():
@@ -513,11 +601,12 @@ def _probe_context(out: Path, docs: Path, src: dict, families: dict[str, str]) -
     if retrieval_rows:
         outcomes = ("same_patch", "same_fine", "same_super", "background", "wrong")
         bars = [r for r in strongest.values() if not r["exclude_same_image"]]
-        bars.sort(key=lambda r: (r["transform"], r["model"]))
+        bars.sort(key=lambda r: (r["transform"], model_order(families)(r["model"])))
         rel = assets / "retrieval.png"
-        stacked_bars_png([f"{r['model']} {r['transform']} {r['level']:g}" for r in bars],
+        stacked_bars_png([_column_label(r["model"], r["family"]) + f" · {r['transform']} {r['level']:g}" for r in bars],
                          {o.replace("_", " "): [r["shares"][o] for r in bars] for o in outcomes}, docs / rel,
-                         ylabel="share of query patches", title=f"Nearest original patch on {name} (strongest level)")
+                         xlabel="Share of query patches", title=f"Nearest original patch on {name} (strongest level)",
+                         value_lim=(0, 1))
         charts["retrieval"] = rel.as_posix()
     return {"last": sorted(last.values(), key=lambda p: (families.get(p["model"], "?"), p["model"])),
             "layers": layer_rows, "charts": charts, "families": families,
@@ -575,6 +664,117 @@ def _headline_figures(docs: Path, contexts: dict[str, dict]) -> list[dict]:
     """Small comparison charts for the home page: the locality chart of each dataset."""
     return [{"title": f"Locality on {name}", "path": ctx["charts"]["locality"]}
             for name, ctx in contexts.items() if "locality" in ctx["charts"]]
+
+
+# What each metric's 0 (and 1) mean, shown with the reference values under every table.
+METRIC_SCALES = {
+    "miou": "0–100", "best_miou": "0–100", "knn_miou": "0–100, untrained network = floor",
+    "linear_miou": "0–100, untrained network = floor", "attention": "0–100",
+    "border_score": "0 = no boundary artifact", "border": "0 = no boundary artifact",
+    "row_r2": "0 = no position information, 1 = exact", "col_r2": "0 = no position information, 1 = exact",
+    "consistency": "0 = independent of position, 1 = purely positional",
+    "stability": "1 = the same clusters for every seed",
+    "outlier_share": "0 = no high-norm tokens", "outliers": "0 = no high-norm tokens",
+}
+LEADERBOARD_METRICS = (("best_miou", "Best mIoU", "pct"), ("border", "Border", "num"),
+                       ("outliers", "Outliers", "pct"), ("attention", "Attention J", "pct"))
+POSITIONAL_METRICS = (("border_score", "Border", "num"), ("row_r2", "Row R²", "num"), ("col_r2", "Col R²", "num"),
+                      ("consistency", "Consistency", "num"), ("outlier_share", "Outliers", "pct"),
+                      ("miou", "mIoU", "pct"))
+PROBE_METRICS = (("knn_miou", "k-NN mIoU", "pct"), ("linear_miou", "Linear mIoU", "pct"))
+
+
+def _last_layer_values(rows: list[dict], keys: list[str]) -> dict[str, dict]:
+    """One summary row per model: each metric at the model's deepest layer, post-norm first
+    (outlier shares exist on pre-norm rows only)."""
+    summary: dict[str, dict] = {}
+    for model in dict.fromkeys(r["model"] for r in rows):
+        own = [r for r in rows if r["model"] == model]
+        deepest = max((r.get("layer", 0) for r in own), default=0)
+        at_last = sorted((r for r in own if r.get("layer", 0) == deepest), key=lambda r: r.get("norm") != "postnorm")
+        row = {"model": model, "family": own[0]["family"]}
+        for key in keys:
+            row[key] = next((r[key] for r in at_last if r.get(key) is not None), None)
+        summary[model] = row
+    return summary
+
+
+def metric_references(rows: list[dict], metrics, chance: dict[str, str] | None = None,
+                      per_layer: bool = False) -> list[dict]:
+    """The scale of each metric column of a table: its meaning at 0 (and 1), the chance level
+    where one is computed (``chance`` maps a column to the rows' chance key, e.g. the shuffled-
+    cluster mIoU), and every reference model's value (at its deepest layer when ``per_layer``).
+
+    Returns one dict per metric: ``label``, ``scale``, ``chance`` (text or None) and ``controls``
+    (``model``, ``tag``, ``value`` as text).
+    """
+    chance = chance or {}
+    fmt = {"pct": _fmt_pct, "num": lambda v: "—" if v is None else f"{v:.2f}"}
+    references = [r for r in rows if is_reference(r.get("family"))]
+    if per_layer:
+        references = list(_last_layer_values(references, [key for key, _, _ in metrics]).values())
+    notes = []
+    for key, label, kind in metrics:
+        chances = sorted({r[chance[key]] for r in rows if key in chance and r.get(chance[key]) is not None})
+        chance_text = None
+        if chances:
+            lo, hi = fmt[kind](chances[0]), fmt[kind](chances[-1])
+            chance_text = lo if lo == hi else f"{lo}–{hi}"
+        controls = [{"model": r["model"], "tag": reference_tag(r["family"]), "value": fmt[kind](r[key])}
+                    for r in references if r.get(key) is not None]
+        notes.append({"label": label, "scale": METRIC_SCALES.get(key, ""), "chance": chance_text,
+                      "controls": controls})
+    return notes
+
+
+def source_reference_notes(ctx: dict) -> dict[str, list[dict]]:
+    """The references under a dataset's tables: the positional/artifact columns and the k-means
+    scores (at the gallery's k, with the shuffled-cluster chance of every row)."""
+    rows = ctx["positional_rows"]
+    return {"positional": metric_references(rows, POSITIONAL_METRICS, chance={"miou": "chance"}, per_layer=True),
+            "scores": metric_references(rows, (("miou", f"mIoU (k = {ctx['gallery']['k']})", "pct"),
+                                               ("stability", "Stability", "num")),
+                                        chance={"miou": "chance"}, per_layer=True)}
+
+
+def leaderboard_tables(boards: dict[str, list[dict]], ranked: dict[str, bool]) -> dict[str, dict]:
+    """Per dataset: the real models ranked by best mIoU, the reference rows apart, and each
+    column's references. ``ranked[name]`` False (a dataset without regions to segment, see
+    :func:`ranks_by_segmentation`) leaves the dataset out of the ranking altogether."""
+    tables = {}
+    # Ranked datasets first: the leaderboard opens on a ranking, not on a dataset left out.
+    for name, rows in sorted(boards.items(), key=lambda item: not ranked.get(item[0], True)):
+        models = [r for r in rows if not is_reference(r["family"])]
+        reference = [r for r in rows if is_reference(r["family"])]
+        tables[name] = {
+            "ranked": ranked.get(name, True),
+            "models": sorted(models, key=lambda r: (r["best_miou"] is None, -(r["best_miou"] or 0), r["model"])),
+            "reference": sorted(reference, key=lambda r: (r["family"], r["model"])),
+            "notes": metric_references(rows, LEADERBOARD_METRICS, chance={"best_miou": "chance"}),
+        }
+    return tables
+
+
+def gallery_strip(contexts: dict[str, dict], n_images: int = 3) -> dict | None:
+    """The home page's opening picture: a few images of one dataset, their ground truth and
+    every model's deepest-layer cluster map side by side (references last, labelled).
+
+    The dataset is the first one whose images have regions to segment, else the first with a
+    gallery; the cells are the dataset page's gallery PNGs, so nothing is drawn twice.
+    """
+    with_gallery = [name for name, ctx in contexts.items() if any(g.columns for g in ctx["gallery"]["by_model"])]
+    if not with_gallery:
+        return None
+    name = next((n for n in with_gallery if contexts[n].get("ranked", True)), with_gallery[0])
+    ctx = contexts[name]
+    grids = [g for g in ctx["gallery"]["by_model"] if g.columns]
+    columns = [{"model": g.title, "tag": reference_tag(ctx["families"].get(g.title)), "layer": g.columns[-1]}
+               for g in grids]
+    rows = [{"image_id": base["image_id"], "image": base["image"], "mask": base["mask"],
+             "cells": [g.rows[i]["cells"][-1] for g in grids]}
+            for i, base in enumerate(grids[0].rows[:n_images])]
+    return {"source": name, "k": ctx["gallery"]["k"], "norm": ctx["gallery"]["norm"], "columns": columns,
+            "rows": rows}
 
 
 def _downloads(out: Path, manifest: Manifest) -> list[dict]:

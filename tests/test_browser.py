@@ -348,3 +348,54 @@ def test_gallery_image_opens_full_size_in_the_lightbox(driver, base_url, site_di
     # small images), so wider than the thumbnail it was opened from.
     assert file_width > thumb_width, "test set-up: the stored image should be wider than the gallery thumbnail"
     assert shown["width"] >= file_width - 1, f"lightbox shows {shown['width']} px of a {file_width} px image"
+
+
+_BOX = ("const el = arguments[0]; const r = el.getBoundingClientRect(); const s = getComputedStyle(el);"
+        "return {width: r.width, height: r.height, visible: s.display !== 'none' && s.visibility !== 'hidden'"
+        " && parseFloat(s.opacity) > 0};")
+
+
+def _shown(chrome, element) -> bool:
+    box = chrome.execute_script(_BOX, element)
+    return box["visible"] and box["width"] > 0 and box["height"] > 0
+
+
+@pytest.mark.parametrize("scheme", ("light", "dark"))
+@pytest.mark.parametrize("page", ("", "datasets/synthetic-scenes/"), ids=("home", "dataset"))
+def test_reference_rows_and_strip_show_in_both_themes(driver, base_url, artifacts_dir, page, scheme):
+    """The home page's strip and the reference rows are on screen, in the light and the dark theme."""
+    from selenium.webdriver.common.by import By
+
+    driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": [{"name": "prefers-color-scheme", "value": scheme}]})
+    try:
+        # The theme remembers the palette of an earlier page; a reader new to the site gets the system's.
+        open_page(driver, urljoin(base_url, page))
+        driver.execute_script("localStorage.clear(); sessionStorage.clear();")
+        open_page(driver, urljoin(base_url, page))
+        expected = "slate" if scheme == "dark" else "default"
+        assert driver.execute_script("return document.body.getAttribute('data-md-color-scheme');") == expected
+        save_full_page_screenshot(driver, artifacts_dir / _screenshot_name(page).replace(".png", f"-{scheme}.png"))
+        if page == "":
+            strips = driver.find_elements(By.CSS_SELECTOR, "article .gallery-strip")
+            assert strips and _shown(driver, strips[0]), "the home page's gallery strip is not displayed"
+            images = strips[0].find_elements(By.TAG_NAME, "img")
+            assert images and all(_shown(driver, img) for img in images)
+        # tablesort-init.js gives reference rows their class; they must be on screen, muted.
+        rows = [row for row in driver.find_elements(By.CSS_SELECTOR, "article tr.reference-row") if _shown(driver, row)]
+        assert rows, f"{page or 'home'}: no visible reference row"
+        colours = driver.execute_script(
+            "const row = arguments[0]; const model = row.parentElement.querySelector('tr:not(.reference-row):not(.reference-divider)');"
+            "return [getComputedStyle(row).color, model ? getComputedStyle(model).color : null];", rows[0])
+        assert colours[1] is None or colours[0] != colours[1], "reference rows are not set apart from the models"
+        # Sorting a column, either way, never lifts a reference row above a model.
+        table = rows[0].find_element(By.XPATH, "./ancestor::table")
+        header = table.find_elements(By.CSS_SELECTOR, "thead th")[2]
+        for _ in range(2):
+            header.click()
+            kinds = driver.execute_script(
+                "return Array.from(arguments[0].tBodies[0].rows, r => r.classList.contains('reference-row') ? 'ref'"
+                " : r.classList.contains('reference-divider') ? 'divider' : 'model');", table)
+            assert "divider" in kinds and kinds == sorted(kinds, key=("model", "divider", "ref").index), kinds
+        assert severe_console_messages(driver) == []
+    finally:
+        driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": []})

@@ -88,3 +88,14 @@ def test_top_variance_overlap_counts_shared_dimensions():
     contexts = {"a": ctx("m", same), "b": ctx("m", same[::-1]), "c": ctx("m", list(range(200, 400)))}
     rows = {(r["a"], r["b"]): r["shared"] for r in _top_variance_overlaps(contexts)}
     assert rows == {("a", "b"): 200, ("a", "c"): 0, ("b", "c"): 0}
+
+
+def test_leaderboard_says_plainly_when_no_pretrained_model_ran(hostile_site):
+    # Only the untrained model ran: it is shown as a reference, never as the leader.
+    home = (hostile_site / "site" / "index.html").read_text()
+    assert "No pretrained model ran in this build; only reference rows below." in home
+    board = home[home.index('id="leaderboard"'):]
+    board = board[:board.index("</table>")]
+    divider, reference = board.find('class="reference-divider"'), board.find("tiny_random")
+    assert 0 <= divider < reference, "the untrained model must sit below the reference divider"
+    assert 'class="reference-row"' in board[reference:]

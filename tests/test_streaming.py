@@ -308,7 +308,8 @@ def test_unpublished_layers_get_streamed_curves_equal_to_the_analysis_of_publish
     assert not (published_out / "results/synthetic-scenes/tiny_random/layerwise.json").exists()
     page = (streamed_out / "docs/probe-metrics.md").read_text()
     assert "streamed (not published)" in page
-    kmeans_row = next(line for line in page.splitlines() if line.startswith("| tiny\\_random | 1 |") and "(8)" in line)
+    kmeans_row = next(line for line in page.splitlines() if line.startswith("| tiny\\_random") and " | 1 | " in line
+                      and "(8)" in line)
     assert f"{100 * row['kmeans']['miou']:.1f}" in kmeans_row
     # The k-NN-by-layer chart has one point per layer: the streamed layer 1, the published layer 2.
     from generator.site import _probe_context
