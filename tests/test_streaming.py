@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from generator.analyses import clusters, streaming
 from generator.analyses.clusters import chance_miou, hungarian_match, kmeans, match_from_confusion
-from generator.analyses.probes import knn_predict, segmentation_metrics
+from generator.analyses.probes import ProbeProtocol, knn_predict, segmentation_metrics
 from generator.analyses.streaming import NormHistogram, RunningMoments, StreamingKMeans, StreamingKNN
 from generator.analyses.variance import feature_variance, top_variance_dims
 from generator.errors import PatchAtlasError
@@ -441,8 +441,8 @@ def test_layerwise_accumulator_reads_back_once_per_batch_and_names_the_first_bro
     monkeypatch.setattr(streaming, "_drop_unlabelled_first", lambda device: False)  # an accelerator's way
     source = synthetic_scenes(8, 16)  # four train images, four evaluation images
     encoder = SimpleNamespace(embed_dim=8, device=torch.device("cpu"), grid=(2, 2),
-                              entry=SimpleNamespace(name="tiny_x"))
-    accumulator = LayerwiseAccumulator(source, [1, 2, 3], encoder, SimpleNamespace(knn_k=1, knn_similarity="dot"))
+                              entry=SimpleNamespace(name="tiny_x", probe_batchnorm=False))
+    accumulator = LayerwiseAccumulator(source, [1, 2, 3], encoder, SimpleNamespace(probe=ProbeProtocol(), label_rule="majority"))
     g = torch.Generator().manual_seed(10)
 
     def batch(broken: dict | None = None) -> TokenBatch:
