@@ -109,6 +109,25 @@ def test_streaming_knn_equals_knn_on_all_rows_at_once(k, similarity, drop_unlabe
     assert got["miou"] > 0.9  # the planted classes are separable
 
 
+@pytest.mark.parametrize("average", ["present", "cityscapes"])
+def test_streaming_knn_averages_miou_by_the_protocol_rule(average):
+    """Train classes 0-3, evaluation labels only 0-1: classes 2-3 are predicted but absent, which
+    only the cityscapes rule scores (as 0)."""
+    g = torch.Generator().manual_seed(4)
+    train_x, train_y = torch.randn(200, 6, generator=g), torch.randint(0, 4, (200,), generator=g)
+    eval_x, eval_y = torch.randn(300, 6, generator=g), torch.randint(0, 2, (300,), generator=g)
+    stream = StreamingKNN(4, average=average)
+    stream.add_train(train_x, train_y)
+    stream.add_eval(eval_x, eval_y)
+    pred = knn_predict(train_x, train_y, eval_x, n_classes=4)
+    assert set(pred.tolist()) >= {2, 3}
+    reference = segmentation_metrics(pred.numpy(), eval_y.numpy(), 4, average=average)
+    assert stream.metrics()["miou"] == reference["miou"]
+    other = segmentation_metrics(pred.numpy(), eval_y.numpy(), 4,
+                                 average="present" if average == "cityscapes" else "cityscapes")
+    assert stream.metrics()["miou"] != other["miou"]
+
+
 def test_streaming_knn_on_unrelated_features_scores_about_chance():
     g = torch.Generator().manual_seed(3)
     stream = StreamingKNN(4)
