@@ -31,7 +31,7 @@ from generator.analyses.artifacts import high_norm_outliers, norm_histogram, tok
 from generator.analyses.attention import foreground_jaccard
 from generator.analyses.clusters import chance_miou, joint_kmeans_segmentation
 from generator.analyses.pca import pca_rgb
-from generator.analyses.probes import LinearProbe, knn_predict, segmentation_metrics
+from generator.analyses.probes import LinearProbe, ProbeProtocol, bootstrap_miou, knn_predict, segmentation_metrics
 from generator.analyses.retrieval import retrieval_outcomes
 from generator.analyses.variance import (
     batchnorm_normalise,
@@ -50,13 +50,12 @@ from generator.analyses.position import (
 )
 from generator.errors import PatchAtlasError
 from generator.extract import dataset_repo_dir, extract_input, variants_dir
-from generator.models.registry import MODELS
 from generator.sources.splits import few_shot_split
 from generator.store.atomic import atomic_path, atomic_write_json
 from generator.store.manifest import Manifest, file_sha256, params_hash
 from generator.store.parquet import patch_grid, read_attention_table, read_patch_table
 
-ANALYSIS_VERSION = "4"  # 4: high-norm mode by log gap, cross-validated position probe
+ANALYSIS_VERSION = "4"  # 4: high-norm mode by log gap, cross-validated position probe, probe protocol
 STABILITY_SEEDS = 3
 
 
@@ -69,25 +68,19 @@ class AnalyzeOptions:
     l2_normalize: bool = True
     stability_k: int = 8  # k at which cluster stability across seeds is measured
     attention_mass: float = 0.6
-    knn_k: int = 1  # the local-representations code: 1-NN on dot-product similarity
-    knn_similarity: str = "dot"
-    linear_epochs: int = 30
-    linear_lr: float = 1e-3
+    probe: ProbeProtocol = field(default_factory=ProbeProtocol)  # the few-shot probes' settings
     device: str = "cpu"
     progress: bool = True
 
     def validate(self) -> None:
         if not self.ks or any(k < 2 for k in self.ks):
             raise PatchAtlasError(f"k values {list(self.ks)}: each k must be at least 2")
-        if self.knn_k < 1:
-            raise PatchAtlasError(f"--knn-k {self.knn_k}: must be at least 1")
-        if self.linear_epochs < 1:
-            raise PatchAtlasError(f"--linear-epochs {self.linear_epochs}: must be at least 1")
+        self.probe.validate()
 
     def result_params(self) -> dict:
         """The options that change results (device and progress bars do not)."""
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(self).items()
-                if k not in ("device", "progress")}
+                if k not in ("device", "progress")}  # asdict turns the protocol into a dict too
 
 
 @dataclass
@@ -101,6 +94,9 @@ class AnalysisUnit:
     results_dir: Path
     # How the tokens' images became the model input: {"input_size": side, "resize": policy}.
     input: dict = field(default_factory=dict)
+    # From the extract record, so a model the registry does not know is probed as it was extracted.
+    label_rule: str | None = None
+    probe_batchnorm: bool = False
 
     @property
     def key(self) -> str:
@@ -135,6 +131,8 @@ def analysis_units(out: Path, manifest: Manifest) -> list[AnalysisUnit]:
                 norm=cfg["norm"], tables=[repo / rel for rel in cfg["paths"]],
                 results_dir=results_dir(out, entry["source"], entry["model"], cfg["name"]),
                 input=extract_input(entry["params"]),
+                label_rule=entry["params"].get("label_rule"),
+                probe_batchnorm=bool(entry["params"].get("model", {}).get("probe_batchnorm", False)),
             ))
     return units
 
@@ -233,13 +231,14 @@ def analyze_unit(unit: AnalysisUnit, n_classes: int, ignore_index: int, options:
     atomic_write_json(unit.results_dir / "maps.json", {**header, **maps_metrics})
     written += ["kmeans.json", "maps.npz", "maps.json"]
     if len(image_ids) >= 2 and (source is None or source.get("probes", True)):
-        # MAE-style models need standardised features for a linear probe (the paper's BatchNorm).
-        batchnorm = unit.model in MODELS and MODELS[unit.model].family == "MIM"
-        data = few_shot_data(image_ids, tokens, labels, (source or {}).get("probe_train_count"), options.device)
-        probes, probe = probe_results(data, n_classes, ignore_index, options, batchnorm)
+        train_count = (source or {}).get("probe_train_count")
+        protocol = options.probe.for_unit(label_rule=unit.label_rule, train_count=train_count,
+                                          batchnorm=unit.probe_batchnorm)
+        data = few_shot_data(image_ids, tokens, labels, train_count, options.device)
+        probes, probe = probe_results(data, n_classes, ignore_index, protocol)
         if variants is not None and source is not None:
-            probes["variance"] = variance_results(data, n_classes, ignore_index, options, batchnorm)
-            probes.update(robustness_and_retrieval(data, probe, variants, source, options))
+            probes["variance"] = variance_results(data, n_classes, ignore_index, protocol)
+            probes.update(robustness_and_retrieval(data, probe, variants, source, options, protocol))
             probes["clean"] = {"knn_miou": probes["knn_miou"], "linear_miou": probes["linear_miou"]}
         atomic_write_json(unit.results_dir / "probes.json", {**header, **probes})
         written.append("probes.json")
@@ -280,46 +279,56 @@ def _nan_to_none(values) -> list:
     return [None if np.isnan(v) else float(v) for v in np.asarray(values, dtype=float)]
 
 
-def probe_results(data: FewShotData, n_classes: int, ignore_index: int, options: AnalyzeOptions,
-                  batchnorm: bool) -> tuple[dict, LinearProbe]:
-    """Few-shot k-NN and linear probes on the patch tokens of one config (analyses 6 and 8).
+def probe_results(data: FewShotData, n_classes: int, ignore_index: int,
+                  protocol: ProbeProtocol) -> tuple[dict, LinearProbe]:
+    """Few-shot k-NN and linear probes on the patch tokens of one config (analyses 6 and 8),
+    scored and recorded by ``protocol`` (its unit fields filled in), with a bootstrap interval
+    over the evaluation images for each mIoU.
 
     Returns the metrics and the fitted linear probe, which the robustness curves evaluate again.
     """
-    knn = knn_predict(data.train, data.train_y, data.test, k=options.knn_k, similarity=options.knn_similarity,
+    knn = knn_predict(data.train, data.train_y, data.test, k=protocol.knn_k, similarity=protocol.knn_similarity,
                       n_classes=n_classes, ignore_index=ignore_index)
-    knn_m = segmentation_metrics(_np(knn), data.test_y, n_classes, ignore_index)
-    probe = LinearProbe(n_classes=n_classes, epochs=options.linear_epochs, lr=options.linear_lr,
-                        batchnorm=batchnorm, seed=options.seed, ignore_index=ignore_index).fit(data.train, data.train_y)
-    lin_m = segmentation_metrics(_np(probe.predict(data.test)), data.test_y, n_classes, ignore_index)
-    return {"knn_miou": knn_m["miou"], "knn_pixel_accuracy": knn_m["pixel_accuracy"],
-            "linear_miou": lin_m["miou"], "linear_pixel_accuracy": lin_m["pixel_accuracy"],
-            "knn_per_class_iou": _nan_to_none(knn_m["per_class_iou"]),
-            "linear_per_class_iou": _nan_to_none(lin_m["per_class_iou"]),
-            "n_train_images": data.n_train_images, "n_val_images": int(data.test_grid.shape[0]),
-            "knn_k": options.knn_k, "knn_similarity": options.knn_similarity, "linear_batchnorm": batchnorm}, probe
+    probe = protocol.linear_probe(n_classes, ignore_index).fit(data.train, data.train_y)
+    scores = {}
+    for name, pred in (("knn", _np(knn)), ("linear", _np(probe.predict(data.test)))):
+        metrics = segmentation_metrics(pred, data.test_y, n_classes, ignore_index, average=protocol.miou_average)
+        per_image = pred.reshape(data.test_labels.shape)
+        scores.update({
+            f"{name}_miou": metrics["miou"], f"{name}_pixel_accuracy": metrics["pixel_accuracy"],
+            f"{name}_per_class_iou": _nan_to_none(metrics["per_class_iou"]),
+            f"{name}_miou_ci": _nan_to_none(bootstrap_miou(
+                per_image, data.test_labels, n_classes, ignore_index=ignore_index, average=protocol.miou_average,
+                resamples=protocol.bootstrap_resamples, seed=protocol.bootstrap_seed)),
+        })
+    return {**scores, "n_train_images": data.n_train_images, "n_val_images": int(data.test_grid.shape[0]),
+            "protocol": protocol.record(),
+            "linear_fit": {**probe.settings(), "steps": probe.steps_, "final_loss": probe.final_loss_,
+                           "grad_max": probe.grad_max_, "converged": probe.converged_},
+            # Kept under their earlier names for readers of older results.
+            "knn_k": protocol.knn_k, "knn_similarity": protocol.knn_similarity,
+            "linear_batchnorm": bool(protocol.batchnorm)}, probe
 
 
-def variance_results(data: FewShotData, n_classes: int, ignore_index: int, options: AnalyzeOptions,
-                     batchnorm: bool) -> dict:
+def variance_results(data: FewShotData, n_classes: int, ignore_index: int, protocol: ProbeProtocol) -> dict:
     """High-variance feature spectrum and removal curves on the train split (analysis 7)."""
     spectrum, order = variance_spectrum(feature_variance(data.train))
-    knn_kwargs = {"k": options.knn_k, "similarity": options.knn_similarity}
-    linear_kwargs = {"epochs": options.linear_epochs, "lr": options.linear_lr, "batchnorm": batchnorm,
-                     "seed": options.seed}
+    knn_kwargs = {"k": protocol.knn_k, "similarity": protocol.knn_similarity}
+    linear_kwargs = protocol.linear_probe(n_classes, ignore_index).settings()
+    linear_kwargs.pop("solver")
     curve = removal_curve(data.train, data.train_y, data.test, data.test_y, removal_counts_for(data.train.shape[1]),
                           n_classes=n_classes, ignore_index=ignore_index, knn_kwargs=knn_kwargs,
-                          linear_kwargs=linear_kwargs)
+                          linear_kwargs=linear_kwargs, average=protocol.miou_average)
     bn_train, bn_test = batchnorm_normalise(data.train, data.test)
     bn_knn = knn_predict(bn_train, data.train_y, bn_test, n_classes=n_classes, ignore_index=ignore_index,
                          **knn_kwargs)
-    bn = segmentation_metrics(_np(bn_knn), data.test_y, n_classes, ignore_index)
+    bn = segmentation_metrics(_np(bn_knn), data.test_y, n_classes, ignore_index, average=protocol.miou_average)
     return {"spectrum": _np(spectrum).astype(float).tolist(), "top_dims": _np(order)[:200].tolist(),
             "removal": curve, "batchnorm_knn_miou": bn["miou"]}
 
 
 def robustness_and_retrieval(data: FewShotData, probe: LinearProbe, variants: Path, source: dict,
-                             options: AnalyzeOptions) -> dict:
+                             options: AnalyzeOptions, protocol: ProbeProtocol) -> dict:
     """Probes trained on clean train images, evaluated on degraded evaluation images (analysis 9),
     and retrieval of the original patch from transformed ones (analysis 10)."""
     n_classes, ignore_index = len(source["classes"]), source["ignore_index"]
@@ -337,10 +346,12 @@ def robustness_and_retrieval(data: FewShotData, probe: LinearProbe, variants: Pa
             correspondence = npz["correspondence"] if "correspondence" in npz.files else None
         flat = torch.from_numpy(var_tokens.reshape(-1, dim)).to(options.device)
         if kind == "degraded":
-            knn = knn_predict(data.train, data.train_y, flat, k=options.knn_k, similarity=options.knn_similarity,
+            knn = knn_predict(data.train, data.train_y, flat, k=protocol.knn_k, similarity=protocol.knn_similarity,
                               n_classes=n_classes, ignore_index=ignore_index)
-            knn_m = segmentation_metrics(_np(knn), var_labels.reshape(-1), n_classes, ignore_index)
-            lin_m = segmentation_metrics(_np(probe.predict(flat)), var_labels.reshape(-1), n_classes, ignore_index)
+            knn_m = segmentation_metrics(_np(knn), var_labels.reshape(-1), n_classes, ignore_index,
+                                         average=protocol.miou_average)
+            lin_m = segmentation_metrics(_np(probe.predict(flat)), var_labels.reshape(-1), n_classes, ignore_index,
+                                         average=protocol.miou_average)
             robustness.append({"degradation": name, "level": float(level), "knn_miou": knn_m["miou"],
                                "linear_miou": lin_m["miou"]})
         if kind == "transformed" or name in ("blur", "noise"):

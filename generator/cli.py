@@ -21,10 +21,11 @@ DEFAULT_OUT = "build"
 PRESETS = {
     "paper-cityscapes": {
         # The local-representations paper's Cityscapes protocol: 72/30 split of 256-px tiles at
-        # 224 px, one sampled pixel per patch label (the authors' code), 1-NN on dot products.
+        # 224 px, one sampled pixel per patch label (the authors' code), 1-NN on dot products,
+        # mIoU averaged as cityscapesScripts does (a class predicted but absent scores 0).
         # A tile is square, so short-side-crop only resizes it, bicubic as PIL does.
         "sources": "paper-cityscapes", "label_rule": "nearest", "layers": "all", "knn_k": 1,
-        "knn_similarity": "dot", "resize": "short-side-crop",
+        "knn_similarity": "dot", "miou_average": "cityscapes", "resize": "short-side-crop",
     },
     "paper-ade20k": {
         # The same probe settings on ADE20K: train images from the training split, val images
@@ -204,12 +205,29 @@ def _common(f):
 def _analyze_options(f):
     f = click.option("--k", "ks", default="4,8,16", show_default=True, help="Comma-separated k for k-means.")(f)
     f = click.option("--seed", type=int, default=0, show_default=True)(f)
+    return f
+
+
+def _probe_options(f):
+    """The few-shot probe protocol: extract (streamed layer-wise curves) and analyze share it."""
     f = click.option("--knn-k", type=int, default=1, show_default=True, help="Neighbours of the k-NN probe.")(f)
     f = click.option("--knn-similarity", type=click.Choice(["dot", "cosine", "l2"]), default="dot",
                      show_default=True, help="Similarity of the k-NN probe.")(f)
-    f = click.option("--linear-epochs", type=int, default=30, show_default=True,
-                     help="Training epochs of the linear probe.")(f)
+    f = click.option("--miou-average", type=click.Choice(["present", "cityscapes"]), default="present",
+                     show_default=True, help="Which classes the probes' mIoU averages: those present in the "
+                                             "evaluation labels, or (cityscapesScripts) those present or predicted.")(f)
+    f = click.option("--linear-max-steps", type=int, default=500, show_default=True,
+                     help="Most L-BFGS iterations of the linear probe (it stops earlier once converged).")(f)
+    f = click.option("--linear-weight-decay", type=float, default=1e-4, show_default=True,
+                     help="L2 penalty (weight_decay / 2 * ||W||^2) on the linear probe's weights.")(f)
     return f
+
+
+def _probe_protocol(knn_k, knn_similarity, miou_average, linear_max_steps, linear_weight_decay):
+    from generator.analyses.probes import ProbeProtocol
+
+    return ProbeProtocol(knn_k=knn_k, knn_similarity=knn_similarity, miou_average=miou_average,
+                         linear_max_steps=linear_max_steps, linear_weight_decay=linear_weight_decay).validate()
 
 
 def _render_options(f):
@@ -229,7 +247,7 @@ def cli():
 def _do_extract(out, sources, source_options, models, layers, norms, curve_layers, label_rule, resize,
                 input_size, batch_size,
                 embedding_dtype, decode, compile_blocks, shard_mb, weights, trust_checkpoints, offline, device, quiet, rank=0,
-                world_size=1, knn_k=1, knn_similarity="dot"):
+                world_size=1, probe=None):
     _set_offline(offline)
     from generator.extract import ExtractOptions, run_extract
     from generator.models.registry import DEFAULT_MODELS
@@ -251,8 +269,9 @@ def _do_extract(out, sources, source_options, models, layers, norms, curve_layer
                              weights=_parse_weights(weights), trust_checkpoints=tuple(trust_checkpoints),
                              progress=not quiet, embedding_dtype=embedding_dtype,
                              shard_bytes=int(shard_mb * 1e6), rank=rank, world_size=world_size,
-                             curve_layers=curve_layers, knn_k=knn_k, knn_similarity=knn_similarity, decode=decode,
-                             compile_blocks=compile_blocks, resize=resize, input_size=_parse_input_size(input_size))
+                             curve_layers=curve_layers, decode=decode, compile_blocks=compile_blocks,
+                             resize=resize, input_size=_parse_input_size(input_size),
+                             **({"probe": probe} if probe is not None else {}))
     outcomes = run_extract(out, loaded, _split(models) if models else list(DEFAULT_MODELS), options)
     for source, rows in outcomes.items():
         for row in rows:
@@ -269,15 +288,14 @@ def _skipped_inputs(out: Path, source_names) -> dict[str, list[dict]]:
     return {name: (manifest.get(f"sources/{name}") or {}).get("skipped_images", []) for name in source_names}
 
 
-def _do_analyze(out, ks, seed, knn_k, knn_similarity, linear_epochs, device, quiet):
+def _do_analyze(out, ks, seed, probe, device, quiet):
     from generator.analyze import AnalyzeOptions, run_analyze
 
     try:
         k_values = [int(k) for k in _split(ks)]
     except ValueError:
         raise PatchAtlasError(f"--k {ks!r}: expected comma-separated integers such as 4,8,16") from None
-    return run_analyze(out, AnalyzeOptions(ks=k_values, seed=seed, knn_k=knn_k, knn_similarity=knn_similarity,
-                                           linear_epochs=linear_epochs, device=_device(device),
+    return run_analyze(out, AnalyzeOptions(ks=k_values, seed=seed, probe=probe, device=_device(device),
                                            progress=not quiet))
 
 
@@ -293,6 +311,7 @@ def _do_render(out, gallery_images, gallery_k, no_html, quiet=False):
 @_preset_option
 @_config_option
 @_extract_options
+@_probe_options
 @click.option("--rank", type=click.IntRange(min=0), default=0, envvar="RANK", show_default=True,
               help="This worker's rank in a distributed extract (torchrun sets RANK).")
 @click.option("--world-size", type=click.IntRange(min=1), default=1, envvar="WORLD_SIZE", show_default=True,
@@ -300,7 +319,8 @@ def _do_render(out, gallery_images, gallery_k, no_html, quiet=False):
 @_common
 def extract(out, sources, source_options, models, layers, norms, curve_layers, label_rule, resize, input_size,
             batch_size,
-            embedding_dtype, decode, compile_blocks, shard_mb, weights, trust_checkpoints, offline, rank, world_size, device, quiet):
+            embedding_dtype, decode, compile_blocks, shard_mb, weights, trust_checkpoints, offline, rank, world_size, device, quiet,
+            **probe_options):
     """Run models over datasets; write patch-embedding dataset repos under OUT/datasets.
 
     Distributed: `torchrun --nproc-per-node N -m generator.cli extract ...` runs N workers that
@@ -312,7 +332,7 @@ def extract(out, sources, source_options, models, layers, norms, curve_layers, l
         outcomes = _do_extract(out, sources, source_options, models, layers, norms, curve_layers, label_rule,
                                resize, input_size, batch_size, embedding_dtype, decode, compile_blocks, shard_mb, weights,
                                trust_checkpoints, offline,
-                               device, quiet, rank, world_size)
+                               device, quiet, rank, world_size, probe=_probe_protocol(**probe_options))
     if worker:
         for source, rows in outcomes.items():
             for row in rows:
@@ -328,11 +348,12 @@ def extract(out, sources, source_options, models, layers, norms, curve_layers, l
 @_preset_option
 @_config_option
 @_analyze_options
+@_probe_options
 @_common
-def analyze(out, ks, seed, knn_k, knn_similarity, linear_epochs, device, quiet):
+def analyze(out, ks, seed, device, quiet, **probe_options):
     """Run the analyses on what `extract` wrote; results go to OUT/results."""
     with output_lock(out):
-        done = _do_analyze(out, ks, seed, knn_k, knn_similarity, linear_epochs, device, quiet)
+        done = _do_analyze(out, ks, seed, _probe_protocol(**probe_options), device, quiet)
     click.echo(f"results: {out / 'results'} ({len(done)} configs analysed, the rest unchanged)")
 
 
@@ -354,18 +375,21 @@ def render(out, gallery_images, gallery_k, no_html, quiet):
 @_config_option
 @_extract_options
 @_analyze_options
+@_probe_options
 @_render_options
 @_common
 def build(out, sources, source_options, models, layers, norms, curve_layers, label_rule, resize, input_size,
           batch_size,
-          embedding_dtype, decode, compile_blocks, shard_mb, weights, trust_checkpoints, offline, ks, seed, knn_k, knn_similarity, linear_epochs, gallery_images, gallery_k, no_html, device, quiet):
+          embedding_dtype, decode, compile_blocks, shard_mb, weights, trust_checkpoints, offline, ks, seed, gallery_images,
+          gallery_k, no_html, device, quiet, **probe_options):
     """extract + analyze + render, resuming whatever is already done."""
+    probe = _probe_protocol(**probe_options)  # one protocol for the streamed curves and the analyses
     with output_lock(out):
         outcomes = _do_extract(out, sources, source_options, models, layers, norms, curve_layers, label_rule,
                                resize, input_size, batch_size, embedding_dtype, decode, compile_blocks, shard_mb, weights,
                                trust_checkpoints, offline,
-                               device, quiet, knn_k=knn_k, knn_similarity=knn_similarity)
-        _do_analyze(out, ks, seed, knn_k, knn_similarity, linear_epochs, device, quiet)
+                               device, quiet, probe=probe)
+        _do_analyze(out, ks, seed, probe, device, quiet)
         site = _do_render(out, gallery_images, gallery_k, no_html, quiet)
     click.echo("")
     click.echo("PatchAtlas build finished")

@@ -24,6 +24,7 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from generator import __version__
+from generator.analyses.probes import ProbeProtocol
 from generator.batches import (
     check_decode,
     encoder_if_available,
@@ -103,10 +104,9 @@ class ExtractOptions:
     rank: int = 0  # this worker, of world_size workers sharing the shards (torchrun's RANK)
     world_size: int = 1
     # Layer-wise curves (k-NN, variance, norms) of these layers; those not published are
-    # streamed from the extraction pass (generator/stream.py), with the analyses' k-NN settings.
+    # streamed from the extraction pass (generator/stream.py), scored by the analyses' protocol.
     curve_layers: str | Sequence[int] = "all"
-    knn_k: int = 1
-    knn_similarity: str = "dot"
+    probe: ProbeProtocol = field(default_factory=ProbeProtocol)
     # Where images are decoded: "host" (PIL) or "device" (JPEGs by torchvision on the model's
     # device; see generator/batches.py).
     decode: str = "host"
@@ -131,6 +131,7 @@ class ExtractOptions:
         if isinstance(self.input_size, dict):
             for name in self.input_size:
                 get_model_entry(name)
+        self.probe.validate()
         if self.shard_bytes < 1:
             raise PatchAtlasError(f"shard size {self.shard_bytes} bytes: must be positive")
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:

@@ -29,6 +29,7 @@ from generator.errors import PatchAtlasError
 from generator.extract import extract_input
 from generator.sources.geometry import DEFAULT_RESIZE
 from generator.analyses.position import position_cluster_histogram, position_mode_map
+from generator.analyses.probes import ProbeProtocol
 from generator.figures.maps import thumbnail, to_png_bytes, upsample_nearest
 from generator.figures.palette import PALETTE, colorize
 from generator.figures.plots import heatmap_rgb, histogram_png, line_chart_png, stacked_bars_png
@@ -547,15 +548,25 @@ def _probe_context(out: Path, docs: Path, src: dict, families: dict[str, str]) -
         if p["norm"] == "postnorm":
             by_model.setdefault(p["model"], []).append(p)
     # Layers that were not published: their curves were streamed while extracting (generator/stream.py).
-    streamed = []
+    # They join a model's published curve only when both were scored by the same k-NN protocol;
+    # otherwise they are drawn as a series of their own, named by their protocol.
+    streamed, mismatched = [], []
+    knn_by_model = {m: list(rows) for m, rows in by_model.items()}
     for record in _load_json((out / "results" / name).glob("*/layerwise.json")):
-        published = {p["layer"] for p in by_model.get(record["model"], [])}
+        model = record["model"]
+        published = {p["layer"] for p in by_model.get(model, [])}
+        analysed = {_knn_protocol_key(p.get("protocol")) for p in by_model.get(model, [])}
+        key = _knn_protocol_key(record.get("protocol"))
+        series_name = model
+        if analysed and analysed != {key}:
+            series_name = f"{model} (streamed, {_knn_protocol_label(record.get('protocol'))})"
+            mismatched.append({"model": model, "streamed": _knn_protocol_label(record.get("protocol")),
+                               "analysed": ", ".join(sorted(_knn_protocol_label(dict(k) if k else None)
+                                                            for k in analysed))})
         for row in record["layers"]:
             if row["layer"] not in published:
-                streamed.append({"model": record["model"], **row})
-    knn_by_model = {m: list(rows) for m, rows in by_model.items()}
-    for r in streamed:
-        knn_by_model.setdefault(r["model"], []).append(r)
+                streamed.append({"model": model, **row, "protocol": record.get("protocol")})
+                knn_by_model.setdefault(series_name, []).append(row)
     for rows in knn_by_model.values():
         rows.sort(key=lambda r: r["layer"])
     for metric in ("knn_miou", "linear_miou"):
@@ -610,10 +621,39 @@ def _probe_context(out: Path, docs: Path, src: dict, families: dict[str, str]) -
         charts["retrieval"] = rel.as_posix()
     return {"last": sorted(last.values(), key=lambda p: (families.get(p["model"], "?"), p["model"])),
             "layers": layer_rows, "charts": charts, "families": families,
+            "protocols": _recorded_protocols(probes, streamed), "protocol_mismatch": mismatched,
             "streamed": sorted(streamed, key=lambda r: (r["model"], r["layer"])),
             "knn_by_layer": {m: [(r["layer"], r["knn_miou"]) for r in rows] for m, rows in knn_by_model.items()},
             "retrieval": sorted(retrieval_rows, key=lambda r: (r["model"], r["transform"], r["level"],
                                                                r["exclude_same_image"]))}
+
+
+def _knn_protocol_key(protocol: dict | None) -> tuple | None:
+    """What a k-NN number depends on (``ProbeProtocol.KNN_FIELDS``), hashable; None if not recorded."""
+    if not protocol:
+        return None
+    return tuple((field, protocol.get(field)) for field in ProbeProtocol.KNN_FIELDS)
+
+
+def _knn_protocol_label(protocol: dict | None) -> str:
+    if not protocol:
+        return "protocol not recorded"
+    return (f"k = {protocol['knn_k']}, {protocol['knn_similarity']}, {protocol.get('label_rule') or '?'} labels, "
+            f"mIoU over {protocol['miou_average']} classes")
+
+
+def _recorded_protocols(probes: list[dict], streamed: list[dict]) -> list[dict]:
+    """Each distinct recorded probe protocol of a source, with the models and layers scored by it."""
+    groups: dict[str, dict] = {}
+    for kind, rows in (("analysed", probes), ("streamed", streamed)):
+        for row in rows:
+            protocol = row.get("protocol")
+            key = json.dumps(protocol, sort_keys=True)
+            group = groups.setdefault(key, {"protocol": protocol, "models": set(), "kinds": set()})
+            group["models"].add(row["model"])
+            group["kinds"].add(kind)
+    return [{"protocol": g["protocol"], "models": sorted(g["models"]), "kinds": sorted(g["kinds"])}
+            for _, g in sorted(groups.items())]
 
 
 def _top_variance_overlaps(probe_contexts: dict[str, dict], n: int = 200) -> list[dict]:

@@ -13,8 +13,8 @@ them (a resumed run whose first shards were already written, a distributed run, 
 whose shards are all current), a pass of its own over the images does the same.
 
 The result, ``results/<source>/<model>/layerwise.json``, is a manifest unit of its own
-(``stream/<source>/<model>``), reused while the tokens' parameters, the layers and the k-NN
-settings stay the same.
+(``stream/<source>/<model>``), reused while the tokens' parameters, the layers and the probe
+protocol (``ProbeProtocol``, recorded in the file) stay the same.
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from generator.analyses.probes import ProbeProtocol
 from generator.analyses.streaming import NormHistogram, RunningMoments, StreamingKMeans, StreamingKNN
 from generator.batches import encoder_if_available, labelled_batches
 from generator.errors import PatchAtlasError
@@ -36,11 +37,17 @@ from generator.sources.splits import few_shot_split
 from generator.store.atomic import atomic_write_json
 from generator.store.manifest import Manifest, file_sha256, params_hash
 
-STREAM_VERSION = "2"
+STREAM_VERSION = "3"
 # Rows the layer-wise k-means is fitted on (the first ones: the train images' tokens); enough for
 # k = the number of classes, small enough that the fit stays a fraction of the pass.
 KMEANS_FIT_ROWS = 65536
 LAYERWISE_FILE = "layerwise.json"
+
+
+def unit_protocol(source: SegmentationSource, entry: ModelEntry, options) -> ProbeProtocol:
+    """The build's probe protocol with this (source, model)'s label rule, train count and BatchNorm flag."""
+    return options.probe.for_unit(label_rule=options.label_rule, train_count=source.probe_train_count,
+                                  batchnorm=entry.probe_batchnorm)
 
 
 def stream_key(source_name: str, model: str) -> str:
@@ -77,8 +84,7 @@ def plan_stream(source: SegmentationSource, entry: ModelEntry, options, out: Pat
             manifest.remove(key)
             manifest.save()
         return None
-    params = {"tokens": tokens_hash, "layers": layers, "knn_k": options.knn_k,
-              "knn_similarity": options.knn_similarity, "train_count": source.probe_train_count,
+    params = {"tokens": tokens_hash, "layers": layers, "protocol": unit_protocol(source, entry, options).record(),
               "version": STREAM_VERSION}
     if manifest.is_done(key, params, out):
         return None
@@ -103,7 +109,8 @@ def run_stream_unit(source: SegmentationSource, entry: ModelEntry, options, out:
         if encoder is None:
             return
         results = layerwise_results(source, encoder, plan.layers, options)
-    atomic_write_json(plan.path, {"source": source.name, "model": entry.name, "streamed": True, "layers": results})
+    atomic_write_json(plan.path, {"source": source.name, "model": entry.name, "streamed": True,
+                                  "protocol": plan.params["protocol"], "layers": results})
     manifest.set(plan.key, {"status": "done", "params": plan.params, "params_hash": params_hash(plan.params),
                             "files": {str(plan.path.relative_to(out)): file_sha256(plan.path)}})
     manifest.save()
@@ -124,8 +131,10 @@ class LayerwiseAccumulator:
         train_ids, _ = few_shot_split(source.dataset["image_id"], train_count=source.probe_train_count)
         self.n_train = len(train_ids)
         n_classes = len(source.classes)
-        self._knn = {layer: StreamingKNN(n_classes, ignore_index=source.ignore_index, k=options.knn_k,
-                                         similarity=options.knn_similarity) for layer in layers}
+        self.protocol = unit_protocol(source, encoder.entry, options)
+        self._knn = {layer: StreamingKNN(n_classes, ignore_index=source.ignore_index, k=self.protocol.knn_k,
+                                         similarity=self.protocol.knn_similarity,
+                                         average=self.protocol.miou_average) for layer in layers}
         self._moments = {layer: RunningMoments(dim, device) for layer in layers}
         self._norms = {layer: NormHistogram() for layer in layers}
         rows = len(source) * grid_h * grid_w

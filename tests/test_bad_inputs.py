@@ -338,7 +338,7 @@ def test_build_summary_manifest_and_site_show_skips(folder, tmp_path, tiny_model
     out = tmp_path / "out"
     code = main(["build", "--out", str(out), "--source", "local-folder", "--source-option", f"path={root}",
                  "--source-option", "name=scenes", "--models", "tiny_random", "--layers", "last", "--k", "2",
-                 "--gallery-k", "2", "--linear-epochs", "2", "--device", "cpu", "--quiet"])
+                 "--gallery-k", "2", "--linear-max-steps", "50", "--device", "cpu", "--quiet"])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     # One line per skipped input while extracting, and again in the summary.

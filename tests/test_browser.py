@@ -128,7 +128,7 @@ def site_dir(tmp_path_factory) -> Path:
     out = root / "out"
     code = main(["build", "--out", str(out), "--models", ",".join(MODEL_NAMES), "--layers", "all",
                  "--source-option", f"n_images={N_IMAGES}", "--source-option", f"size={SIDE}",
-                 "--weights", f"tiny_reg={ckpt}", "--k", "2,4", "--gallery-k", "4", "--linear-epochs", "3",
+                 "--weights", f"tiny_reg={ckpt}", "--k", "2,4", "--gallery-k", "4", "--linear-max-steps", "50",
                  "--batch-size", "3", "--device", "cpu", "--quiet"])
     mp.undo()
     assert code == 0, "patchatlas build failed; see the captured output"

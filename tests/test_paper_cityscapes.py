@@ -60,3 +60,5 @@ def test_preset_runs_the_protocol_end_to_end(tmp_path, tiny_models):
                          / "probes.json").read_text())
     assert probes["n_train_images"] == 144 and probes["n_val_images"] == 60
     assert probes["knn_k"] == 1 and probes["knn_similarity"] == "dot"
+    # The Cityscapes protocol averages as cityscapesScripts does, and says so in the result.
+    assert probes["protocol"]["miou_average"] == "cityscapes" and probes["protocol"]["label_rule"] == "nearest"

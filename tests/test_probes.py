@@ -11,10 +11,12 @@ from sklearn.neighbors import KNeighborsClassifier
 
 from generator.analyses.probes import (
     LinearProbe,
+    bootstrap_miou,
     knn_predict,
     majority_vote,
     nearest_neighbours,
     segmentation_metrics,
+    standardisation,
 )
 from generator.errors import PatchAtlasError
 
@@ -254,47 +256,203 @@ def separable_data(n=1200, dim=16, n_classes=4, seed=0, margin=4.0):
     return x.astype(np.float32), y
 
 
-def test_linear_probe_separable_and_agrees_with_logistic_regression():
+def correlated_data(n=4000, dim=32, n_classes=6, seed=0, scale=0.05):
+    """Classes whose means are buried under strong noise shared by all dimensions, at a small
+    scale: the first gradient steps follow the class means, the optimum must cancel the noise."""
+    rng = np.random.default_rng(seed)
+    means = rng.normal(0, 1, (n_classes, dim))
+    y = rng.integers(0, n_classes, n)
+    mix = rng.normal(0, 1, (4, dim))
+    x = means[y] + 0.8 * rng.normal(size=(n, dim)) + 3.0 * rng.normal(size=(n, 4)) @ mix
+    return (scale * x).astype(np.float32), y
+
+
+def test_linear_probe_converges_to_multinomial_logistic_regression():
+    x, y = correlated_data()
+    train, test = slice(0, 3000), slice(3000, None)
+    weight_decay = 1e-4
+    probe = LinearProbe(n_classes=6, weight_decay=weight_decay).fit(x[train], y[train])
+    ours = segmentation_metrics(probe.predict(x[test]), y[test], 6)["miou"]
+    # The same objective: scikit-learn's C multiplies the summed loss, ours is the mean loss.
+    sk = LogisticRegression(C=1 / (weight_decay * 3000), tol=1e-8, max_iter=10_000).fit(x[train], y[train])
+    reference = segmentation_metrics(sk.predict(x[test]), y[test], 6)["miou"]
+    assert reference > 0.9  # the planted classes are linearly separable once the noise is cancelled
+    assert abs(ours - reference) < 0.02
+    assert probe.converged_ and 0 < probe.steps_ < probe.max_steps
+    logits = x[train].astype(np.float64) @ sk.coef_.T + sk.intercept_
+    log_norm = np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1)) + logits.max(1)
+    sk_loss = np.mean(log_norm - logits[np.arange(3000), y[train]]) + 0.5 * weight_decay * np.sum(sk.coef_ ** 2)
+    assert probe.final_loss_ == pytest.approx(sk_loss, abs=1e-4)
+    assert probe.settings() == {"solver": "lbfgs", "weight_decay": weight_decay, "batchnorm": False,
+                                "max_steps": 500, "tolerance": 1e-5}
+
+
+def test_adam_solver_with_few_epochs_stops_short_of_the_optimum():
+    """The control: the paper's Adam for a few epochs is what ``converged`` must not claim."""
+    x, y = correlated_data()
+    adam = LinearProbe(n_classes=6, solver="adam", epochs=2, batch_size=1024).fit(x[:3000], y[:3000])
+    lbfgs = LinearProbe(n_classes=6).fit(x[:3000], y[:3000])
+    assert not adam.converged_ and adam.steps_ == 2 * 3
+    assert adam.final_loss_ > lbfgs.final_loss_ + 0.1
+
+
+def test_linear_probe_separable_and_tensors():
     x, y = separable_data()
-    probe = LinearProbe(epochs=30, batch_size=128, lr=1e-2, seed=0).fit(x[:800], y[:800])
+    probe = LinearProbe().fit(x[:800], y[:800])
     pred = probe.predict(x[800:])
     assert isinstance(pred, np.ndarray)
     assert np.mean(pred == y[800:]) > 0.99
-    sk = LogisticRegression(max_iter=2000).fit(x[:800], y[:800]).predict(x[800:])
-    assert np.mean(pred == sk) > 0.98
-    assert probe.loss_history_[-1] < probe.loss_history_[0]
+    assert isinstance(probe.predict(torch.tensor(x)), torch.Tensor)
+    again = LinearProbe().fit(torch.tensor(x[:800]), torch.tensor(y[:800]))
+    torch.testing.assert_close(again.predict_logits(x), probe.predict_logits(x))
 
 
 def test_linear_probe_control_shuffled_labels_is_chance():
     x, y = separable_data(n_classes=4, seed=1)
     shuffled = np.random.default_rng(0).permutation(y[:800])
-    probe = LinearProbe(epochs=10, batch_size=128, lr=1e-2).fit(x[:800], shuffled)
+    probe = LinearProbe().fit(x[:800], shuffled)
     assert np.mean(probe.predict(x[800:]) == y[800:]) < 0.45
 
 
-def test_linear_probe_deterministic_batchnorm_ignore_and_tensors():
-    x, y = separable_data(seed=2)
+def affine_copies(x: np.ndarray, seed: int = 0) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    scale = rng.choice([-1.0, 1.0], x.shape[1]) * 10.0 ** rng.uniform(-2, 2, x.shape[1])
+    return {"0.1 x + 100": 0.1 * x + 100.0, "per-dimension a x + b": scale * x + rng.uniform(-1e3, 1e3, x.shape[1])}
+
+
+def test_batchnorm_probe_is_invariant_to_affine_maps_of_the_features():
+    x, y = separable_data(seed=2, margin=0.6)
+    x = x.astype(np.float64)  # so that the maps themselves lose no precision
     y_ign = y.copy()
     y_ign[::7] = IGNORE
-    a = LinearProbe(epochs=3, batch_size=100, seed=5, batchnorm=True).fit(x, y_ign)
-    b = LinearProbe(epochs=3, batch_size=100, seed=5, batchnorm=True).fit(torch.tensor(x), torch.tensor(y_ign))
-    logits_a, logits_b = a.predict_logits(x), b.predict_logits(torch.tensor(x))
-    assert torch.equal(logits_a, logits_b)
-    c = LinearProbe(epochs=3, batch_size=100, seed=6, batchnorm=True).fit(x, y_ign)
-    assert not torch.equal(logits_a, c.predict_logits(x))
-    assert a.n_classes_ == 4 and logits_a.shape == (len(x), 4)
-    assert isinstance(b.predict(torch.tensor(x)), torch.Tensor)
-    # BatchNorm makes the probe blind to a feature's scale: a huge-scale copy trains alike.
-    big = x * np.float32(1000.0)
-    d = LinearProbe(epochs=3, batch_size=100, seed=5, batchnorm=True).fit(big, y_ign)
-    assert np.mean(d.predict(big) == a.predict(x)) > 0.99
+    train, test = slice(0, 800), slice(800, None)
+    base = LinearProbe(batchnorm=True, n_classes=4).fit(x[train], y_ign[train])
+    pred = base.predict(x[test])
+    miou = segmentation_metrics(pred, y[test], 4)["miou"]
+    assert 0.6 < miou < 1.0  # not trivially perfect: borderline patches exist
+    for name, mapped in affine_copies(x).items():
+        probe = LinearProbe(batchnorm=True, n_classes=4).fit(mapped[train], y_ign[train])
+        np.testing.assert_array_equal(probe.predict(mapped[test]), pred, err_msg=name)
+        torch.testing.assert_close(probe.predict_logits(mapped[test]), base.predict_logits(x[test]),
+                                   rtol=1e-6, atol=1e-6)
+        assert segmentation_metrics(probe.predict(mapped[test]), y[test], 4)["miou"] == pytest.approx(miou, abs=1e-12)
+
+
+def test_without_batchnorm_the_probe_sees_the_feature_scale():
+    """The control: the L2 penalty is not scale-free, so without BatchNorm a rescaling shows."""
+    x, y = separable_data(seed=2, margin=0.6)
+    x = x.astype(np.float64)
+    mapped = affine_copies(x)["per-dimension a x + b"]
+    plain = LinearProbe(n_classes=4).fit(x[:800], y[:800]).predict_logits(x[800:])
+    scaled = LinearProbe(n_classes=4).fit(mapped[:800], y[:800]).predict_logits(mapped[800:])
+    assert not torch.allclose(plain, scaled, rtol=1e-3, atol=1e-3)
+
+
+def test_standardisation_uses_exact_train_statistics_and_zeroes_constant_dims():
+    rng = np.random.default_rng(0)
+    x = rng.normal(5, 3, (500, 4))
+    x[:, 2] = 7.0
+    mean, scale = standardisation(torch.from_numpy(x))
+    np.testing.assert_allclose(mean.numpy(), x.mean(0))
+    np.testing.assert_allclose(scale.numpy()[[0, 1, 3]], 1 / x[:, [0, 1, 3]].std(0))
+    assert scale[2] == 0
 
 
 def test_linear_probe_rejects_bad_input():
     with pytest.raises(PatchAtlasError, match="fit"):
         LinearProbe().predict(np.zeros((2, 3), np.float32))
-    with pytest.raises(PatchAtlasError, match="epochs"):
-        LinearProbe(epochs=0)
-    probe = LinearProbe(epochs=1).fit(np.zeros((4, 3), np.float32), np.array([0, 1, 0, 1]))
+    with pytest.raises(PatchAtlasError, match="max_steps"):
+        LinearProbe(max_steps=0)
+    with pytest.raises(PatchAtlasError, match="solver"):
+        LinearProbe(solver="sgd")
+    with pytest.raises(PatchAtlasError, match="weight_decay"):
+        LinearProbe(weight_decay=-1.0)
+    probe = LinearProbe(max_steps=5).fit(np.zeros((4, 3), np.float32), np.array([0, 1, 0, 1]))
     with pytest.raises(PatchAtlasError, match="fitted on 3"):
         probe.predict(np.zeros((2, 5), np.float32))
+
+
+# --------------------------------------------------------------------------------------------
+# mIoU averaging rules
+# --------------------------------------------------------------------------------------------
+
+
+def cityscapes_scripts_miou(pred, target, eval_labels, ignore_label=IGNORE):
+    """cityscapesScripts' evalPixelLevelSemanticLabeling.py rule, re-implemented from its source:
+    a confusion matrix over the labels (rows ground truth), IoU = TP / (TP + FP + FN) where FP
+    counts only pixels whose ground truth is an evaluated label, nan when TP + FP + FN = 0, and
+    the average over the evaluated labels whose IoU is not nan (getScoreAverage)."""
+    keep = target != ignore_label
+    n = max(eval_labels) + 1
+    conf = np.zeros((n + 1, n + 1), dtype=np.int64)  # last row/column: anything else
+    np.add.at(conf, (np.clip(target[keep], 0, n), np.where(pred[keep] < n, pred[keep], n)), 1)
+    scores = []
+    for label in eval_labels:
+        tp = conf[label, label]
+        fn = conf[label, :].sum() - tp
+        others = [other for other in eval_labels if other != label]
+        fp = conf[others, label].sum()
+        denom = tp + fp + fn
+        scores.append(float("nan") if denom == 0 else tp / denom)
+    valid = [v for v in scores if not np.isnan(v)]
+    return float(np.mean(valid)), np.array(scores)
+
+
+def test_cityscapes_average_scores_a_predicted_absent_class_zero_like_cityscapes_scripts():
+    rng = np.random.default_rng(3)
+    n_classes = 8
+    target = rng.integers(0, 5, size=(6, 14, 14))  # classes 5-7 never in the target
+    pred = np.where(rng.random(target.shape) < 0.55, target, rng.integers(0, 7, target.shape))  # 7 never predicted
+    target[:, :2] = IGNORE
+    reference, ref_iou = cityscapes_scripts_miou(pred.ravel(), target.ravel(), list(range(n_classes)))
+    city = segmentation_metrics(pred, target, n_classes, average="cityscapes")
+    present = segmentation_metrics(pred, target, n_classes, average="present")
+    assert city["miou"] == pytest.approx(reference)
+    np.testing.assert_allclose(city["per_class_iou"], ref_iou, equal_nan=True)
+    assert np.isnan(city["per_class_iou"][7]) and city["per_class_iou"][5] == 0
+    assert city["miou"] < present["miou"] - 0.1  # the predicted-only classes 5 and 6 count as 0
+    # scikit-learn's jaccard_score(average=None) gives 0 (not nan) to a label in neither array,
+    # so it matches each rule only with the labels that rule averages.
+    valid = target != IGNORE
+    seen = np.union1d(np.unique(target[valid]), np.unique(pred[valid]))
+    sk = jaccard_score(target[valid], pred[valid], labels=seen, average=None)
+    assert city["miou"] == pytest.approx(sk.mean())
+    assert present["miou"] == pytest.approx(
+        jaccard_score(target[valid], pred[valid], labels=np.unique(target[valid]), average=None).mean())
+    with pytest.raises(PatchAtlasError, match="mIoU average"):
+        segmentation_metrics(pred, target, n_classes, average="mean")
+
+
+# --------------------------------------------------------------------------------------------
+# Bootstrap over images
+# --------------------------------------------------------------------------------------------
+
+
+def noisy_predictions(n_images, seed=0, n_classes=5):
+    """Per-image accuracy drawn between 40 % and 95 %: images differ, as real ones do."""
+    rng = np.random.default_rng(seed)
+    target = rng.integers(0, n_classes, (n_images, 14, 14))
+    accuracy = rng.uniform(0.4, 0.95, (n_images, 1, 1))
+    pred = np.where(rng.random(target.shape) < accuracy, target, rng.integers(0, n_classes, target.shape))
+    return pred, target
+
+
+def test_bootstrap_interval_holds_the_estimate_and_shrinks_with_more_images():
+    widths = []
+    for n_images in (8, 32, 128):
+        pred, target = noisy_predictions(n_images)
+        point = segmentation_metrics(pred, target, 5)["miou"]
+        lo, hi = bootstrap_miou(pred, target, 5, resamples=200, seed=0)
+        assert lo < point < hi
+        widths.append(hi - lo)
+    assert widths[0] > 1.5 * widths[1] > 2.25 * widths[2]
+    assert bootstrap_miou(pred, target, 5, seed=1) == bootstrap_miou(pred, target, 5, seed=1)
+
+
+def test_bootstrap_of_perfect_predictions_is_a_point_and_rejects_bad_input():
+    _, target = noisy_predictions(10)
+    assert bootstrap_miou(target, target, 5) == [1.0, 1.0]
+    with pytest.raises(PatchAtlasError, match="same shape"):
+        bootstrap_miou(target[:3], target, 5)
+    with pytest.raises(PatchAtlasError, match="level"):
+        bootstrap_miou(target, target, 5, level=1.5)

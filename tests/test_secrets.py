@@ -37,7 +37,7 @@ def test_planted_token_reaches_the_hub_and_nothing_else(hub, tmp_path, tiny_mode
     out = tmp_path / "out"
     assert main(["build", "--out", str(out), "--models", "tiny_random", "--source-option", "n_images=4",
                  "--source-option", "size=64", "--layers", "last", "--k", "2", "--gallery-k", "2",
-                 "--linear-epochs", "2", "--device", "cpu", "--quiet"]) == 0
+                 "--linear-max-steps", "50", "--device", "cpu", "--quiet"]) == 0
     main(["doctor", "--out", str(out)])  # its exit code depends on this machine; its output must not
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)

@@ -125,7 +125,7 @@ def built(tmp_path_factory):
     out = root / "out"
     code = main(["build", "--out", str(out), "--models", ",".join((REAL, *REFERENCES)), "--layers", "last",
                  "--source-option", "n_images=4", "--source-option", "size=64", "--weights", f"{REAL}={ckpt}",
-                 "--k", "2,4", "--gallery-k", "4", "--linear-epochs", "2", "--batch-size", "4",
+                 "--k", "2,4", "--gallery-k", "4", "--linear-max-steps", "50", "--batch-size", "4",
                  "--device", "cpu", "--quiet"])
     mp.undo()
     assert code == 0

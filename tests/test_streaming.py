@@ -15,7 +15,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from generator.analyses import clusters, streaming
 from generator.analyses.clusters import chance_miou, hungarian_match, kmeans, match_from_confusion
-from generator.analyses.probes import knn_predict, segmentation_metrics
+from generator.analyses.probes import ProbeProtocol, knn_predict, segmentation_metrics
 from generator.analyses.streaming import NormHistogram, RunningMoments, StreamingKMeans, StreamingKNN
 from generator.analyses.variance import feature_variance, top_variance_dims
 from generator.errors import PatchAtlasError
@@ -107,6 +107,25 @@ def test_streaming_knn_equals_knn_on_all_rows_at_once(k, similarity, drop_unlabe
     assert got["miou"] == reference["miou"] and got["pixel_accuracy"] == reference["pixel_accuracy"]
     np.testing.assert_array_equal(got["confusion"], reference["confusion"])
     assert got["miou"] > 0.9  # the planted classes are separable
+
+
+@pytest.mark.parametrize("average", ["present", "cityscapes"])
+def test_streaming_knn_averages_miou_by_the_protocol_rule(average):
+    """Train classes 0-3, evaluation labels only 0-1: classes 2-3 are predicted but absent, which
+    only the cityscapes rule scores (as 0)."""
+    g = torch.Generator().manual_seed(4)
+    train_x, train_y = torch.randn(200, 6, generator=g), torch.randint(0, 4, (200,), generator=g)
+    eval_x, eval_y = torch.randn(300, 6, generator=g), torch.randint(0, 2, (300,), generator=g)
+    stream = StreamingKNN(4, average=average)
+    stream.add_train(train_x, train_y)
+    stream.add_eval(eval_x, eval_y)
+    pred = knn_predict(train_x, train_y, eval_x, n_classes=4)
+    assert set(pred.tolist()) >= {2, 3}
+    reference = segmentation_metrics(pred.numpy(), eval_y.numpy(), 4, average=average)
+    assert stream.metrics()["miou"] == reference["miou"]
+    other = segmentation_metrics(pred.numpy(), eval_y.numpy(), 4,
+                                 average="present" if average == "cityscapes" else "cityscapes")
+    assert stream.metrics()["miou"] != other["miou"]
 
 
 def test_streaming_knn_on_unrelated_features_scores_about_chance():
@@ -442,8 +461,8 @@ def test_layerwise_accumulator_reads_back_once_per_batch_and_names_the_first_bro
     monkeypatch.setattr(streaming, "_drop_unlabelled_first", lambda device: False)  # an accelerator's way
     source = synthetic_scenes(8, 16)  # four train images, four evaluation images
     encoder = SimpleNamespace(embed_dim=8, device=torch.device("cpu"), grid=(2, 2),
-                              entry=SimpleNamespace(name="tiny_x"))
-    accumulator = LayerwiseAccumulator(source, [1, 2, 3], encoder, SimpleNamespace(knn_k=1, knn_similarity="dot"))
+                              entry=SimpleNamespace(name="tiny_x", probe_batchnorm=False))
+    accumulator = LayerwiseAccumulator(source, [1, 2, 3], encoder, SimpleNamespace(probe=ProbeProtocol(), label_rule="majority"))
     g = torch.Generator().manual_seed(10)
 
     def batch(broken: dict | None = None) -> TokenBatch:

@@ -21,7 +21,7 @@ from generator.analyses.variance import (
 from generator.errors import PatchAtlasError
 
 N_CLASSES = 6
-LINEAR = dict(epochs=20, lr=1e-2, batch_size=256, seed=0)
+LINEAR = dict(weight_decay=1e-4)
 
 
 def planted_tokens(n_junk=4, junk_std=30.0, sep=0.5, dim=64, n_train=1500, n_test=600, seed=0, junk=None):

@@ -44,6 +44,7 @@ from generator.analyses.clusters import (
 from generator.analyses.probes import (
     _check_features,
     _labelled_rows,
+    check_miou_average,
     majority_vote,
     metrics_from_counts,
     nearest_neighbours,
@@ -195,8 +196,10 @@ class StreamingKNN:
     and refused by ``metrics``.
     """
 
-    def __init__(self, n_classes: int, *, ignore_index: int = 255, k: int = 1, similarity: str = "dot"):
+    def __init__(self, n_classes: int, *, ignore_index: int = 255, k: int = 1, similarity: str = "dot",
+                 average: str = "present"):
         self.n_classes, self.ignore_index, self.k, self.similarity = n_classes, ignore_index, k, similarity
+        self.average = check_miou_average(average)
         self._train_x: list[torch.Tensor] = []
         self._train_y: list[torch.Tensor] = []
         self._bank: tuple[torch.Tensor, torch.Tensor] | None = None
@@ -253,7 +256,7 @@ class StreamingKNN:
         if self._bad_labels is not None and int(self._bad_labels) > 0:
             raise PatchAtlasError(f"StreamingKNN: labels outside [0, {self.n_classes}) that are not the ignore "
                                   f"label {self.ignore_index}")
-        return metrics_from_counts(self.counts)
+        return metrics_from_counts(self.counts, average=self.average)
 
     def _rows_and_labels(self, x: torch.Tensor, y: torch.Tensor, what: str) -> tuple[torch.Tensor, torch.Tensor]:
         x = _rows(x, None, what)

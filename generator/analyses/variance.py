@@ -17,7 +17,13 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from generator.analyses.probes import LinearProbe, knn_predict, segmentation_metrics
+from generator.analyses.probes import (
+    LinearProbe,
+    knn_predict,
+    mean_and_variance,
+    segmentation_metrics,
+    standardisation,
+)
 from generator.errors import PatchAtlasError
 
 __all__ = [
@@ -35,9 +41,6 @@ __all__ = [
 # The numbers of top-variance dimensions the paper removes (ViT-B: 768 dims).
 REMOVAL_COUNTS = (0, 10, 20, 30, 40, 50, 100, 200, 400, 600, 750)
 
-# Rows per chunk when accumulating sums in float64: bounds the temporary on the GPU.
-_CHUNK_ROWS = 65536
-
 
 def _as_tensor(x, what: str, device=None) -> torch.Tensor:
     if isinstance(x, torch.Tensor):
@@ -54,21 +57,6 @@ def _check_2d(x: torch.Tensor, what: str, min_rows: int = 1) -> None:
         raise PatchAtlasError(f"{what} has {x.shape[0]} rows: at least {min_rows} are needed")
 
 
-def _mean_and_variance(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-dimension mean and population variance in float64, two passes, chunk by chunk."""
-    n = x.shape[0]
-    total = torch.zeros(x.shape[1], dtype=torch.float64, device=x.device)
-    for start in range(0, n, _CHUNK_ROWS):
-        total += x[start : start + _CHUNK_ROWS].to(torch.float64).sum(dim=0)
-    mean = total / n
-    # Centring before squaring avoids the cancellation of E[x^2] - E[x]^2 at large offsets.
-    sq = torch.zeros_like(total)
-    for start in range(0, n, _CHUNK_ROWS):
-        centred = x[start : start + _CHUNK_ROWS].to(torch.float64) - mean
-        sq += (centred * centred).sum(dim=0)
-    return mean, sq / n
-
-
 def feature_variance(train_x) -> torch.Tensor:
     """Population variance of every feature dimension over the train tokens: float64 [D].
 
@@ -76,7 +64,7 @@ def feature_variance(train_x) -> torch.Tensor:
     """
     x = _as_tensor(train_x, "train_x")
     _check_2d(x, "train_x")
-    return _mean_and_variance(x)[1]
+    return mean_and_variance(x)[1]
 
 
 def _check_variance(var, what: str = "var") -> torch.Tensor:
@@ -146,8 +134,8 @@ def batchnorm_normalise(train_x, test_x, eps: float = 1e-6):
     inputs' float dtype, on the train tensor's device.
     """
     tr, te = _train_test_pair(train_x, test_x)
-    mean, var = _mean_and_variance(tr)
-    scale = torch.rsqrt(var + eps)
+    # The linear probe's BatchNorm uses the same statistics (with eps = 0).
+    mean, scale = standardisation(tr, eps)
     out_dtype = tr.dtype
     return (
         ((tr.to(torch.float64) - mean) * scale).to(out_dtype),
@@ -177,12 +165,14 @@ def removal_curve(
     eval_classes: Sequence[int] | None = None,
     knn_kwargs: dict | None = None,
     linear_kwargs: dict | None = None,
+    average: str = "present",
 ) -> list[dict]:
     """k-NN (and linear) mIoU after deleting the top-N train-variance dimensions, for each N.
 
     ``counts`` larger than or equal to the number of features are skipped. ``knn_kwargs`` go to
     ``knn_predict`` (k, similarity, chunk sizes); ``linear_kwargs`` to ``LinearProbe``, or None
-    to skip the linear probe (its ``linear_miou`` is then None). Returns one dict per N:
+    to skip the linear probe (its ``linear_miou`` is then None); ``average`` is the mIoU rule
+    (``segmentation_metrics``). Returns one dict per N:
     ``n_removed``, ``knn_miou``, ``knn_pixel_accuracy``, ``linear_miou``, ``linear_pixel_accuracy``.
     """
     tr, te = _train_test_pair(train_x, test_x)
@@ -196,7 +186,7 @@ def removal_curve(
         dims = order[:n]
         tr_n, te_n = remove_dims(tr, dims), remove_dims(te, dims)
         knn = knn_predict(tr_n, train_y, te_n, n_classes=n_classes, ignore_index=ignore_index, **knn_kwargs)
-        knn_m = segmentation_metrics(knn.cpu().numpy(), target, n_classes, ignore_index, eval_classes)
+        knn_m = segmentation_metrics(knn.cpu().numpy(), target, n_classes, ignore_index, eval_classes, average)
         row = {
             "n_removed": n,
             "knn_miou": knn_m["miou"],
@@ -207,7 +197,7 @@ def removal_curve(
         if linear_kwargs is not None:
             probe = LinearProbe(n_classes=n_classes, ignore_index=ignore_index, **linear_kwargs)
             lin = probe.fit(tr_n, train_y).predict(te_n)
-            lin_m = segmentation_metrics(lin.cpu().numpy(), target, n_classes, ignore_index, eval_classes)
+            lin_m = segmentation_metrics(lin.cpu().numpy(), target, n_classes, ignore_index, eval_classes, average)
             row["linear_miou"] = lin_m["miou"]
             row["linear_pixel_accuracy"] = lin_m["pixel_accuracy"]
         rows.append(row)

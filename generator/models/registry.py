@@ -81,6 +81,9 @@ class ModelEntry:
     # has none (DINOv3: timm's ``*_qkvb`` twins); a checkpoint that carries such biases loads
     # into it, so they are never dropped.
     qkv_bias_architecture: str = ""
+    # A non-affine BatchNorm (exact train statistics) before the linear probe: the
+    # local-representations paper uses it for MAE only ("We do not use BatchNorm for SimMIM").
+    probe_batchnorm: bool = False
 
     @property
     def architecture(self) -> str:
@@ -167,11 +170,11 @@ MODELS: dict[str, ModelEntry] = {
         _dinov3("dinov3_vith16plus", "vit_huge_plus_patch16_dinov3", "DINOv3 ViT-H+/16"),
         _dinov3("dinov3_vitl16_sat", "vit_large_patch16_dinov3", "DINOv3 ViT-L/16 (satellite)", tag="sat493m"),
         ModelEntry("mae_vitb16", "vit_base_patch16_224.mae", "MIM", 16, 224, 224, 1,
-                   license="cc-by-nc-4.0", description="MAE ViT-B/16 (encoder, no masking)"),
+                   license="cc-by-nc-4.0", description="MAE ViT-B/16 (encoder, no masking)", probe_batchnorm=True),
         ModelEntry("mae_vitl16", "vit_large_patch16_224.mae", "MIM", 16, 224, 224, 1,
-                   license="cc-by-nc-4.0", description="MAE ViT-L/16 (encoder, no masking)"),
+                   license="cc-by-nc-4.0", description="MAE ViT-L/16 (encoder, no masking)", probe_batchnorm=True),
         ModelEntry("mae_vith14", "vit_huge_patch14_224.mae", "MIM", 14, 224, 224, 1,
-                   license="cc-by-nc-4.0", description="MAE ViT-H/14 (encoder, no masking)"),
+                   license="cc-by-nc-4.0", description="MAE ViT-H/14 (encoder, no masking)", probe_batchnorm=True),
         *[ModelEntry(f"eva02_vit{size[0]}14_mim", f"eva02_{size}_patch14_224.mim_in22k", "MIM", 14, 224, 224, 1,
                      mean=CLIP_MEAN, std=CLIP_STD, license="mit",
                      description=f"EVA-02 ViT-{size[0].upper()}/14 MIM (IN-22k)")
