@@ -468,10 +468,11 @@ def build(out, sources, source_options, models, layers, norms, curve_layers, lab
 @click.option("--offline/--online", default=None, help="Check as an offline build would run.")
 def doctor(out, weights, offline):
     """Check torch/CUDA, disk, write access, site tools, Hub login and which weights are available."""
-    _set_offline(offline)
+    if offline is not None:
+        _offline_env(offline)  # not _set_offline: the doctor reports the Hub, it does not switch
     from generator.doctor import run_checks
 
-    checks = run_checks(out, _parse_weights(weights, must_exist=False))
+    checks = run_checks(out, _parse_weights(weights, must_exist=False), hub_required=offline is False)
     marks = {"ok": "ok  ", "warn": "warn", "fail": "FAIL"}
     for check in checks:
         click.echo(f"[{marks[check.status]}] {check.name:<28} {check.detail}")

@@ -55,16 +55,26 @@ def check_site_tools() -> list[Check]:
         return [Check("mkdocs", "fail", f"{err.name} is missing: `pip install mkdocs-material`")]
 
 
-def check_hub() -> list[Check]:
+def check_hub(required: bool = False) -> list[Check]:
+    """The Hub as a build here would meet it: the mode, and what one probe of the endpoint found."""
     from huggingface_hub import constants, get_token
 
-    offline = constants.HF_HUB_OFFLINE
+    from generator.sources.hub import _offline_flag, probe_hub
+
     token = get_token()  # never printed: only whether there is one
-    return [
-        Check("hub mode", "ok", "offline (HF_HUB_OFFLINE=1): only cached weights" if offline else "online"),
-        Check("hub login", "ok" if token else "warn",
-              "a token is configured" if token else "no token: gated models (e.g. DINOv3) cannot be downloaded"),
-    ]
+    login = Check("hub login", "ok" if token else "warn",
+                  "a token is configured" if token else "no token: gated models (e.g. DINOv3) cannot be downloaded")
+    if _offline_flag():
+        return [Check("hub mode", "ok", f"offline (HF_HUB_OFFLINE=1): only cached weights; {constants.ENDPOINT} "
+                                        f"not probed"), login]
+    probe = probe_hub()
+    if probe.reachable:
+        reach = Check("hub endpoint", "ok", probe.describe())
+    else:
+        reach = Check("hub endpoint", "fail" if required else "warn",
+                      probe.describe() + ("; --online builds fail" if required else
+                                          "; a build would read the local cache only (HF_HUB_OFFLINE=1)"))
+    return [Check("hub mode", "ok", "online"), reach, login]
 
 
 def cached_weights(hf_hub_id: str, cache_dir: str | None = None) -> str | None:
@@ -125,5 +135,7 @@ def check_weights(weights: dict[str, str], cache_dir: str | None = None) -> list
     return checks
 
 
-def run_checks(out: Path, weights: dict[str, str], cache_dir: str | None = None) -> list[Check]:
-    return check_torch() + check_output(out) + check_site_tools() + check_hub() + check_weights(weights, cache_dir)
+def run_checks(out: Path, weights: dict[str, str], cache_dir: str | None = None,
+               hub_required: bool = False) -> list[Check]:
+    return (check_torch() + check_output(out) + check_site_tools() + check_hub(hub_required)
+            + check_weights(weights, cache_dir))
