@@ -20,6 +20,10 @@ DEFAULT_OUT = "build"
 
 log = logging.getLogger("patchatlas")
 
+# What `patchatlas[full]` adds to the base (read-only) install; see pyproject.toml.
+FULL_INSTALL_MODULES = {"torch", "torchvision", "timm", "sklearn", "scipy", "jinja2", "mkdocs", "material",
+                        "matplotlib"}
+
 # Named protocols: defaults for several options at once (options given explicitly still win).
 PRESETS = {
     "paper-cityscapes": {
@@ -549,6 +553,12 @@ def main(argv: list[str] | None = None) -> int:
     except PatchAtlasError as err:
         click.echo(f"error: {err}", err=True)
         return getattr(err, "exit_code", 2)
+    except ModuleNotFoundError as err:
+        if (err.name or "").split(".")[0] not in FULL_INSTALL_MODULES:
+            raise
+        click.echo(f"error: {err.name} is not installed, and this command needs it: "
+                   f"`pip install 'patchatlas[full]'` (the base install only reads datasets)", err=True)
+        return 2
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         return 130

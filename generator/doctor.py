@@ -89,7 +89,7 @@ def cached_weights(hf_hub_id: str, cache_dir: str | None = None) -> str | None:
 
 def weights_available(entry, weights: dict[str, str], cache_dir: str | None = None) -> bool:
     """Whether a build here could load the model without a download."""
-    import timm
+    from generator.models.registry import weights_hub_id
 
     if not entry.pretrained:
         return True
@@ -102,14 +102,12 @@ def weights_available(entry, weights: dict[str, str], cache_dir: str | None = No
 
         repo_id, filename = entry.hub_file.rsplit("/", 1)
         return isinstance(try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir), str)
-    cfg = timm.models.get_pretrained_cfg(entry.timm_id)
-    return bool(cfg and cfg.hf_hub_id and cached_weights(cfg.hf_hub_id, cache_dir))
+    hub_id = weights_hub_id(entry)
+    return bool(hub_id and cached_weights(hub_id, cache_dir))
 
 
 def check_weights(weights: dict[str, str], cache_dir: str | None = None) -> list[Check]:
-    import timm
-
-    from generator.models.registry import MODELS
+    from generator.models.registry import MODELS, weights_hub_id
 
     checks = []
     for entry in MODELS.values():
@@ -125,8 +123,7 @@ def check_weights(weights: dict[str, str], cache_dir: str | None = None) -> list
                                 f"original checkpoint in the cache ({entry.hub_file})" if found else
                                 f"needs its original {entry.checkpoint_format} checkpoint: --weights {entry.name}=PATH"))
         else:
-            cfg = timm.models.get_pretrained_cfg(entry.timm_id)
-            hub_id = cfg.hf_hub_id if cfg else None
+            hub_id = weights_hub_id(entry)
             found = cached_weights(hub_id, cache_dir) if hub_id else None
             checks.append(Check(f"weights {entry.name}", "ok" if found else "warn",
                                 f"in the local cache ({hub_id})" if found else

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -143,3 +144,51 @@ def test_mistyped_weights_path_is_named_before_any_work(tmp_path, tiny_models, c
     assert code == 2
     assert str(missing) in capsys.readouterr().err
     assert not (tmp_path / "out" / "manifest.json").exists()
+
+
+# --- packaging: the light commands stay light -------------------------------------------------
+
+FULL_ONLY = ("torch", "torchvision", "timm", "sklearn", "scipy", "jinja2", "mkdocs", "material", "matplotlib")
+WITHOUT_FULL_INSTALL = f"""
+import sys
+# As in an environment with only the base install: None in sys.modules makes an import fail
+# with ModuleNotFoundError and importlib.util.find_spec answer None.
+sys.modules.update(dict.fromkeys({FULL_ONLY!r}))
+from generator.cli import main
+import generator.store.parquet, generator.store.manifest
+codes = [main(["models"]), main(["datasets"]), main(["render", "--out", sys.argv[1], "--no-html"])]
+print("codes", codes)
+"""
+
+
+def test_models_datasets_and_reading_need_no_full_install(tmp_path):
+    done = subprocess.run([sys.executable, "-c", WITHOUT_FULL_INSTALL, str(tmp_path)], capture_output=True,
+                          text=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "codes [0, 0, 2]" in done.stdout, done.stdout + done.stderr
+    assert "dino_vits16" in done.stdout and "synthetic-scenes" in done.stdout
+    assert "pip install 'patchatlas[full]'" in done.stderr  # render does need it, and says so
+
+
+def test_pyproject_says_what_the_code_needs():
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    assert project["requires-python"] == ">=3.11"  # tomllib
+    assert {"Homepage", "Documentation", "Repository"} <= set(project["urls"])
+    base = {re.split(r"[<>=!\[ ;]", d)[0].lower() for d in project["dependencies"]}
+    assert not base & {"torch", "torchvision", "timm", "scikit-learn", "scipy", "matplotlib"}
+    extras = project["optional-dependencies"]
+    assert "read" in extras and "patchatlas[full]" in extras["test"]
+    full = {re.split(r"[<>=!\[ ;]", d)[0].lower() for d in extras["full"]}
+    assert {"torch", "timm", "mkdocs"} <= full
+
+
+def test_written_model_facts_match_timm():
+    # Every row has facts for its current timm id and arguments (else `models` pays for timm),
+    # and they are what timm computes: checked on the default rows, the others share the code.
+    assert all(registry._facts(entry) is not None for entry in registry.MODELS.values()), \
+        "facts.json is stale: run `python -m generator.models.registry`"
+    defaults = [registry.MODELS[name] for name in registry.DEFAULT_MODELS]
+    fresh = registry.computed_facts(defaults)
+    assert {name: registry._written_facts()[name] for name in fresh} == fresh
