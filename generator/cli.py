@@ -132,6 +132,11 @@ def _device(name: str, worker_rank: int | None = None) -> str:
     return name
 
 
+def _progress(quiet: bool) -> bool:
+    # Bars only for a person watching: in a log file or CI they are thousands of \r-lines.
+    return not quiet and sys.stderr.isatty()
+
+
 def _split(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
@@ -237,7 +242,7 @@ def _extract_options(f):
 
 def _common(f):
     f = click.option("--device", default="auto", show_default=True, help="'auto', 'cpu' or 'cuda[:N]'.")(f)
-    f = click.option("--quiet", is_flag=True, help="No progress bars.")(f)
+    f = click.option("--quiet", is_flag=True, help="No progress bars (there are none when stderr is not a terminal).")(f)
     return f
 
 
@@ -308,7 +313,7 @@ def _do_extract(out, sources, source_options, models, layers, norms, curve_layer
     options = ExtractOptions(layers=layers, norms=_split(norms), label_rule=label_rule, batch_size=batch_size,
                              device=_device(device, rank if world_size > 1 else None),
                              weights=weights, trust_checkpoints=tuple(trust_checkpoints),
-                             progress=not quiet, embedding_dtype=embedding_dtype,
+                             progress=_progress(quiet), embedding_dtype=embedding_dtype,
                              shard_bytes=int(shard_mb * 1e6), rank=rank, world_size=world_size,
                              curve_layers=curve_layers, knn_k=knn_k, knn_similarity=knn_similarity, decode=decode,
                              compile_blocks=compile_blocks, resize=resize, input_size=_parse_input_size(input_size))
@@ -359,14 +364,14 @@ def _do_analyze(out, ks, seed, knn_k, knn_similarity, linear_epochs, device, qui
         raise PatchAtlasError(f"--k {ks!r}: expected comma-separated integers such as 4,8,16") from None
     return run_analyze(out, AnalyzeOptions(ks=k_values, seed=seed, knn_k=knn_k, knn_similarity=knn_similarity,
                                            linear_epochs=linear_epochs, device=_device(device),
-                                           progress=not quiet))
+                                           progress=_progress(quiet)))
 
 
 def _do_render(out, gallery_images, gallery_k, no_html, quiet=False):
     from generator.site import RenderOptions, run_render
 
     return run_render(out, RenderOptions(gallery_images=gallery_images, gallery_k=gallery_k, build_html=not no_html,
-                                         progress=not quiet))
+                                         progress=_progress(quiet)))
 
 
 @cli.command()

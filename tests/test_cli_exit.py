@@ -192,3 +192,20 @@ def test_written_model_facts_match_timm():
     defaults = [registry.MODELS[name] for name in registry.DEFAULT_MODELS]
     fresh = registry.computed_facts(defaults)
     assert {name: registry._written_facts()[name] for name in fresh} == fresh
+
+
+def test_no_progress_bars_when_stderr_is_not_a_terminal(tmp_path, tiny_models, capsys):
+    assert main(["extract", "--out", str(tmp_path), "--models", "tiny_random",
+                 *[a for a in SOURCE if a != "--quiet"]]) == 0
+    err = capsys.readouterr().err
+    assert "it/s" not in err and "%|" not in err, err
+
+
+def test_verbose_flag_logs_the_hub_probe(tmp_path, hub_online, capsys):
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        hub_online(f"http://127.0.0.1:{server.getsockname()[1]}")
+        assert main(["-v", "extract", "--out", str(tmp_path), "--models", "nonexistent_model", *SOURCE]) == 2
+    err = capsys.readouterr().err
+    assert "info: Hugging Face Hub reachable at http://127.0.0.1:" in err
