@@ -148,6 +148,10 @@ def _parse_weights(pairs: tuple[str, ...], must_exist: bool = True) -> dict[str,
         if not sep or not name or not path:
             raise PatchAtlasError(f"--weights {pair!r}: expected MODEL=PATH, e.g. dino_vits16=~/ckpt/dino.pth")
         weights[name.strip()] = str(Path(path).expanduser())
+        if must_exist:
+            from generator.models.registry import get_model_entry
+
+            get_model_entry(name.strip())  # an unknown name is the first thing to say
         if must_exist and not Path(weights[name.strip()]).is_file():
             raise PatchAtlasError(f"--weights {pair}: no such file {weights[name.strip()]}; check the path")
     return weights

@@ -351,7 +351,7 @@ def test_build_summary_manifest_and_site_show_skips(folder, tmp_path, tiny_model
     assert code == 0, captured.err
     # One line per skipped input while extracting, and again in the summary.
     for path in skipped:
-        assert sum(path in line and line.startswith("skipped input of scenes") for line in
+        assert sum(path in line and line.startswith("warning: skipped input of scenes") for line in
                    captured.err.splitlines()) == 1, path
         assert sum(path in line and "SKIPPED input" in line for line in captured.out.splitlines()) == 1, path
     manifest = json.loads((out / "manifest.json").read_text())
