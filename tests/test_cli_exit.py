@@ -209,3 +209,18 @@ def test_verbose_flag_logs_the_hub_probe(tmp_path, hub_online, capsys):
         assert main(["-v", "extract", "--out", str(tmp_path), "--models", "nonexistent_model", *SOURCE]) == 2
     err = capsys.readouterr().err
     assert "info: Hugging Face Hub reachable at http://127.0.0.1:" in err
+
+
+def test_encoder_says_the_hub_is_unreachable_rather_than_a_file_missing(hub_online, monkeypatch):
+    from generator.errors import WeightsUnavailable
+    from generator.models import encoder
+
+    closed = f"http://127.0.0.1:{_closed_port()}"
+    hub_online(closed)
+
+    def no_network(*args, **kwargs):
+        raise OSError("connection refused")  # what timm's download raises after its retries
+
+    monkeypatch.setattr(encoder.timm, "create_model", no_network)
+    with pytest.raises(WeightsUnavailable, match=f"Hub is unreachable \\({closed}"):
+        encoder.load_encoder(TINY_SUPERVISED)
