@@ -6,16 +6,23 @@ writes under one output folder (``--out``, default ``./build``).
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from pathlib import Path
 
 import click
 
-from generator.errors import PatchAtlasError
+from generator.errors import ModelsSkipped, PatchAtlasError
 from generator.store.lock import output_lock
 
 DEFAULT_OUT = "build"
+
+log = logging.getLogger("patchatlas")
+
+# What `patchatlas[full]` adds to the base (read-only) install; see pyproject.toml.
+FULL_INSTALL_MODULES = {"torch", "torchvision", "timm", "sklearn", "scipy", "jinja2", "mkdocs", "material",
+                        "matplotlib"}
 
 # Named protocols: defaults for several options at once (options given explicitly still win).
 PRESETS = {
@@ -74,10 +81,7 @@ def _config_option(f):
                              "command line win over it, and it wins over --preset.")(f)
 
 
-def _set_offline(offline: bool | None) -> None:
-    """Honour --offline/--online before any Hub call; the default follows HF_HUB_OFFLINE."""
-    if offline is None:
-        return
+def _offline_env(offline: bool) -> None:
     os.environ["HF_HUB_OFFLINE"] = "1" if offline else "0"
     try:
         from huggingface_hub import constants
@@ -85,6 +89,34 @@ def _set_offline(offline: bool | None) -> None:
         constants.HF_HUB_OFFLINE = offline  # read at import time; keep it in step with the env
     except ImportError:
         pass
+    if "datasets.config" in sys.modules:  # datasets, too, reads the variable once at import
+        sys.modules["datasets.config"].HF_HUB_OFFLINE = offline
+
+
+def _set_offline(offline: bool | None) -> None:
+    """Honour --offline/--online before any Hub call; the default follows HF_HUB_OFFLINE.
+
+    An online run probes the Hub once (a 3 s connection): unreachable, ``--online`` fails at
+    once, and the default switches the run to the local cache with one warning, rather than
+    every model retrying for ~55 s and being skipped in silence.
+    """
+    if offline is not None:
+        _offline_env(offline)
+    from generator.sources.hub import _offline_flag, probe_hub
+
+    if _offline_flag():
+        return
+    probe = probe_hub()
+    if probe.reachable:
+        log.info("Hugging Face Hub %s", probe.describe())
+        return
+    if offline is False:
+        raise PatchAtlasError(f"Hugging Face Hub unreachable ({probe.endpoint}: {probe.error}); run with "
+                              f"HF_HUB_OFFLINE=1 (or --offline) to use the local cache only, or --online after "
+                              f"fixing the network")
+    log.warning("Hugging Face Hub unreachable (%s: %s); this run uses the local cache only, as with "
+                "HF_HUB_OFFLINE=1 (--online makes this an error)", probe.endpoint, probe.error)
+    _offline_env(True)
 
 
 def _device(name: str, worker_rank: int | None = None) -> str:
@@ -101,17 +133,28 @@ def _device(name: str, worker_rank: int | None = None) -> str:
     return name
 
 
+def _progress(quiet: bool) -> bool:
+    # Bars only for a person watching: in a log file or CI they are thousands of \r-lines.
+    return not quiet and sys.stderr.isatty()
+
+
 def _split(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
-def _parse_weights(pairs: tuple[str, ...]) -> dict[str, str]:
+def _parse_weights(pairs: tuple[str, ...], must_exist: bool = True) -> dict[str, str]:
     weights = {}
     for pair in pairs:
         name, sep, path = pair.partition("=")
         if not sep or not name or not path:
             raise PatchAtlasError(f"--weights {pair!r}: expected MODEL=PATH, e.g. dino_vits16=~/ckpt/dino.pth")
         weights[name.strip()] = str(Path(path).expanduser())
+        if must_exist:
+            from generator.models.registry import get_model_entry
+
+            get_model_entry(name.strip())  # an unknown name is the first thing to say
+        if must_exist and not Path(weights[name.strip()]).is_file():
+            raise PatchAtlasError(f"--weights {pair}: no such file {weights[name.strip()]}; check the path")
     return weights
 
 
@@ -189,7 +232,13 @@ def _extract_options(f):
                           "checkpoints with their arguments or config): unpickling runs code, so only for "
                           "files of trusted origin (repeatable)."),
         click.option("--offline/--online", default=None,
-                     help="Only use locally cached weights (default: follow HF_HUB_OFFLINE)."),
+                     help="Only use locally cached weights (default: follow HF_HUB_OFFLINE; an unreachable "
+                          "Hub switches the run to the cache with a warning, and is an error with --online)."),
+        click.option("--allow-skipped", is_flag=True, default=False,
+                     help="Exit 0 even when a model named in --models or --weights was skipped (weights "
+                          "unavailable); the skipped models are still listed."),
+        click.option("--require-pretrained", is_flag=True, default=False,
+                     help="Fail (exit 3) unless at least one pretrained model ran, e.g. in a nightly build."),
     ]
     for option in reversed(options):
         f = option(f)
@@ -198,7 +247,7 @@ def _extract_options(f):
 
 def _common(f):
     f = click.option("--device", default="auto", show_default=True, help="'auto', 'cpu' or 'cuda[:N]'.")(f)
-    f = click.option("--quiet", is_flag=True, help="No progress bars.")(f)
+    f = click.option("--quiet", is_flag=True, help="No progress bars (there are none when stderr is not a terminal).")(f)
     return f
 
 
@@ -238,16 +287,35 @@ def _render_options(f):
     return f
 
 
+class _EchoHandler(logging.Handler):
+    # Through click.echo at each record, so the stream is the one in use now (tests swap it), and
+    # "warning: ..." lines read like the CLI's "error: ..." ones.
+    def emit(self, record: logging.LogRecord) -> None:
+        click.echo(f"{record.levelname.lower()}: {record.getMessage()}", err=True)
+
+
+def _configure_logging(verbose: int) -> None:
+    """Diagnostics go to stderr: warnings always, -v adds progress notes, -vv debug detail."""
+    handler = _EchoHandler()
+    for logger in (log, logging.getLogger("generator")):
+        logger.handlers[:] = [handler]
+        logger.setLevel(logging.WARNING if not verbose else logging.INFO if verbose == 1 else logging.DEBUG)
+        logger.propagate = False
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="patchatlas")
-def cli():
+@click.option("-v", "--verbose", count=True, help="More diagnostics on stderr (-v notes, -vv debug).")
+def cli(verbose):
     """PatchAtlas: what self-supervised vision transformers see, patch by patch."""
+    _configure_logging(verbose)
 
 
 def _do_extract(out, sources, source_options, models, layers, norms, curve_layers, label_rule, resize,
                 input_size, batch_size,
                 embedding_dtype, decode, compile_blocks, shard_mb, weights, trust_checkpoints, offline, device, quiet, rank=0,
                 world_size=1, probe=None):
+    weights = _parse_weights(weights)  # a mistyped path fails before any work
     _set_offline(offline)
     from generator.extract import ExtractOptions, run_extract
     from generator.models.registry import DEFAULT_MODELS
@@ -263,11 +331,11 @@ def _do_extract(out, sources, source_options, models, layers, norms, curve_layer
     loaded = [load_source(name, **{k: v for k, v in params.items() if k in accepted[name]}) for name in names]
     for source in loaded:
         for skip in source.skipped:
-            click.echo(f"skipped input of {source.name}: {skip['path']}: {skip['reason']}", err=True)
+            log.warning("skipped input of %s: %s: %s", source.name, skip["path"], skip["reason"])
     options = ExtractOptions(layers=layers, norms=_split(norms), label_rule=label_rule, batch_size=batch_size,
                              device=_device(device, rank if world_size > 1 else None),
-                             weights=_parse_weights(weights), trust_checkpoints=tuple(trust_checkpoints),
-                             progress=not quiet, embedding_dtype=embedding_dtype,
+                             weights=weights, trust_checkpoints=tuple(trust_checkpoints),
+                             progress=_progress(quiet), embedding_dtype=embedding_dtype,
                              shard_bytes=int(shard_mb * 1e6), rank=rank, world_size=world_size,
                              curve_layers=curve_layers, decode=decode, compile_blocks=compile_blocks,
                              resize=resize, input_size=_parse_input_size(input_size),
@@ -276,8 +344,30 @@ def _do_extract(out, sources, source_options, models, layers, norms, curve_layer
     for source, rows in outcomes.items():
         for row in rows:
             if row.status == "skipped":
-                click.echo(f"skipped {row.model} on {source}: {row.reason}", err=True)
+                log.warning("skipped %s on %s: %s", row.model, source, row.reason)
     return outcomes
+
+
+def _check_skips(outcomes, models: str | None, weights: tuple[str, ...], allow_skipped: bool,
+                 require_pretrained: bool) -> None:
+    """Exit non-zero when a model the command line named did not run.
+
+    Models of the default set skipped for missing weights (the offline demo) leave the exit
+    code at 0; they are listed all the same.
+    """
+    from generator.models.registry import MODELS
+
+    named = set(_split(models)) if models else set()
+    named |= {pair.partition("=")[0].strip() for pair in weights}
+    rows = [row for rows in outcomes.values() for row in rows]
+    skipped = sorted({row.model for row in rows if row.status == "skipped" and row.model in named})
+    if skipped and not allow_skipped:
+        raise ModelsSkipped(f"{len(skipped)} model(s) named on the command line did not run: {', '.join(skipped)} "
+                            f"(reasons above); fix their weights, or pass --allow-skipped to accept a partial run")
+    ran = {row.model for row in rows if row.status in ("done", "reused", "worker")}
+    if require_pretrained and not any(MODELS[name].pretrained for name in ran if name in MODELS):
+        raise ModelsSkipped("--require-pretrained: no pretrained model ran (only untrained baselines, or none); "
+                            "see the skipped models above")
 
 
 def _skipped_inputs(out: Path, source_names) -> dict[str, list[dict]]:
@@ -296,14 +386,14 @@ def _do_analyze(out, ks, seed, probe, device, quiet):
     except ValueError:
         raise PatchAtlasError(f"--k {ks!r}: expected comma-separated integers such as 4,8,16") from None
     return run_analyze(out, AnalyzeOptions(ks=k_values, seed=seed, probe=probe, device=_device(device),
-                                           progress=not quiet))
+                                           progress=_progress(quiet)))
 
 
 def _do_render(out, gallery_images, gallery_k, no_html, quiet=False):
     from generator.site import RenderOptions, run_render
 
     return run_render(out, RenderOptions(gallery_images=gallery_images, gallery_k=gallery_k, build_html=not no_html,
-                                         progress=not quiet))
+                                         progress=_progress(quiet)))
 
 
 @cli.command()
@@ -319,8 +409,8 @@ def _do_render(out, gallery_images, gallery_k, no_html, quiet=False):
 @_common
 def extract(out, sources, source_options, models, layers, norms, curve_layers, label_rule, resize, input_size,
             batch_size,
-            embedding_dtype, decode, compile_blocks, shard_mb, weights, trust_checkpoints, offline, rank, world_size, device, quiet,
-            **probe_options):
+            embedding_dtype, decode, compile_blocks, shard_mb, weights, trust_checkpoints, offline, allow_skipped,
+            require_pretrained, rank, world_size, device, quiet, **probe_options):
     """Run models over datasets; write patch-embedding dataset repos under OUT/datasets.
 
     Distributed: `torchrun --nproc-per-node N -m generator.cli extract ...` runs N workers that
@@ -341,6 +431,7 @@ def extract(out, sources, source_options, models, layers, norms, curve_layers, l
         click.echo(f"worker {rank} of {world_size} done; when every worker is, run `patchatlas extract` with the "
                    f"same options (no RANK/WORLD_SIZE) to merge")
     click.echo(f"datasets: {out / 'datasets'}")
+    _check_skips(outcomes, models, weights, allow_skipped, require_pretrained)
 
 
 @cli.command()
@@ -380,8 +471,8 @@ def render(out, gallery_images, gallery_k, no_html, quiet):
 @_common
 def build(out, sources, source_options, models, layers, norms, curve_layers, label_rule, resize, input_size,
           batch_size,
-          embedding_dtype, decode, compile_blocks, shard_mb, weights, trust_checkpoints, offline, ks, seed, gallery_images,
-          gallery_k, no_html, device, quiet, **probe_options):
+          embedding_dtype, decode, compile_blocks, shard_mb, weights, trust_checkpoints, offline, allow_skipped,
+          require_pretrained, ks, seed, gallery_images, gallery_k, no_html, device, quiet, **probe_options):
     """extract + analyze + render, resuming whatever is already done."""
     probe = _probe_protocol(**probe_options)  # one protocol for the streamed curves and the analyses
     with output_lock(out):
@@ -403,6 +494,7 @@ def build(out, sources, source_options, models, layers, norms, curve_layers, lab
             click.echo(f"  {source}: SKIPPED input {skip['path']}: {skip['reason']}")
     click.echo(f"  datasets: {(out / 'datasets').resolve()}")
     click.echo(f"  site:     {Path(site).resolve()}" + ("/index.html" if not no_html else ""))
+    _check_skips(outcomes, models, weights, allow_skipped, require_pretrained)
 
 
 @cli.command()
@@ -411,10 +503,11 @@ def build(out, sources, source_options, models, layers, norms, curve_layers, lab
 @click.option("--offline/--online", default=None, help="Check as an offline build would run.")
 def doctor(out, weights, offline):
     """Check torch/CUDA, disk, write access, site tools, Hub login and which weights are available."""
-    _set_offline(offline)
+    if offline is not None:
+        _offline_env(offline)  # not _set_offline: the doctor reports the Hub, it does not switch
     from generator.doctor import run_checks
 
-    checks = run_checks(out, _parse_weights(weights))
+    checks = run_checks(out, _parse_weights(weights, must_exist=False), hub_required=offline is False)
     marks = {"ok": "ok  ", "warn": "warn", "fail": "FAIL"}
     for check in checks:
         click.echo(f"[{marks[check.status]}] {check.name:<28} {check.detail}")
@@ -432,7 +525,7 @@ def models_cmd(weights):
     from generator.doctor import weights_available
     from generator.models.registry import MODELS, parameter_count
 
-    local = _parse_weights(weights)
+    local = _parse_weights(weights, must_exist=False)
     click.echo(f"{'name':<20} {'family':<10} {'params':>7} {'patch':>5} {'input':>5}  {'licence':<15} {'here':<4} source")
     for entry in MODELS.values():
         source = entry.timm_id if entry.pretrained and not entry.checkpoint_format else (
@@ -490,6 +583,12 @@ def main(argv: list[str] | None = None) -> int:
         code = cli.main(args=argv, prog_name="patchatlas", standalone_mode=False)
     except PatchAtlasError as err:
         click.echo(f"error: {err}", err=True)
+        return getattr(err, "exit_code", 2)
+    except ModuleNotFoundError as err:
+        if (err.name or "").split(".")[0] not in FULL_INSTALL_MODULES:
+            raise
+        click.echo(f"error: {err.name} is not installed, and this command needs it: "
+                   f"`pip install 'patchatlas[full]'` (the base install only reads datasets)", err=True)
         return 2
     except click.exceptions.Abort:
         click.echo("aborted", err=True)

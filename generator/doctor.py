@@ -55,16 +55,26 @@ def check_site_tools() -> list[Check]:
         return [Check("mkdocs", "fail", f"{err.name} is missing: `pip install mkdocs-material`")]
 
 
-def check_hub() -> list[Check]:
+def check_hub(required: bool = False) -> list[Check]:
+    """The Hub as a build here would meet it: the mode, and what one probe of the endpoint found."""
     from huggingface_hub import constants, get_token
 
-    offline = constants.HF_HUB_OFFLINE
+    from generator.sources.hub import _offline_flag, probe_hub
+
     token = get_token()  # never printed: only whether there is one
-    return [
-        Check("hub mode", "ok", "offline (HF_HUB_OFFLINE=1): only cached weights" if offline else "online"),
-        Check("hub login", "ok" if token else "warn",
-              "a token is configured" if token else "no token: gated models (e.g. DINOv3) cannot be downloaded"),
-    ]
+    login = Check("hub login", "ok" if token else "warn",
+                  "a token is configured" if token else "no token: gated models (e.g. DINOv3) cannot be downloaded")
+    if _offline_flag():
+        return [Check("hub mode", "ok", f"offline (HF_HUB_OFFLINE=1): only cached weights; {constants.ENDPOINT} "
+                                        f"not probed"), login]
+    probe = probe_hub()
+    if probe.reachable:
+        reach = Check("hub endpoint", "ok", probe.describe())
+    else:
+        reach = Check("hub endpoint", "fail" if required else "warn",
+                      probe.describe() + ("; --online builds fail" if required else
+                                          "; a build would read the local cache only (HF_HUB_OFFLINE=1)"))
+    return [Check("hub mode", "ok", "online"), reach, login]
 
 
 def cached_weights(hf_hub_id: str, cache_dir: str | None = None) -> str | None:
@@ -79,7 +89,7 @@ def cached_weights(hf_hub_id: str, cache_dir: str | None = None) -> str | None:
 
 def weights_available(entry, weights: dict[str, str], cache_dir: str | None = None) -> bool:
     """Whether a build here could load the model without a download."""
-    import timm
+    from generator.models.registry import weights_hub_id
 
     if not entry.pretrained:
         return True
@@ -92,14 +102,12 @@ def weights_available(entry, weights: dict[str, str], cache_dir: str | None = No
 
         repo_id, filename = entry.hub_file.rsplit("/", 1)
         return isinstance(try_to_load_from_cache(repo_id, filename, cache_dir=cache_dir), str)
-    cfg = timm.models.get_pretrained_cfg(entry.timm_id)
-    return bool(cfg and cfg.hf_hub_id and cached_weights(cfg.hf_hub_id, cache_dir))
+    hub_id = weights_hub_id(entry)
+    return bool(hub_id and cached_weights(hub_id, cache_dir))
 
 
 def check_weights(weights: dict[str, str], cache_dir: str | None = None) -> list[Check]:
-    import timm
-
-    from generator.models.registry import MODELS
+    from generator.models.registry import MODELS, weights_hub_id
 
     checks = []
     for entry in MODELS.values():
@@ -115,8 +123,7 @@ def check_weights(weights: dict[str, str], cache_dir: str | None = None) -> list
                                 f"original checkpoint in the cache ({entry.hub_file})" if found else
                                 f"needs its original {entry.checkpoint_format} checkpoint: --weights {entry.name}=PATH"))
         else:
-            cfg = timm.models.get_pretrained_cfg(entry.timm_id)
-            hub_id = cfg.hf_hub_id if cfg else None
+            hub_id = weights_hub_id(entry)
             found = cached_weights(hub_id, cache_dir) if hub_id else None
             checks.append(Check(f"weights {entry.name}", "ok" if found else "warn",
                                 f"in the local cache ({hub_id})" if found else
@@ -125,5 +132,7 @@ def check_weights(weights: dict[str, str], cache_dir: str | None = None) -> list
     return checks
 
 
-def run_checks(out: Path, weights: dict[str, str], cache_dir: str | None = None) -> list[Check]:
-    return check_torch() + check_output(out) + check_site_tools() + check_hub() + check_weights(weights, cache_dir)
+def run_checks(out: Path, weights: dict[str, str], cache_dir: str | None = None,
+               hub_required: bool = False) -> list[Check]:
+    return (check_torch() + check_output(out) + check_site_tools() + check_hub(hub_required)
+            + check_weights(weights, cache_dir))

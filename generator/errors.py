@@ -16,3 +16,9 @@ class WeightsUnavailable(PatchAtlasError):
 
 class UnknownName(PatchAtlasError):
     """A model or dataset name that is not in its registry."""
+
+
+class ModelsSkipped(PatchAtlasError):
+    """Models a run was asked for did not run; what did run is written, and the exit code says so."""
+
+    exit_code = 3

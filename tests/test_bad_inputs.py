@@ -26,6 +26,10 @@ unknown model name (near matches)           error       test_models::test_unknow
                                                         test_pipeline::test_unknown_model_is_rejected_before_any_work
 unknown dataset id offline                  error       test_sources_real::test_hub_offline_fails_fast_and_points_to_local_folder
 checkpoint with missing or extra keys       error       test_models::test_checkpoint_with_missing_or_extra_keys_is_rejected_with_its_path
+mistyped --weights path                     error       test_cli_exit::test_mistyped_weights_path_is_named_before_any_work
+named model without weights                 exit 3      test_cli_exit::test_named_model_skipped_fails_unless_allowed
+unreachable Hub                             error/warn  test_cli_exit::test_unreachable_hub_with_online_fails_at_once_in_one_line,
+                                                        test_cli_exit::test_unreachable_hub_by_default_reads_the_cache_with_one_warning
 NaN/inf tokens                              error       test_nan_weights_fail_naming_the_model_and_keep_other_models
 full disk                                   error       test_full_disk_names_the_file_and_keeps_the_previous_one,
                                                         test_full_disk_in_the_parquet_writer_keeps_the_previous_table,
@@ -99,6 +103,10 @@ COVERAGE = {
     "checkpoint with missing or extra keys": [
         "test_models::test_checkpoint_with_missing_or_extra_keys_is_rejected_with_its_path",
         "test_checkpoints::test_missing_key_is_named_with_the_file", "test_checkpoints::test_unexpected_key_is_named"],
+    "mistyped --weights path": ["test_cli_exit::test_mistyped_weights_path_is_named_before_any_work"],
+    "named model without weights": ["test_cli_exit::test_named_model_skipped_fails_unless_allowed"],
+    "unreachable Hub": ["test_cli_exit::test_unreachable_hub_with_online_fails_at_once_in_one_line",
+                        "test_cli_exit::test_unreachable_hub_by_default_reads_the_cache_with_one_warning"],
     "NaN/inf tokens": ["test_nan_weights_fail_naming_the_model_and_keep_other_models"],
     "full disk": ["test_full_disk_names_the_file_and_keeps_the_previous_one",
                   "test_full_disk_in_the_parquet_writer_keeps_the_previous_table",
@@ -343,7 +351,7 @@ def test_build_summary_manifest_and_site_show_skips(folder, tmp_path, tiny_model
     assert code == 0, captured.err
     # One line per skipped input while extracting, and again in the summary.
     for path in skipped:
-        assert sum(path in line and line.startswith("skipped input of scenes") for line in
+        assert sum(path in line and line.startswith("warning: skipped input of scenes") for line in
                    captured.err.splitlines()) == 1, path
         assert sum(path in line and "SKIPPED input" in line for line in captured.out.splitlines()) == 1, path
     manifest = json.loads((out / "manifest.json").read_text())

@@ -46,3 +46,28 @@ def test_unwritable_output_folder_is_named(tmp_path):
     with pytest.raises(PatchAtlasError, match="file-not-folder"):
         with output_lock(target / "out"):
             pass
+
+
+def test_the_holder_is_recorded_beside_the_lock(tmp_path):
+    from generator.store.lock import HOLDER_NAME
+
+    with output_lock(tmp_path):
+        assert (tmp_path / HOLDER_NAME).read_text().startswith(f"PID {os.getpid()} (")
+
+
+def test_workers_run_together_but_never_beside_a_build(tmp_path):
+    with output_lock(tmp_path, worker=(0, 2)):
+        with output_lock(tmp_path, worker=(1, 2)):  # another rank: together
+            pass
+        with pytest.raises(PatchAtlasError, match="worker 0 of 2 is already running"):
+            with output_lock(tmp_path, worker=(0, 2)):
+                pass
+        with pytest.raises(PatchAtlasError, match="in use by the workers of a distributed extract"):
+            with output_lock(tmp_path):
+                pass
+    with output_lock(tmp_path):
+        with pytest.raises(PatchAtlasError, match=f"in use by PID {os.getpid()}"):
+            with output_lock(tmp_path, worker=(0, 2)):
+                pass
+    with output_lock(tmp_path, worker=(0, 2)):  # every lock let go
+        pass

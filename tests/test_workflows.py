@@ -112,7 +112,9 @@ def test_nightly_builds_on_a_gpu_runner_with_the_hub_token(nightly_wf):
     assert order.index("make install") < order.index("patchatlas build")
     build = step_named(nightly_wf, "patchatlas build")
     assert ".venv/bin/patchatlas build --out build --online --device cuda" in build["run"]
-    assert build["env"]["HF_TOKEN"] == "${{ secrets.HF_TOKEN }}"
+    assert "--require-pretrained" in build["run"]  # no real model ran: the night fails
+    # The build downloads with a read-only token; the write token is the push step's alone.
+    assert build["env"]["HF_TOKEN"] == "${{ secrets.HF_READ_TOKEN }}"
     assert step_named(nightly_wf, "make install")["run"].strip() == "make install"
 
 
@@ -124,11 +126,25 @@ def test_nightly_never_shows_the_token_and_keeps_expressions_out_of_scripts(nigh
         for line in script.splitlines():
             assert not ("HF_TOKEN" in line and re.search(r"\b(echo|printf|set -x|env)\b", line)), line
     secrets = re.findall(r"\$\{\{\s*secrets\.(\w+)\s*\}\}", NIGHTLY_YML.read_text())
-    assert set(secrets) == {"HF_TOKEN"}
+    assert set(secrets) == {"HF_TOKEN", "HF_READ_TOKEN"}
     for step in all_steps(nightly_wf):
         for key, value in step.get("env", {}).items():
             if "secrets." in str(value):
                 assert key == "HF_TOKEN", f"step {step.get('name')!r} passes a secret as {key}"
+    # The write token: only in the push step's env, never at the workflow or job level.
+    holders = [s.get("name") for s in all_steps(nightly_wf) if "secrets.HF_TOKEN" in str(s.get("env", {}))]
+    assert holders == ["Push changed datasets to the Hub"]
+    assert "secrets." not in str(nightly_wf.get("env", {}))
+    assert all("secrets." not in str(job.get("env", {})) for job in nightly_wf["jobs"].values())
+
+
+def test_nightly_caches_downloads_and_runs_one_at_a_time(nightly_wf):
+    cached = {str(step["with"]["path"]).strip() for step in steps_using(nightly_wf, "actions/cache")}
+    assert cached == {"~/.cache/pip", "~/.cache/huggingface/hub"}
+    order = [s.get("name") for s in nightly_wf["jobs"]["build"]["steps"]]
+    assert max(order.index("Cache pip downloads"), order.index("Cache Hugging Face weights")) \
+        < order.index("make install")
+    assert nightly_wf["concurrency"] == {"group": "nightly", "cancel-in-progress": False}
 
 
 def test_nightly_deploys_the_site_to_pages(nightly_wf):
@@ -240,7 +256,7 @@ def test_build_step_runs_the_build_and_fails_when_it_fails_despite_the_log_pipe(
     (runner["work"] / "build" / "manifest.json").write_text('{"entries": {}}')
     done = runner["run"](step, HF_TOKEN="hf_secret")
     assert done.returncode == 0, done.stderr
-    assert runner["calls"]() == ["build --out build --online --device cuda --quiet"]
+    assert runner["calls"]() == ["build --out build --online --device cuda --quiet --require-pretrained"]
     # The previous manifest is kept for the summary, and the build's output is logged.
     assert (runner["temp"] / "manifest-before.json").read_text() == '{"entries": {}}'
     assert "patchatlas build output" in (runner["temp"] / "build.log").read_text()

@@ -456,6 +456,12 @@ def load_encoder(entry: ModelEntry, *, checkpoint: str | Path | None = None,
     except (OSError, ConnectionError, ValueError) as err:
         # huggingface_hub's LocalEntryNotFoundError/GatedRepoError and urllib errors are OSErrors.
         hint = "gated on the Hub: log in and accept the licence" if entry.gated else "not in the local Hugging Face cache"
+        from generator.sources.hub import _offline_flag, probe_hub
+
+        if not _offline_flag() and not (probe := probe_hub()).reachable:
+            # Online mode failing for want of a network reads like a missing file otherwise.
+            hint = (f"the Hugging Face Hub is unreachable ({probe.endpoint}: {probe.error}) and it is not in "
+                    f"the local cache; HF_HUB_OFFLINE=1 skips the Hub")
         raise WeightsUnavailable(
             entry.name,
             f"{hint}; download {entry.timm_id} once with network, or pass --weights "

@@ -9,7 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from generator.errors import PatchAtlasError, UnknownName
 
@@ -222,9 +225,54 @@ def _meta_model(entry: ModelEntry):
         return timm.create_model(entry.architecture, pretrained=False, num_classes=0, **entry.create_kwargs())
 
 
+def _count_parameters(entry: ModelEntry) -> int:
+    return sum(p.numel() for p in _meta_model(entry).parameters())
+
+
+def _timm_hub_id(entry: ModelEntry) -> str | None:
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(entry.timm_id) if entry.pretrained else None
+    return cfg.hf_hub_id if cfg and cfg.hf_hub_id else None
+
+
+# What timm would compute for a row (its parameter count, the Hub repository of its weights),
+# written to facts.json so that listing the zoo imports neither torch nor timm (seconds each).
+# A row whose timm id or arguments changed since is computed again; tests/test_cli_exit.py checks
+# the file against timm, and `python -m generator.models.registry` rewrites it.
+FACTS_FILE = Path(__file__).with_name("facts.json")
+
+
+def _fingerprint(entry: ModelEntry) -> str:
+    return json.dumps([entry.timm_id, entry.create_kwargs()], sort_keys=True, default=repr)
+
+
+@functools.lru_cache(maxsize=1)
+def _written_facts() -> dict:
+    return json.loads(FACTS_FILE.read_text()) if FACTS_FILE.is_file() else {}
+
+
+def _facts(entry: ModelEntry) -> dict | None:
+    facts = _written_facts().get(entry.name)
+    return facts if facts and facts.get("fingerprint") == _fingerprint(entry) else None
+
+
 def parameter_count(entry: ModelEntry) -> int:
     """Parameters of the architecture."""
-    return sum(p.numel() for p in _meta_model(entry).parameters())
+    facts = _facts(entry)
+    return facts["params"] if facts else _count_parameters(entry)
+
+
+def weights_hub_id(entry: ModelEntry) -> str | None:
+    """The Hub repository timm loads the row's pretrained weights from (None: none on the Hub)."""
+    facts = _facts(entry)
+    return facts["hf_hub_id"] if facts else _timm_hub_id(entry)
+
+
+def computed_facts(entries=None) -> dict:
+    """The facts of ``entries`` (default: the zoo) as timm computes them now."""
+    return {e.name: {"fingerprint": _fingerprint(e), "params": _count_parameters(e), "hf_hub_id": _timm_hub_id(e)}
+            for e in (entries if entries is not None else MODELS.values())}
 
 
 @dataclass(frozen=True)
@@ -250,3 +298,8 @@ def get_model_entry(name: str) -> ModelEntry:
         raise UnknownName(
             f"unknown model {name!r}.{hint} Run `patchatlas models` to list the zoo."
         ) from None
+
+
+if __name__ == "__main__":
+    FACTS_FILE.write_text(json.dumps(computed_facts(), indent=1, sort_keys=True) + "\n")
+    print(f"wrote {FACTS_FILE}")

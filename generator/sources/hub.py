@@ -30,6 +30,7 @@ import io
 import os
 import re
 import socket
+import time
 from dataclasses import dataclass
 from typing import Any, Sequence
 from urllib.parse import urlparse
@@ -273,16 +274,50 @@ def _hub_endpoint() -> str:
         return "https://huggingface.co"
 
 
+@dataclass(frozen=True)
+class HubProbe:
+    """What one connection attempt to the Hub endpoint found."""
+
+    endpoint: str
+    reachable: bool
+    latency_s: float  # time to connect, or to fail
+    error: str = ""  # why it failed; "" when reachable
+
+    def describe(self) -> str:
+        if self.reachable:
+            return f"reachable at {self.endpoint} ({self.latency_s * 1000:.0f} ms)"
+        return f"unreachable at {self.endpoint} ({self.error}, after {self.latency_s:.1f} s)"
+
+
+# One probe per endpoint and process: every model and dataset of a run shares the answer.
+_PROBES: dict[tuple[str, float], HubProbe] = {}
+
+
+def probe_hub(endpoint: str | None = None, timeout_s: float = _PROBE_TIMEOUT_S, *, fresh: bool = False) -> HubProbe:
+    """One TCP connection to the Hub endpoint, cached for the process.
+
+    Without a network the Hub clients retry every file for ~25 s (~55 s per timm model); one
+    short connection says the same at once.
+    """
+    endpoint = endpoint or _hub_endpoint()
+    key = (endpoint, timeout_s)
+    if fresh or key not in _PROBES:
+        url = urlparse(endpoint)
+        host = url.hostname or "huggingface.co"
+        port = url.port or (443 if url.scheme != "http" else 80)
+        start = time.perf_counter()
+        try:
+            with socket.create_connection((host, port), timeout=timeout_s):
+                error = ""
+        except OSError as err:
+            error = f"{type(err).__name__}: {err.strerror or err}" if not isinstance(err, TimeoutError) else \
+                f"no answer within {timeout_s:g} s"
+        _PROBES[key] = HubProbe(endpoint, not error, time.perf_counter() - start, error)
+    return _PROBES[key]
+
+
 def hub_reachable(endpoint: str | None = None, timeout_s: float = _PROBE_TIMEOUT_S) -> bool:
-    """One TCP connection to the Hub endpoint: without a network the libraries retry for ~25 s."""
-    url = urlparse(endpoint or _hub_endpoint())
-    host = url.hostname or "huggingface.co"
-    port = url.port or (443 if url.scheme != "http" else 80)
-    try:
-        with socket.create_connection((host, port), timeout=timeout_s):
-            return True
-    except OSError:
-        return False
+    return probe_hub(endpoint, timeout_s).reachable
 
 
 def _unavailable(repo_id: str, reason: str) -> PatchAtlasError:

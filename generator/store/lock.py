@@ -1,10 +1,16 @@
 """One build at a time per output folder (or the workers of one distributed extract).
 
-An advisory ``flock`` on ``<out>/.patchatlas.lock``: the kernel releases it when the holder
-exits, even on SIGKILL, so a crashed build never leaves a stale lock behind. A build holds it
-exclusively and writes its PID and command into the file, so a second build can say who holds
-it. The workers of a distributed extract share it (each also holds an exclusive lock of its
-own rank), so they run together but never beside a build.
+``filelock`` locks ``<out>/.patchatlas.lock``; on Linux and macOS that is an advisory
+``flock``, which the kernel releases when the holder exits, even on SIGKILL, so a crashed
+build never leaves a stale lock behind. The holder writes its PID and command beside it
+(``.patchatlas.lock.holder``: the lock file itself is truncated by whoever tries it), so a
+second build can say who holds the folder.
+
+The workers of a distributed extract run together but never beside a build: each holds an
+exclusive lock of its own rank (``.patchatlas.lock.rank-R-of-N``) and then checks that no build
+holds the folder's lock; a build takes the folder's lock and then checks that no rank lock is
+held. Whichever comes second sees the first. (Only exclusive locks: filelock's shared locks are
+not in every release this project admits.)
 
 Whoever holds the lock exclusively owns every temporary file under the folder: those left by a
 killed run are removed on entry, so an interrupted build resumed leaves the same files as an
@@ -14,26 +20,43 @@ uninterrupted one.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import os
 import sys
 from pathlib import Path
 from typing import Iterator
 
+from filelock import FileLock, Timeout
+
 from generator.errors import PatchAtlasError
 
 LOCK_NAME = ".patchatlas.lock"
+HOLDER_NAME = f"{LOCK_NAME}.holder"
+RANK_GLOB = f"{LOCK_NAME}.rank-*-of-*"
 # The names generator.store.atomic gives its temporary files: ".<final name>.<random>.tmp".
 TEMPORARY_GLOB = ".*.tmp"
+# A worker's check of the folder's lock holds it for microseconds; another worker checking at
+# the same moment waits this long rather than taking the other's check for a build.
+WORKER_CHECK_S = 2.0
 
 
-def _open(path: Path, out: Path):
+def _prepare(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
-        return open(path, "a+")
+        with open(out / LOCK_NAME, "a"):
+            pass
     except OSError as err:
         raise PatchAtlasError(f"output folder {out}: cannot be written ({err.strerror}); "
                               f"choose another --out or fix its permissions") from err
+
+
+def _in_use(out: Path, holder: str | None = None) -> PatchAtlasError:
+    if holder is None:
+        try:
+            holder = (out / HOLDER_NAME).read_text().strip()
+        except OSError:
+            holder = ""
+    return PatchAtlasError(f"output folder {out} is in use by {holder or 'another patchatlas process'}; wait for "
+                           f"it to finish or use another --out")
 
 
 def remove_stale_temporaries(out: Path) -> list[Path]:
@@ -44,36 +67,52 @@ def remove_stale_temporaries(out: Path) -> list[Path]:
     return stale
 
 
+def _running_worker(out: Path) -> str | None:
+    """The rank lock some worker holds now, if any (each is tried and let go at once)."""
+    for path in sorted(out.glob(RANK_GLOB)):
+        lock = FileLock(path, timeout=0)
+        try:
+            lock.acquire()
+        except Timeout:
+            return path.name.removeprefix(f"{LOCK_NAME}.")
+        lock.release()
+    return None
+
+
 @contextlib.contextmanager
 def output_lock(out: str | os.PathLike, *, worker: tuple[int, int] | None = None) -> Iterator[Path]:
     """Hold ``out`` for this process; ``worker=(rank, world_size)`` for a distributed extract's worker."""
     out = Path(out)
-    handle = _open(out / LOCK_NAME, out)
-    rank_handle = None
-    try:
+    _prepare(out)
+    folder_lock = FileLock(out / LOCK_NAME, timeout=0)
+    if worker:
+        rank, world_size = worker
+        rank_lock = FileLock(out / f"{LOCK_NAME}.rank-{rank}-of-{world_size}", timeout=0)
         try:
-            fcntl.flock(handle.fileno(), (fcntl.LOCK_SH if worker else fcntl.LOCK_EX) | fcntl.LOCK_NB)
-        except BlockingIOError:
-            handle.seek(0)
-            holder = handle.read().strip() or "the workers of a distributed extract"
-            raise PatchAtlasError(f"output folder {out} is in use by {holder}; wait for it to finish "
-                                  f"or use another --out") from None
-        if worker:
-            rank, world_size = worker
-            rank_handle = _open(out / f"{LOCK_NAME}.rank-{rank}-of-{world_size}", out)
+            rank_lock.acquire()
+        except Timeout:
+            raise PatchAtlasError(f"output folder {out}: worker {rank} of {world_size} is already running; "
+                                  f"give each worker its own RANK") from None
+        try:
             try:
-                fcntl.flock(rank_handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise PatchAtlasError(f"output folder {out}: worker {rank} of {world_size} is already running; "
-                                      f"give each worker its own RANK") from None
-        else:
-            handle.seek(0)
-            handle.truncate()
-            handle.write(f"PID {os.getpid()} ({' '.join(sys.argv[:3])})")
-            handle.flush()
-            remove_stale_temporaries(out)
+                folder_lock.acquire(timeout=WORKER_CHECK_S)
+            except Timeout:
+                raise _in_use(out) from None
+            folder_lock.release()
+            yield out / LOCK_NAME
+        finally:
+            rank_lock.release()
+        return
+    try:
+        folder_lock.acquire()
+    except Timeout:
+        raise _in_use(out) from None
+    try:
+        running = _running_worker(out)
+        if running:
+            raise _in_use(out, f"the workers of a distributed extract ({running} is running)")
+        (out / HOLDER_NAME).write_text(f"PID {os.getpid()} ({' '.join(sys.argv[:3])})")
+        remove_stale_temporaries(out)
         yield out / LOCK_NAME
     finally:
-        if rank_handle is not None:
-            rank_handle.close()
-        handle.close()  # closing the descriptor releases the lock
+        folder_lock.release()
