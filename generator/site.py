@@ -26,7 +26,7 @@ from PIL import Image
 
 from generator.assets import mkdocs_config, site_skeleton_dir, templates_dir
 from generator.errors import PatchAtlasError
-from generator.extract import extract_input
+from generator.extract import extract_input, recorded_hub_repo
 from generator.sources.geometry import DEFAULT_RESIZE
 from generator.analyses.position import position_cluster_histogram, position_mode_map
 from generator.figures.maps import thumbnail, to_png_bytes, upsample_nearest
@@ -35,7 +35,7 @@ from generator.figures.plots import heatmap_rgb, histogram_png, line_chart_png, 
 from generator.models.registry import MODELS, get_model_entry
 from generator.store.manifest import Manifest
 from generator.store.parquet import read_first_images
-from generator.store.repo import IMAGES_CONFIG
+from generator.store.repo import IMAGES_CONFIG, hub_viewer_url, is_placeholder
 
 # Characters that would start Markdown or HTML syntax when they come from data (names, labels).
 _MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+!|~])")
@@ -396,7 +396,7 @@ def render_docs(out: Path, docs: Path, options: RenderOptions) -> list[Path]:
         for src in tqdm(sources, disable=not options.progress, desc="figures", unit="dataset"):
             context = _source_context(out, docs, src, manifest, options, writer)
             context.update(legend=_legend(docs, src["name"], src["classes"], writer),
-                           dataset_dir=f"datasets/{src['name']}", page_depth="../")
+                           dataset_dir=recorded_hub_repo(manifest, src["name"]), page_depth="../")
             contexts[src["name"]] = context
     finally:
         writer.close()
@@ -593,7 +593,12 @@ def _downloads(out: Path, manifest: Manifest) -> list[dict]:
                 if unit.get(path_key):
                     size = sum((out / "datasets" / src["name"] / rel).stat().st_size for rel in unit[path_key])
                     configs.append({"name": f"{unit['model']}{suffix}", "rows": None, "bytes": size, "schema": schema})
-        datasets_.append({"name": src["name"], "license": src["license"], "configs": configs})
+        repo_id = recorded_hub_repo(manifest, src["name"])
+        for c in configs:
+            c["url"] = hub_viewer_url(repo_id, c["name"])
+        datasets_.append({"name": src["name"], "license": src["license"], "configs": configs,
+                          "repo_id": repo_id, "published": not is_placeholder(repo_id),
+                          "url": hub_viewer_url(repo_id)})
     return datasets_
 
 
