@@ -363,7 +363,7 @@ def _source_context(out: Path, docs: Path, src: dict, manifest: Manifest, option
         charts["norms"] = rel.as_posix()
 
     return {
-        "source": src, "models": _model_rows(manifest, name), "families": families,
+        "source": _published_source(src), "models": _model_rows(manifest, name), "families": families,
         "gallery": {"k": k, "norm": gallery_norm, "by_layer": by_layer, "by_model": by_model, "pca": pca,
                     "norms": norms, "attention": attention_grids},
         "metrics": sorted(kmeans, key=lambda m: (families[m["model"]], m["model"], m["layer"], m["norm"])),
@@ -575,6 +575,24 @@ def _headline_figures(docs: Path, contexts: dict[str, dict]) -> list[dict]:
     """Small comparison charts for the home page: the locality chart of each dataset."""
     return [{"title": f"Locality on {name}", "path": ctx["charts"]["locality"]}
             for name, ctx in contexts.items() if "locality" in ctx["charts"]]
+
+
+def _published_source(src: dict) -> dict:
+    """``src`` as a page may show it: skipped files named inside the source folder.
+
+    The manifest records where they were on the machine that built it; a published page names
+    them as the dataset's own files (``images/x.png``), never by that machine's paths.
+    """
+    root = str((src.get("params") or {}).get("path") or "")
+    if not root or not src.get("skipped_images"):
+        return src
+    base = root.rstrip("/\\")
+    name = Path(base).name
+
+    def local(text) -> str:
+        return str(text).replace(base + "/", "").replace(base + "\\", "").replace(base, name)
+
+    return {**src, "skipped_images": [{k: local(v) for k, v in s.items()} for s in src["skipped_images"]]}
 
 
 def _downloads(out: Path, manifest: Manifest) -> list[dict]:

@@ -37,7 +37,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import re
 from pathlib import Path
 
@@ -293,9 +292,6 @@ def local_folder_source(
     if not ids:
         raise no_usable_images(source_name, skipped, str(root))
 
-    # Published pages list the skipped files: name them inside the folder, not by this machine's path.
-    skipped = [{key: str(value).replace(f"{root}{os.sep}", "").replace(str(root), root.name)
-                for key, value in record.items()} for record in skipped]
     revision = revision_with_skips(
         folder_revision(root, [classes_path, *image_files.values(), *mask_files.values()]), skipped)
     features = datasets.Features({
@@ -313,7 +309,7 @@ def local_folder_source(
         revision=revision,
         license="unknown",
         # The folder's own name only: the description is published, its absolute path is not.
-        description=f"Images and class masks from the local folder {root.name!r} ({len(ids)} images"
+        description=f"Images and class masks from the local folder {root.name} ({len(ids)} images"
                     + (f", {len(skipped)} skipped" if skipped else "") + ").",
         params={"path": str(root), "images": images, "masks": masks, "classes": classes,
                 "ignore_index": ignore_index, "max_pixels": max_pixels, "min_side": min_side},
