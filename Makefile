@@ -45,7 +45,7 @@ $(FLOOR_VENV)/.installed:
 datasets-floor: $(FLOOR_VENV)/.installed
 
 test: install browser datasets-floor
-	PATCHATLAS_DATASETS_FLOOR_PYTHON=$(FLOOR_VENV)/bin/python $(BIN)/python -m pytest -q
+	PATCHATLAS_DATASETS_FLOOR_PYTHON=$(abspath $(FLOOR_VENV))/bin/python $(BIN)/python -m pytest -q
 
 clean:
 	rm -rf $(OUT)
