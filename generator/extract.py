@@ -65,6 +65,7 @@ from generator.store.repo import (
     IMAGES_CONFIG,
     PREFIX_CONFIG_SUFFIX,
     ConfigCardInfo,
+    check_hub_repo_fits,
     config_data_dir,
     config_name,
     hub_repo_id,
@@ -481,6 +482,7 @@ def run_extract(out: Path, sources: Sequence[SegmentationSource], model_names: S
     reuses their shards and finishes the configs and cards.
     """
     options.validate()
+    check_hub_repo_fits(options.hub_repo, [source.name for source in sources])
     out = Path(out)
     manifest = open_manifest(out, options)
     # Unknown names and input sizes that do not fit a model fail before any work.
@@ -738,6 +740,7 @@ def apply_hub_repo(out: Path, hub_repo: str | dict[str, str] | None) -> list[str
     if hub_repo is None:
         return []
     manifest = Manifest.load(Path(out) / "manifest.json")
+    check_hub_repo_fits(hub_repo, [source["name"] for _, source in manifest.entries(prefix="sources/")])
     changed = []
     for _, source in sorted(manifest.entries(prefix="sources/")):
         name = source["name"]

@@ -102,7 +102,8 @@ def _card(built) -> DatasetCard:
 
 def _downloads_line(built, config: str) -> str:
     text = (built["out"] / "docs" / "downloads.md").read_text(encoding="utf-8")
-    return next(line for line in text.splitlines() if line.startswith(f"| [{config.replace('_', chr(92) + '_')}]"))
+    shown = config.replace("_", "\\_")
+    return next(line for line in text.splitlines() if line.startswith((f"| [{shown}]", f"| {shown} |")))
 
 
 def test_no_published_file_names_a_path_of_the_build_machine(built):
@@ -125,6 +126,7 @@ def test_unpublished_dataset_names_the_placeholder_repository_and_says_so(built)
     assert f'`load_dataset("YOUR_ORG/{built["name"]}", "tiny_random-L02-postnorm", split="train")`' in line
     downloads = (built["out"] / "docs" / "downloads.md").read_text(encoding="utf-8")
     assert "Not yet published" in downloads
+    assert "huggingface.co" not in line  # no link to a repository that does not exist
 
 
 def test_hub_repo_option_names_the_repository_and_links_the_viewer(built, tmp_path):
@@ -142,6 +144,18 @@ def test_hub_repo_option_names_the_repository_and_links_the_viewer(built, tmp_pa
     # A later run without the option keeps the recorded repository.
     assert main(["render", "--out", str(out), "--no-html", "--quiet"]) == 0
     assert repo_id in _downloads_line(built, "tiny_random-L02-postnorm")
+
+
+def test_hub_repo_that_cannot_fit_the_datasets_is_refused(built):
+    from generator.store.repo import check_hub_repo_fits
+
+    check_hub_repo_fits("org/one", ["voc"])
+    with pytest.raises(PatchAtlasError, match="names one repository, but there are 2 datasets"):
+        check_hub_repo_fits("org/one", ["voc", "ade"])
+    with pytest.raises(PatchAtlasError, match="not among the datasets"):
+        check_hub_repo_fits({"vocc": "org/x"}, ["voc"])
+    # The command says so before changing anything.
+    assert main(["render", "--out", str(built["out"]), "--hub-repo", "nosuch=org/x", "--no-html", "--quiet"]) != 0
 
 
 def test_hub_repo_values():

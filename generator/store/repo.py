@@ -244,6 +244,23 @@ def parse_hub_repo(values) -> str | dict[str, str] | None:
     return mapping
 
 
+def check_hub_repo_fits(hub_repo: str | dict[str, str] | None, datasets) -> None:
+    """Refuse a ``--hub-repo`` that cannot mean what it says for these datasets.
+
+    One ``ORG/NAME`` cannot be the repository of several datasets, and a mapping must name
+    only datasets that are there.
+    """
+    names = sorted(set(datasets))
+    if isinstance(hub_repo, str) and "/" in hub_repo and len(names) > 1:
+        raise PatchAtlasError(f"--hub-repo {hub_repo!r} names one repository, but there are {len(names)} datasets "
+                              f"({', '.join(names)}): give ORG (each gets ORG/<dataset>) or DATASET=ORG/NAME for each")
+    if isinstance(hub_repo, dict):
+        unknown = sorted(set(hub_repo) - set(names))
+        if unknown:
+            raise PatchAtlasError(f"--hub-repo names {', '.join(unknown)}, not among the datasets "
+                                  f"({', '.join(names) or 'none'}); check the DATASET=ORG/NAME spelling")
+
+
 def hub_viewer_url(repo_id: str, config: str | None = None) -> str:
     """The Hub page of a dataset repository, or of one config in its viewer."""
     base = f"{HUB_DATASETS_URL}/{repo_id}"
