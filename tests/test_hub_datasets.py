@@ -35,6 +35,7 @@ from generator.store.repo import (
 )
 
 from conftest import TINY_RANDOM, offline_tiny_zoo
+from test_push import api, hub  # noqa: F401 - the stand-in Hub's fixtures
 
 CLASSES = [{"id": 0, "name": "sky", "super_name": "background"},
            {"id": 1, "name": "ball", "super_name": "object"},
@@ -259,3 +260,11 @@ def test_duckdb_reads_the_embeddings_as_vectors(built, tmp_path):
     f32_table = pq.read_table(path)  # noqa: F841 - DuckDB finds the Arrow table by its name
     sims = duckdb.sql("SELECT array_cosine_similarity(embedding, embedding) FROM f32_table").fetchall()
     assert np.allclose([s for (s,) in sims], 1.0, atol=1e-6)
+
+
+def test_push_publishes_a_card_that_names_the_pushed_repository(built, hub, api, monkeypatch):
+    monkeypatch.setattr("generator.store.push._make_api", lambda _: api)
+    assert main(["push", "--out", str(built["out"]), "--dataset", built["name"], "--repo", "atlas-org/pushed"]) == 0
+    card = hub.repos["atlas-org/pushed"]["main"]["README.md"].decode("utf-8")
+    assert 'load_dataset("atlas-org/pushed", "tiny_nc-L02-prenorm", split="train")' in card
+    assert (built["repo"] / "README.md").read_text(encoding="utf-8") == card

@@ -539,7 +539,7 @@ def test_a_pushed_dataset_loads_with_the_card_example_unchanged(hub, api, tmp_pa
     assert f'load_dataset("{REPO}", "tiny-L01-postnorm", split="train")' in code
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path), "HF_ENDPOINT": hub.endpoint,
            "HF_HUB_OFFLINE": "0", "HF_DATASETS_CACHE": str(tmp_path / "ds-cache"),
-           "HF_HUB_CACHE": str(tmp_path / "hub-cache"), "NO_PROXY": "127.0.0.1,localhost", "HF_HUB_DISABLE_XET": "1"}
+           "HF_HUB_CACHE": str(tmp_path / "hub-cache"), "NO_PROXY": "127.0.0.1,localhost"}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env,
                             timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
