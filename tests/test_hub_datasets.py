@@ -268,3 +268,26 @@ def test_push_publishes_a_card_that_names_the_pushed_repository(built, hub, api,
     card = hub.repos["atlas-org/pushed"]["main"]["README.md"].decode("utf-8")
     assert 'load_dataset("atlas-org/pushed", "tiny_nc-L02-prenorm", split="train")' in card
     assert (built["repo"] / "README.md").read_text(encoding="utf-8") == card
+
+
+def test_palette_masks_keep_every_id_and_leave_wide_masks_alone():
+    from generator.store.masks import palette_mask_png
+
+    def png(array, mode=None):
+        buffer = io.BytesIO()
+        Image.fromarray(array, mode=mode).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    ids = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    for source in (png(ids), png(ids.astype(np.uint16))):
+        out = Image.open(io.BytesIO(palette_mask_png(source, PALETTE, ignore_index=255)))
+        assert out.mode == "P"
+        np.testing.assert_array_equal(np.array(out), ids)
+    few = np.array([[0, 2], [2, 0]], dtype=np.uint8)  # few ids: the palette is not shrunk and remapped
+    np.testing.assert_array_equal(np.array(Image.open(io.BytesIO(palette_mask_png(png(few), PALETTE)))), few)
+    wide = png(np.array([[0, 300]], dtype=np.uint16))
+    assert palette_mask_png(wide, PALETTE) == wide  # ids beyond 8 bits stay a 16-bit PNG
+    with pytest.raises(PatchAtlasError, match="does not decode"):
+        palette_mask_png(b"not a png", PALETTE)
+    with pytest.raises(PatchAtlasError, match="one class id per pixel"):
+        palette_mask_png(png(np.zeros((2, 2, 3), np.uint8)), PALETTE)

@@ -44,5 +44,5 @@ def palette_mask_png(mask_png: bytes, colours: np.ndarray, ignore_index: int | N
     paletted = Image.frombytes("P", (ids.shape[1], ids.shape[0]), np.ascontiguousarray(ids, dtype=np.uint8).tobytes())
     paletted.putpalette(table.reshape(-1).tolist())
     buffer = io.BytesIO()
-    paletted.save(buffer, format="PNG", optimize=True)
+    paletted.save(buffer, format="PNG")
     return buffer.getvalue()
