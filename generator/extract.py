@@ -78,8 +78,8 @@ from generator.store.repo import (
 EXTRACTOR_VERSION = "4"
 # The Hub's guidance for Parquet shards: at most about 500 MB each.
 SHARD_BYTES = 500 * 1000 * 1000
-# Bytes of a patch row besides its embedding (row, col, label as int16 and the image id's
-# dictionary index), rounded up so that the shard bound holds.
+# Bytes of a patch row besides its embedding (row and col int16, label int64 as a ClassLabel,
+# the image id's int32 dictionary index: 2 + 2 + 8 + 4), so that the shard bound holds.
 ROW_OVERHEAD_BYTES = 16
 # Images per forward pass: large on GPUs, where small batches leave the device idle (ViT-B/16 in
 # bf16 at 256 needs about 2 GiB); moderate on CPUs, where it only bounds memory.
