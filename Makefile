@@ -9,7 +9,12 @@ OUT ?= build
 # admits a compatible range for other installs.
 TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: install browser demo test clean
+# The oldest datasets release pyproject.toml admits, in an environment of its own:
+# tests/test_datasets_floor.py loads a freshly written dataset folder with it.
+FLOOR_VENV ?= .venv-ds3
+DATASETS_FLOOR := datasets[vision]==3.0.*
+
+.PHONY: install browser datasets-floor demo test clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -32,8 +37,15 @@ browser:
 demo: install
 	HF_HUB_OFFLINE=1 $(BIN)/patchatlas build --out $(OUT)
 
-test: install browser
-	$(BIN)/python -m pytest -q
+$(FLOOR_VENV)/.installed:
+	$(PYTHON) -m venv $(FLOOR_VENV)
+	$(FLOOR_VENV)/bin/python -m pip install --quiet '$(DATASETS_FLOOR)' pyarrow
+	touch $@
+
+datasets-floor: $(FLOOR_VENV)/.installed
+
+test: install browser datasets-floor
+	PATCHATLAS_DATASETS_FLOOR_PYTHON=$(abspath $(FLOOR_VENV))/bin/python $(BIN)/python -m pytest -q
 
 clean:
 	rm -rf $(OUT)

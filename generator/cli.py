@@ -245,6 +245,25 @@ def _extract_options(f):
     return f
 
 
+def _hub_repo_option(f):
+    # Kept out of the commands' signatures: the value is read where the stages are run.
+    def remember(ctx, _param, values):
+        ctx.meta["hub_repo"] = values
+        return values
+
+    return click.option("--hub-repo", multiple=True, expose_value=False, callback=remember,
+                        metavar="ORG|ORG/NAME|DATASET=ORG/NAME",
+                        help="Hub repository the published cards and pages name: ORG gives ORG/<dataset>; "
+                             "DATASET=ORG/NAME per dataset (repeatable). Default: the one recorded by an "
+                             "earlier run or push, else the placeholder YOUR_ORG/<dataset>.")(f)
+
+
+def _hub_repo():
+    from generator.store.repo import parse_hub_repo
+
+    return parse_hub_repo(click.get_current_context().meta.get("hub_repo"))
+
+
 def _common(f):
     f = click.option("--device", default="auto", show_default=True, help="'auto', 'cpu' or 'cuda[:N]'.")(f)
     f = click.option("--quiet", is_flag=True, help="No progress bars (there are none when stderr is not a terminal).")(f)
@@ -338,7 +357,7 @@ def _do_extract(out, sources, source_options, models, layers, norms, curve_layer
                              progress=_progress(quiet), embedding_dtype=embedding_dtype,
                              shard_bytes=int(shard_mb * 1e6), rank=rank, world_size=world_size,
                              curve_layers=curve_layers, decode=decode, compile_blocks=compile_blocks,
-                             resize=resize, input_size=_parse_input_size(input_size),
+                             resize=resize, input_size=_parse_input_size(input_size), hub_repo=_hub_repo(),
                              **({"probe": probe} if probe is not None else {}))
     outcomes = run_extract(out, loaded, _split(models) if models else list(DEFAULT_MODELS), options)
     for source, rows in outcomes.items():
@@ -390,8 +409,10 @@ def _do_analyze(out, ks, seed, probe, device, quiet):
 
 
 def _do_render(out, gallery_images, gallery_k, no_html, quiet=False):
+    from generator.extract import apply_hub_repo
     from generator.site import RenderOptions, run_render
 
+    apply_hub_repo(out, _hub_repo())
     return run_render(out, RenderOptions(gallery_images=gallery_images, gallery_k=gallery_k, build_html=not no_html,
                                          progress=_progress(quiet)))
 
@@ -407,6 +428,7 @@ def _do_render(out, gallery_images, gallery_k, no_html, quiet=False):
 @click.option("--world-size", type=click.IntRange(min=1), default=1, envvar="WORLD_SIZE", show_default=True,
               help="Workers sharing the shards (torchrun sets WORLD_SIZE); 1 runs everything here.")
 @_common
+@_hub_repo_option
 def extract(out, sources, source_options, models, layers, norms, curve_layers, label_rule, resize, input_size,
             batch_size,
             embedding_dtype, decode, compile_blocks, shard_mb, weights, trust_checkpoints, offline, allow_skipped,
@@ -453,6 +475,7 @@ def analyze(out, ks, seed, device, quiet, **probe_options):
 @_config_option
 @_render_options
 @click.option("--quiet", is_flag=True, help="No progress bars.")
+@_hub_repo_option
 def render(out, gallery_images, gallery_k, no_html, quiet):
     """Render figures and pages from OUT and build the static site into OUT/site."""
     with output_lock(out):
@@ -469,6 +492,7 @@ def render(out, gallery_images, gallery_k, no_html, quiet):
 @_probe_options
 @_render_options
 @_common
+@_hub_repo_option
 def build(out, sources, source_options, models, layers, norms, curve_layers, label_rule, resize, input_size,
           batch_size,
           embedding_dtype, decode, compile_blocks, shard_mb, weights, trust_checkpoints, offline, allow_skipped,
@@ -554,14 +578,18 @@ def datasets_cmd():
 @click.option("--revision", default=None, metavar="BRANCH", help="Branch to commit to (default: main).")
 def push(out, dataset, repo_id, dry_run, private, revision):
     """Publish OUT/datasets/DATASET to the Hugging Face Hub, uploading only what changed."""
-    from generator.extract import dataset_repo_dir
+    from generator.extract import apply_hub_repo, dataset_repo_dir
     from generator.store.push import push_folder
+    from generator.store.repo import check_repo_id
 
     folder = dataset_repo_dir(out, dataset)
     if not folder.is_dir():
         raise PatchAtlasError(f"--dataset {dataset!r}: {folder} does not exist; run `patchatlas extract "
                               f"--source {dataset} --out {out}` first")
     with output_lock(out):
+        if not dry_run:
+            # The card's loading example must name the repository it is published as.
+            apply_hub_repo(out, {dataset: check_repo_id(repo_id)})
         result = push_folder(folder, repo_id, dry_run=dry_run, private=private, revision=revision)
     plan = result.plan
     for label, paths in (("add", plan.added), ("update", plan.changed), ("delete", plan.deleted)):

@@ -48,7 +48,9 @@ from generator.sources.degradations import (
 from generator.sources.geometry import DEFAULT_RESIZE, check_resize, input_geometry
 from generator.sources.labels import LABEL_RULES
 from generator.sources.splits import PROBE_TRAIN_FRACTION, few_shot_split
+from generator.figures.palette import IGNORE_COLOR, PALETTE
 from generator.store.atomic import atomic_path
+from generator.store.masks import palette_mask_png
 from generator.store.manifest import Manifest, file_sha256, params_hash
 from generator.store.parquet import (
     AttentionTableWriter,
@@ -57,25 +59,28 @@ from generator.store.parquet import (
     check_float16_range,
     write_images_shards,
 )
-from generator.store.schema import DEFAULT_EMBEDDING_DTYPE, check_embedding_dtype
+from generator.store.schema import DEFAULT_EMBEDDING_DTYPE, check_embedding_dtype, label_names
 from generator.stream import LayerwiseAccumulator, plan_stream, run_stream_unit
 from generator.store.repo import (
     ATTENTION_CONFIG_SUFFIX,
     IMAGES_CONFIG,
     PREFIX_CONFIG_SUFFIX,
     ConfigCardInfo,
+    check_hub_repo_fits,
     config_data_dir,
     config_name,
+    hub_repo_id,
+    placeholder_repo_id,
     shard_name,
     write_dataset_card,
 )
 
 # Bumped whenever extraction would produce different tokens or rows for the same inputs.
-EXTRACTOR_VERSION = "3"
+EXTRACTOR_VERSION = "4"
 # The Hub's guidance for Parquet shards: at most about 500 MB each.
 SHARD_BYTES = 500 * 1000 * 1000
-# Bytes of a patch row besides its embedding (row, col, label as int16 and the image id's
-# dictionary index), rounded up so that the shard bound holds.
+# Bytes of a patch row besides its embedding (row and col int16, label int64 as a ClassLabel,
+# the image id's int32 dictionary index: 2 + 2 + 8 + 4), so that the shard bound holds.
 ROW_OVERHEAD_BYTES = 16
 # Images per forward pass: large on GPUs, where small batches leave the device idle (ViT-B/16 in
 # bf16 at 256 needs about 2 GiB); moderate on CPUs, where it only bounds memory.
@@ -100,6 +105,9 @@ class ExtractOptions:
     cache_dir: str | None = None
     progress: bool = True
     embedding_dtype: str = DEFAULT_EMBEDDING_DTYPE  # what the published tables store
+    # The Hub repository the published files name: "ORG" (ORG/<dataset>), "ORG/NAME", or a
+    # {dataset: "ORG[/NAME]"} mapping (generator.store.repo.hub_repo_id); None keeps the recorded one.
+    hub_repo: str | dict[str, str] | None = None
     shard_bytes: int = SHARD_BYTES  # the most bytes of one Parquet shard
     rank: int = 0  # this worker, of world_size workers sharing the shards (torchrun's RANK)
     world_size: int = 1
@@ -202,7 +210,9 @@ def write_images(source: SegmentationSource, repo: Path, manifest: Manifest, sha
 
     def rows():
         for row in raw:
-            image_png, mask_png = _png_bytes(row["image"]), _png_bytes(row["mask"])
+            image_png = _png_bytes(row["image"])
+            # The site's palette, so a mask on the Hub shows the colours of the atlas' figures.
+            mask_png = palette_mask_png(_png_bytes(row["mask"]), PALETTE, source.ignore_index, IGNORE_COLOR)
             width, height = Image.open(io.BytesIO(image_png)).size
             yield {"image_id": row["image_id"], "image_png": image_png, "mask_png": mask_png,
                    "width": width, "height": height}
@@ -302,6 +312,17 @@ class JobCounter:
         return mine
 
 
+def table_geometry(encoder: Encoder, options: ExtractOptions, *, layer: int | None, view: str | None) -> dict:
+    """How a token table's rows were made, recorded in its Parquet schema metadata."""
+    entry = encoder.entry
+    geometry = {"model": entry.name, "model_id": entry.timm_id if entry.pretrained else "random",
+                "input_size": entry.input_size, "patch_size": entry.patch_size,
+                "grid": list(entry.grid_size()), "resize": encoder.resize, "label_rule": options.label_rule}
+    if layer is not None:
+        geometry.update(layer=layer, view=view)
+    return geometry
+
+
 def extract_shard(source: SegmentationSource, encoder: Encoder, shard: Shard, tables: dict[str, TableSpec],
                   options: ExtractOptions, repo: Path, layerwise: LayerwiseAccumulator | None = None) -> dict[str, str]:
     """Run one model over one shard's images and write the given tables of that shard.
@@ -324,10 +345,14 @@ def extract_shard(source: SegmentationSource, encoder: Encoder, shard: Shard, ta
     # background writer is entered last, so it is drained (or stopped) before the files close.
     with contextlib.ExitStack() as stack:
         # q/k/v concatenate the heads: heads × head_dim, the embedding width in timm ViTs.
-        patch_writers = {(t.layer, t.view): stack.enter_context(PatchTableWriter(repo / rel, dim, dtype=dtype))
-                         for rel, t in tables.items() if t.kind == "patches"}
-        prefix_writers = {(t.layer, t.view): stack.enter_context(PrefixTableWriter(repo / rel, dim, dtype=dtype))
-                          for rel, t in tables.items() if t.kind == "prefix"}
+        names = label_names(source.classes, source.ignore_index)
+        patch_writers = {(t.layer, t.view): stack.enter_context(PatchTableWriter(
+            repo / rel, dim, dtype=dtype, label_names=names,
+            geometry=table_geometry(encoder, options, layer=t.layer, view=t.view)))
+            for rel, t in tables.items() if t.kind == "patches"}
+        prefix_writers = {(t.layer, t.view): stack.enter_context(PrefixTableWriter(
+            repo / rel, dim, dtype=dtype, geometry=table_geometry(encoder, options, layer=None, view=None)))
+            for rel, t in tables.items() if t.kind == "prefix"}
         attention_writer = next((stack.enter_context(AttentionTableWriter(repo / rel))
                                  for rel, t in tables.items() if t.kind == "attention"), None)
         # Tables are independent files: several encode at once (Arrow releases the GIL).
@@ -458,6 +483,7 @@ def run_extract(out: Path, sources: Sequence[SegmentationSource], model_names: S
     reuses their shards and finishes the configs and cards.
     """
     options.validate()
+    check_hub_repo_fits(options.hub_repo, [source.name for source in sources])
     out = Path(out)
     manifest = open_manifest(out, options)
     # Unknown names and input sizes that do not fit a model fail before any work.
@@ -477,7 +503,8 @@ def run_extract(out: Path, sources: Sequence[SegmentationSource], model_names: S
         for entry in entries:
             outcomes[source.name].append(_extract_unit(source, entry, options, repo, manifest, jobs))
         if options.world_size == 1:
-            write_card(source, repo, manifest)
+            record_hub_repo(manifest, source.name, options.hub_repo)
+            write_card(source.name, repo, manifest)
         manifest.save()
     return outcomes
 
@@ -682,11 +709,58 @@ def _variants_unit(source: SegmentationSource, entry: ModelEntry, options: Extra
     manifest.save()
 
 
-def write_card(source: SegmentationSource, repo: Path, manifest: Manifest, repo_id: str | None = None) -> Path:
-    """Re-render the dataset card from what the manifest records as done for this source."""
+def hub_key(source_name: str) -> str:
+    return f"hub/{source_name}"
+
+
+def record_hub_repo(manifest: Manifest, source_name: str, hub_repo: str | dict[str, str] | None) -> str:
+    """Record the Hub repository ``--hub-repo`` (or ``push --repo``) names for a dataset.
+
+    Without one, the recorded repository (of an earlier run or push) stays; with none recorded
+    either, the published files name the placeholder ``YOUR_ORG/<dataset>``.
+    """
+    recorded = (manifest.get(hub_key(source_name)) or {}).get("repo_id")
+    if hub_repo is None or (isinstance(hub_repo, dict) and source_name not in hub_repo):
+        return recorded or placeholder_repo_id(source_name)
+    repo_id = hub_repo_id(source_name, hub_repo)
+    if repo_id != recorded:
+        manifest.set(hub_key(source_name), {"repo_id": repo_id})
+    return repo_id
+
+
+def recorded_hub_repo(manifest: Manifest, source_name: str) -> str:
+    """The dataset's Hub repository as recorded, or the placeholder ``YOUR_ORG/<dataset>``."""
+    return (manifest.get(hub_key(source_name)) or {}).get("repo_id") or placeholder_repo_id(source_name)
+
+
+def apply_hub_repo(out: Path, hub_repo: str | dict[str, str] | None) -> list[str]:
+    """Record ``hub_repo`` for every extracted dataset it names and rewrite their cards.
+
+    Returns the datasets whose recorded repository changed (their cards now name it).
+    """
+    if hub_repo is None:
+        return []
+    manifest = Manifest.load(Path(out) / "manifest.json")
+    check_hub_repo_fits(hub_repo, [source["name"] for _, source in manifest.entries(prefix="sources/")])
+    changed = []
+    for _, source in sorted(manifest.entries(prefix="sources/")):
+        name = source["name"]
+        before = recorded_hub_repo(manifest, name)
+        if record_hub_repo(manifest, name, hub_repo) != before:
+            changed.append(name)
+        write_card(name, dataset_repo_dir(Path(out), name), manifest)
+    manifest.save()
+    return changed
+
+
+def write_card(source_name: str, repo: Path, manifest: Manifest) -> Path:
+    """Re-render the dataset card from what the manifest records for this source."""
+    source = manifest.get(f"sources/{source_name}")
+    if source is None:
+        raise PatchAtlasError(f"{repo}: no record of dataset {source_name!r}; run `patchatlas extract` first")
     cards: list[ConfigCardInfo] = []
     extra_configs: list[dict] = []
-    for key, unit in sorted(manifest.entries(prefix=f"extract/{source.name}/")):
+    for key, unit in sorted(manifest.entries(prefix=f"extract/{source_name}/")):
         if unit.get("status") != "done" or "configs" not in unit:
             continue
         entry = get_model_entry(unit["model"])
@@ -694,11 +768,11 @@ def write_card(source: SegmentationSource, repo: Path, manifest: Manifest, repo_
         recorded = extract_input(unit["params"])
         if unit.get("prefix_paths"):
             extra_configs.append({"name": f"{entry.name}{PREFIX_CONFIG_SUFFIX}", "model": entry.timm_id,
-                                  "kind": "CLS and register tokens",
+                                  "kind": "CLS and register tokens", "license": entry.license,
                                   "data_files": str(Path(unit["prefix_paths"][0]).parent / "*.parquet")})
         if unit.get("attention_paths"):
             extra_configs.append({"name": f"{entry.name}{ATTENTION_CONFIG_SUFFIX}", "model": entry.timm_id,
-                                  "kind": "last-block CLS attention",
+                                  "kind": "last-block CLS attention", "license": entry.license,
                                   "data_files": str(Path(unit["attention_paths"][0]).parent / "*.parquet")})
         for cfg in unit["configs"]:
             cards.append(ConfigCardInfo(
@@ -710,9 +784,9 @@ def write_card(source: SegmentationSource, repo: Path, manifest: Manifest, repo_
                 num_bytes=cfg["num_bytes"], license=entry.license, dtype=cfg["dtype"],
             ))
     info = {
-        "name": source.name, "description": source.description, "license": source.license,
-        "revision": source.revision, "repo_id": repo_id or str(repo),
-        "classes": [dataclasses.asdict(c) for c in source.classes], "ignore_index": source.ignore_index,
+        "name": source["name"], "description": source["description"], "license": source["license"],
+        "revision": source["revision"], "repo_id": recorded_hub_repo(manifest, source_name),
+        "num_images": source["num_images"], "classes": source["classes"], "ignore_index": source["ignore_index"],
         "extra_configs": extra_configs,
     }
     return write_dataset_card(repo, info, cards)

@@ -26,7 +26,7 @@ from PIL import Image
 
 from generator.assets import mkdocs_config, site_skeleton_dir, templates_dir
 from generator.errors import PatchAtlasError
-from generator.extract import extract_input
+from generator.extract import extract_input, recorded_hub_repo
 from generator.sources.geometry import DEFAULT_RESIZE
 from generator.analyses.position import position_cluster_histogram, position_mode_map
 from generator.analyses.probes import ProbeProtocol
@@ -36,7 +36,7 @@ from generator.figures.plots import heatmap_rgb, histogram_png, line_chart_png, 
 from generator.models.registry import MODELS, get_model_entry
 from generator.store.manifest import Manifest
 from generator.store.parquet import read_first_images
-from generator.store.repo import IMAGES_CONFIG
+from generator.store.repo import IMAGES_CONFIG, hub_viewer_url, is_placeholder
 
 # Characters that would start Markdown or HTML syntax when they come from data (names, labels).
 _MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+!|~])")
@@ -427,7 +427,7 @@ def _source_context(out: Path, docs: Path, src: dict, manifest: Manifest, option
         charts["norms"] = rel.as_posix()
 
     return {
-        "source": src, "models": _model_rows(manifest, name), "families": families,
+        "source": _published_source(src), "models": _model_rows(manifest, name), "families": families,
         "ranked": ranks_by_segmentation(figures.classes_per_image),
         "gallery": {"k": k, "norm": gallery_norm, "by_layer": by_layer, "by_model": by_model, "pca": pca,
                     "norms": norms, "attention": attention_grids},
@@ -461,7 +461,7 @@ def render_docs(out: Path, docs: Path, options: RenderOptions) -> list[Path]:
         for src in tqdm(sources, disable=not options.progress, desc="figures", unit="dataset"):
             context = _source_context(out, docs, src, manifest, options, writer)
             context.update(legend=_legend(docs, src["name"], src["classes"], writer),
-                           dataset_dir=f"datasets/{src['name']}", page_depth="../",
+                           dataset_dir=recorded_hub_repo(manifest, src["name"]), page_depth="../",
                            notes=source_reference_notes(context))
             contexts[src["name"]] = context
     finally:
@@ -817,6 +817,24 @@ def gallery_strip(contexts: dict[str, dict], n_images: int = 3) -> dict | None:
             "rows": rows}
 
 
+def _published_source(src: dict) -> dict:
+    """``src`` as a page may show it: skipped files named inside the source folder.
+
+    The manifest records where they were on the machine that built it; a published page names
+    them as the dataset's own files (``images/x.png``), never by that machine's paths.
+    """
+    root = str((src.get("params") or {}).get("path") or "")
+    if not root or not src.get("skipped_images"):
+        return src
+    base = root.rstrip("/\\")
+    name = Path(base).name
+
+    def local(text) -> str:
+        return str(text).replace(base + "/", "").replace(base + "\\", "").replace(base, name)
+
+    return {**src, "skipped_images": [{k: local(v) for k, v in s.items()} for s in src["skipped_images"]]}
+
+
 def _downloads(out: Path, manifest: Manifest) -> list[dict]:
     """Every published config of every dataset repository, with size and schema."""
     datasets_ = []
@@ -833,7 +851,12 @@ def _downloads(out: Path, manifest: Manifest) -> list[dict]:
                 if unit.get(path_key):
                     size = sum((out / "datasets" / src["name"] / rel).stat().st_size for rel in unit[path_key])
                     configs.append({"name": f"{unit['model']}{suffix}", "rows": None, "bytes": size, "schema": schema})
-        datasets_.append({"name": src["name"], "license": src["license"], "configs": configs})
+        repo_id = recorded_hub_repo(manifest, src["name"])
+        for c in configs:
+            c["url"] = hub_viewer_url(repo_id, c["name"])
+        datasets_.append({"name": src["name"], "license": src["license"], "configs": configs,
+                          "repo_id": repo_id, "published": not is_placeholder(repo_id),
+                          "url": hub_viewer_url(repo_id)})
     return datasets_
 
 

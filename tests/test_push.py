@@ -3,7 +3,8 @@
 The stand-in implements what huggingface_hub calls for a push: repo creation, the recursive
 tree listing, branch creation, README metadata validation, preupload (answering "regular" for
 every file, so content travels base64-encoded inside the commit and no LFS / Xet transfer is
-needed) and the NDJSON commit. It keeps each repository's files in memory and records every
+needed) and the NDJSON commit; and what ``datasets.load_dataset`` calls to read a repository:
+its info at a revision, paths-info, and file downloads (``resolve``). It keeps each repository's files in memory and records every
 request; the Authorization header is kept apart so the test can show the token reached the
 server and nowhere else.
 """
@@ -12,19 +13,26 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import io
 import json
 import logging
+import os
+import re
+import subprocess
+import sys
 import threading
 import traceback
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from generator.errors import PatchAtlasError
-from generator.store.parquet import PatchTableWriter
+from generator.store.parquet import PatchTableWriter, write_images_shards
+from generator.store.repo import ConfigCardInfo, write_dataset_card
 from generator.store.push import compare, local_files, plan_push, push_folder, scrub, validate_folder
 
 # Not shaped like a Hub token, so only scrubbing the token in use (not the pattern) can hide it.
@@ -66,6 +74,7 @@ class FakeHub:
     authorizations: list[str] = field(default_factory=list)
     fail_commits: int = 0
     commits: int = 0
+    heads: dict[tuple[str, str], str] = field(default_factory=dict)  # (repo, branch) -> last commit
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def posts(self, kind: str) -> list[Recorded]:
@@ -120,7 +129,30 @@ def _make_handler(hub: FakeHub, endpoint: str):
                 return lambda: self._create_repo(json.loads(body))
             if parts[:2] == ["api", "validate-yaml"]:
                 return lambda: self._reply(200, {"errors": [], "warnings": []})
+            # /datasets/{org}/{name}/resolve/{rev}/{path...}: a file's bytes, as downloads get them
+            if parts[:1] == ["datasets"] and len(parts) >= 6 and parts[3] == "resolve":
+                repo_id, rev, path = f"{parts[1]}/{parts[2]}", parts[4], "/".join(parts[5:])
+                files, sha = _at(hub, repo_id, rev)
+                if files is None or path not in files:
+                    return lambda: self._not_found("EntryNotFound", f"{path} not found")
+                return lambda: self._send_file(files[path], sha)
             # /api/datasets/{org}/{name}/{action}/{rev}[/{path...}]
+            if parts[:2] == ["api", "datasets"] and len(parts) >= 6 and parts[4] in ("revision", "paths-info", "tree"):
+                repo_id, action, rev = f"{parts[2]}/{parts[3]}", parts[4], parts[5]
+                files, sha = _at(hub, repo_id, rev)
+                if repo_id not in hub.repos:
+                    return lambda: self._not_found("RepoNotFound", f"Repository {repo_id} not found")
+                if files is None:
+                    return lambda: self._not_found("RevisionNotFound", f"Invalid rev id: {rev}")
+                if action == "revision":
+                    return lambda: self._reply(200, {"id": repo_id, "sha": sha, "private": False,
+                                                     "siblings": [{"rfilename": p} for p in sorted(files)]})
+                if action == "tree":
+                    return lambda: self._reply(200, _tree(files, "/".join(parts[6:])))
+                wanted = set(parse_qs(body.decode()).get("paths", [])) if body else set()
+                if body and body.lstrip().startswith(b"{"):
+                    wanted = set(json.loads(body).get("paths", []))
+                return lambda: self._reply(200, [e for e in _tree(files, "") if e["path"] in wanted])
             if parts[:2] == ["api", "datasets"] and len(parts) >= 6:
                 repo_id, action, rev = f"{parts[2]}/{parts[3]}", parts[4], parts[5]
                 if repo_id not in hub.repos:
@@ -131,13 +163,20 @@ def _make_handler(hub: FakeHub, endpoint: str):
                 if rev not in branches:
                     return lambda: self._not_found("RevisionNotFound", f"Invalid rev id: {rev}")
                 files = branches[rev]
-                if action == "tree" and self.command == "GET":
-                    return lambda: self._reply(200, _tree(files, "/".join(parts[6:])))
                 if action == "preupload" and self.command == "POST":
                     return lambda: self._preupload(files, json.loads(body))
                 if action == "commit" and self.command == "POST":
                     return lambda: self._commit(repo_id, files, rev, body)
             return lambda: self._reply(404, {"error": f"not implemented here: {self.command} {self.path}"})
+
+        def _send_file(self, data: bytes, sha: str) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(data)))
+            self.send_header("X-Repo-Commit", sha)
+            self.send_header("ETag", f'"{_git_blob_id(data)}"')
+            self.end_headers()
+            if self.command != "HEAD":
+                self.wfile.write(data)
 
         def _create_repo(self, payload: dict) -> None:
             assert payload["type"] == "dataset"
@@ -186,12 +225,22 @@ def _make_handler(hub: FakeHub, endpoint: str):
                     return
             hub.commits += 1
             oid = hashlib.sha1(f"{repo_id}@{hub.commits}".encode()).hexdigest()
+            hub.heads[(repo_id, rev)] = oid
             self._reply(200, {"commitUrl": f"{endpoint}/datasets/{repo_id}/commit/{oid}", "commitOid": oid,
                               "pullRequestUrl": None})
 
         do_GET = do_POST = do_HEAD = do_DELETE = do_PUT = _handle
 
     return Handler
+
+
+def _at(hub: FakeHub, repo_id: str, rev: str) -> tuple[dict[str, bytes] | None, str]:
+    """A repository's files at a branch or at the commit a branch points to, and that commit."""
+    branches = hub.repos.get(repo_id, {})
+    for (repo, branch), oid in hub.heads.items():
+        if repo == repo_id and rev == oid:
+            return branches.get(branch), oid
+    return branches.get(rev), hub.heads.get((repo_id, rev), "0" * 40)
 
 
 def _tree(files: dict[str, bytes], under: str) -> list[dict]:
@@ -252,6 +301,12 @@ def _write_repo(root, seed: int = 0):
         writer.write_batch(["img0", "img1"], rng.standard_normal((2, 2, 2, 8)).astype(np.float32),
                            rng.integers(0, 3, size=(2, 2, 2)).astype(np.int16))
     return root
+
+
+def _png(array) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
 
 
 def _commit_lines(request) -> list[dict]:
@@ -316,9 +371,10 @@ def test_second_push_sends_only_the_changed_file(hub, api, tmp_path):
     added, deleted = _committed(commits[0])
     parquet = "tiny/L01-postnorm/train-00000-of-00001.parquet"
     assert added == {parquet: (root / parquet).read_bytes()} and deleted == []
-    # Planning, not the library, filtered: only the changed file was even offered for upload.
-    offered = [f["path"] for r in hub.posts("preupload") for f in json.loads(r.body)["files"]]
-    assert offered == [parquet]
+    # upload_folder offers every file and drops those the Hub already holds (same id), so the
+    # unchanged card was asked about but not sent.
+    offered = {f["path"] for r in hub.posts("preupload") for f in json.loads(r.body)["files"]}
+    assert offered == {parquet, "README.md"}
     assert hub.posts("repos/create") == []  # the repository existed: nothing to create
 
     hub.requests.clear()
@@ -371,14 +427,19 @@ def test_push_to_a_new_branch_creates_it(hub, api, tmp_path):
     assert hub.repos[REPO]["main"]["README.md"] == CARD.encode()
 
 
-def test_interrupted_push_raises_without_token_and_rerun_completes(hub, api, tmp_path, caplog, capfd):
+def test_interrupted_push_raises_without_token_and_rerun_completes(hub, api, tmp_path, caplog, capfd,
+                                                                    monkeypatch):
     caplog.set_level(logging.DEBUG)
     caplog.set_level(logging.DEBUG, logger="huggingface_hub")
     root = _write_repo(tmp_path / "repo")
-    hub.fail_commits = 1
+    # huggingface_hub retries a server error a few times: the commit fails every time here,
+    # and the retries do not wait.
+    hub.fail_commits = 1000
+    monkeypatch.setattr("huggingface_hub.utils._http.time.sleep", lambda seconds: None)
 
     with pytest.raises(PatchAtlasError) as caught:
         push_folder(root, REPO, api=api)
+    hub.fail_commits = 0
 
     message = str(caught.value)
     assert REPO in message and "500" in message and "<token>" in message  # the echoed token was scrubbed
@@ -455,3 +516,33 @@ def test_scrub_removes_known_and_token_shaped_secrets():
     cleaned = scrub(text, [PLANTED_TOKEN])
     assert PLANTED_TOKEN not in cleaned and "hf_Other" not in cleaned and cleaned.count("<token>") == 2
     assert scrub(text, []) == f"failed for Bearer {PLANTED_TOKEN} and <token>"
+
+
+def test_a_pushed_dataset_loads_with_the_card_example_unchanged(hub, api, tmp_path):
+    """The card's own example, run as a user would, loads the pushed copy from the (fake) Hub.
+
+    The example is run as written in a fresh process whose HF_ENDPOINT is the stand-in Hub:
+    the same calls as against huggingface.co (repository info, file listing, downloads), with
+    an empty datasets cache, so nothing local can answer for the Hub.
+    """
+    root = _write_repo(tmp_path / "repo")
+    png = _png(np.zeros((4, 4), np.uint8))
+    write_images_shards(root / "images", [{"image_id": "img0", "image_png": png, "mask_png": png,
+                                            "width": 4, "height": 4}], shard_bytes=1 << 20)
+    card = ConfigCardInfo(name="tiny-L01-postnorm", data_files="tiny/L01-postnorm/*.parquet", model="tiny",
+                          model_id="random", revision="", layer=1, norm="postnorm", input_size=32, patch_size=16,
+                          label_rule="majority", dim=8, num_rows=8, num_bytes=1, license="apache-2.0")
+    write_dataset_card(root, {"name": "patchatlas-test", "license": "CC0-1.0", "repo_id": REPO}, [card])
+    push_folder(root, REPO, api=api)
+
+    code = re.search(r"```python\n(.*?)```", (root / "README.md").read_text(encoding="utf-8"), re.S).group(1)
+    assert f'load_dataset("{REPO}", "tiny-L01-postnorm", split="train")' in code
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path), "HF_ENDPOINT": hub.endpoint,
+           "HF_HUB_OFFLINE": "0", "HF_DATASETS_CACHE": str(tmp_path / "ds-cache"),
+           "HF_HUB_CACHE": str(tmp_path / "hub-cache"), "NO_PROXY": "127.0.0.1,localhost"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "num_rows: 8" in result.stdout and "embedding" in result.stdout
+    downloads = [r.path for r in hub.requests if "/resolve/" in r.path and r.method == "GET"]
+    assert any(p.endswith("tiny/L01-postnorm/train-00000-of-00001.parquet") for p in downloads)

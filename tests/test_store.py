@@ -145,7 +145,10 @@ def test_every_config_in_the_card_loads_bit_exactly_with_datasets(tmp_path, _pri
     planted = _write_tiny_repo(repo, np.random.default_rng(0), dtype=dtype)
     front = _front_matter(planted["card"].read_text(encoding="utf-8"))
     assert front["task_categories"] == ["image-segmentation", "image-feature-extraction"]
-    assert front["license"] == "cc0-1.0"
+    # CC0 images, apache-2.0 model: the tokens are under both, so no single licence is claimed.
+    assert front["license"] == "other" and front["license_name"] == "apache-2.0-and-cc0-1.0"
+    assert front["config_licenses"]["images"] == ["CC0-1.0"]
+    assert front["config_licenses"]["tiny_vit-L01-prenorm"] == ["CC0-1.0", "apache-2.0"]
     configs = {c["config_name"]: c["data_files"] for c in front["configs"]}
     assert list(configs) == ["images", "tiny_vit-L01-prenorm", "tiny_vit-L02-postnorm",
                              "tiny_vit-prefix", "tiny_vit-attention"]
@@ -184,13 +187,16 @@ def test_every_config_in_the_card_loads_bit_exactly_with_datasets(tmp_path, _pri
     assert any(_private_datasets_cache.iterdir())
 
 
-def test_card_example_runs_as_written(tmp_path, monkeypatch, _private_datasets_cache):
-    # No repo_id: the example names the folder as given, relative to where the card was written.
+def test_card_example_runs_with_only_the_placeholder_replaced(tmp_path, monkeypatch, _private_datasets_cache):
+    # No repo_id yet: the example names the placeholder repository, never the folder it was
+    # written to, and the card says so; with the placeholder replaced it runs as written.
     monkeypatch.chdir(tmp_path)
     planted = _write_tiny_repo(Path("tiny"), np.random.default_rng(1))
     text = planted["card"].read_text(encoding="utf-8")
     code = re.search(r"```python\n(.*?)```", text, re.S).group(1)
-    assert 'load_dataset("tiny", "tiny_vit-L01-prenorm", split="train")' in code
+    assert 'load_dataset("YOUR_ORG/tiny-scenes", "tiny_vit-L01-prenorm", split="train")' in code
+    assert "not yet published" in text
+    code = code.replace('"YOUR_ORG/tiny-scenes"', '"tiny"')
     env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HF_DATASETS_CACHE": str(_private_datasets_cache),
            "HF_HUB_OFFLINE": "1", "HOME": str(tmp_path)}
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
@@ -205,7 +211,8 @@ def test_card_states_provenance_and_licences(tmp_path):
     row = next(line for line in body.splitlines() if line.startswith("| tiny\\_vit-L02-postnorm |"))
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells == ["tiny\\_vit-L02-postnorm", "timm/tiny\\_vit.test", "0123abc", "2", "postnorm",
-                     "64 px, squash", "16 px", "majority", "float16[8]", "24", str(planted["cards"][1].num_bytes), "apache-2.0"]
+                     "64 px, squash", "16 px", "majority", "float16[8]", "24", str(planted["cards"][1].num_bytes),
+                     "CC0-1.0 \\+ apache-2.0"]
     assert "- tiny\\_vit (timm/tiny\\_vit.test): apache-2.0" in body
     assert "under CC0-1.0" in body
 

@@ -308,7 +308,8 @@ def local_folder_source(
         ignore_index=ignore_index,
         revision=revision,
         license="unknown",
-        description=f"Images and class masks from the local folder {root} ({len(ids)} images"
+        # The folder's own name only: the description is published, its absolute path is not.
+        description=f"Images and class masks from the local folder {root.name} ({len(ids)} images"
                     + (f", {len(skipped)} skipped" if skipped else "") + ").",
         params={"path": str(root), "images": images, "masks": masks, "classes": classes,
                 "ignore_index": ignore_index, "max_pixels": max_pixels, "min_side": min_side},

@@ -249,8 +249,11 @@ class PatchTableWriter(TableWriter):
     """Rows of (image_id, row, col, label, embedding), row-major within each image."""
 
     def __init__(self, path: str | os.PathLike, dim: int, *, dtype: str = DEFAULT_EMBEDDING_DTYPE,
-                 row_group_rows: int | None = None):
-        super().__init__(path, patch_schema(dim, dtype),
+                 row_group_rows: int | None = None, label_names: Sequence[str] | None = None,
+                 geometry: Mapping | None = None):
+        # label_names declare ``label`` a ClassLabel; geometry is recorded in the schema metadata.
+        super().__init__(path, patch_schema(dim, dtype, list(label_names or []) or None,
+                                            dict(geometry) if geometry else None),
                          row_group_rows=row_group_rows or default_row_group_rows(dim, dtype),
                          dictionary_columns=("image_id",))
         self.dim, self.dtype = dim, dtype
@@ -282,9 +285,9 @@ class PrefixTableWriter(TableWriter):
     """Rows of (image_id, layer, norm, token_index, kind, embedding) for CLS and register tokens."""
 
     def __init__(self, path: str | os.PathLike, dim: int, *, dtype: str = DEFAULT_EMBEDDING_DTYPE,
-                 row_group_rows: int | None = None):
+                 row_group_rows: int | None = None, geometry: Mapping | None = None):
         # norm and kind repeat a handful of values, so they get dictionaries too.
-        super().__init__(path, prefix_schema(dim, dtype),
+        super().__init__(path, prefix_schema(dim, dtype, dict(geometry) if geometry else None),
                          row_group_rows=row_group_rows or default_row_group_rows(dim, dtype),
                          dictionary_columns=("image_id", "norm", "kind"))
         self.dim, self.dtype = dim, dtype
@@ -509,8 +512,13 @@ def _fixed_size_values(path: Path, column: pa.ChunkedArray) -> np.ndarray:
 def read_patch_table(path: PathOrPaths) -> PatchTable:
     """One patch table, or a config's shards in order, with embeddings as float32."""
     expected = patch_schema(1)
-    required = {f.name: f.type for f in expected if f.name != "embedding"}
+    required = {f.name: f.type for f in expected if f.name not in ("embedding", "label")}
     table, path = _read(path, required, "patch table")
+    label = table.schema.field("label").type if "label" in table.column_names else None
+    # int64 where the label is a ClassLabel (see generator.store.schema), int16 otherwise.
+    if label not in (pa.int16(), pa.int64()):
+        raise PatchAtlasError(f"{path}: not a patch table: column 'label' should be int16 or int64, "
+                              f"found {label or 'missing'}")
     embedding = table.schema.field("embedding").type if "embedding" in table.column_names else None
     if embedding is None or not pa.types.is_fixed_size_list(embedding) \
             or embedding.value_type not in (pa.float16(), pa.float32()):
@@ -519,7 +527,8 @@ def read_patch_table(path: PathOrPaths) -> PatchTable:
     return PatchTable(
         image_ids=table.column("image_id").to_numpy(zero_copy_only=False),
         rows=table.column("row").to_numpy(), cols=table.column("col").to_numpy(),
-        labels=table.column("label").to_numpy(), embeddings=_fixed_size_values(path, table.column("embedding")),
+        labels=table.column("label").to_numpy().astype(np.int16, copy=False),
+        embeddings=_fixed_size_values(path, table.column("embedding")),
         path=path,
     )
 

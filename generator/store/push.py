@@ -1,14 +1,16 @@
 """Publishing a dataset repository folder to the Hugging Face Hub.
 
-The folder (``<out>/datasets/<source>/``, see ``generator.store.repo``) is compared file by file
-with the remote repository, and only what differs goes up, in one commit: new and changed files
-are added, files gone from the folder are deleted. A push that is interrupted leaves the remote
-as it was (the commit is all or nothing), so running it again uploads exactly what is still
-different.
+The folder (``<out>/datasets/<source>/``, see ``generator.store.repo``) is published with
+``HfApi.upload_folder``: the library asks the Hub which files it already holds (by git blob id
+or LFS sha256) and sends only the others, and ``delete_patterns`` removes the remote files gone
+from the folder (the Hub's ``.gitattributes`` and hidden files stay). A small folder goes up
+in one commit, all or nothing; with ``hf_xet`` installed a very large one may be split by the
+library into several commits, and running the push again resumes it, sending only what is
+still missing.
 
-How a file is compared: the Hub lists, per file, its git blob id (sha1 of ``"blob <size>\\0"`` +
-bytes) and, for files kept in LFS / Xet storage, the sha256 of the content. Both are computed
-locally in one read.
+Before writing, the folder is checked (a card whose every ``data_files`` pattern matches) and
+the remote is listed once to report what will be added, changed and deleted (``PushPlan``,
+also the whole of a dry run); that comparison is computed locally in one read of each file.
 
 The token comes only from Hugging Face's own mechanisms (``HF_TOKEN``, ``hf auth login`` /
 ``huggingface-cli login``, or the ``token`` of the ``HfApi`` passed in). It is never printed,
@@ -28,7 +30,7 @@ from typing import Any, Iterable
 import yaml
 
 from generator.errors import PatchAtlasError
-from generator.store.repo import CARD_FILE
+from generator.store.repo import CARD_FILE, check_repo_id
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +39,10 @@ DEFAULT_BRANCH = "main"
 _READ_BLOCK = 1 << 20
 # Hub access tokens look like this; scrubbed even when the token in use is not known here.
 _TOKEN_PATTERN = re.compile(r"\bhf_[A-Za-z0-9]{8,}\b")
-_REPO_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*/[A-Za-z0-9][A-Za-z0-9_.-]*$")
+# upload_folder's patterns (fnmatch: "*" crosses "/"): hidden files and folders are never
+# uploaded, and only remote files outside hidden folders are candidates for deletion.
+HIDDEN_PATTERNS = (".*", "*/.*")
+DELETE_PATTERNS = ("[!.]*",)
 
 
 @dataclass(frozen=True)
@@ -260,9 +265,7 @@ def _hub_error(what: str, repo_id: str, err: BaseException, secrets: list[str]) 
 
 
 def _check_repo_id(repo_id: str) -> str:
-    if not isinstance(repo_id, str) or not _REPO_ID.match(repo_id):
-        raise PatchAtlasError(f"--repo {repo_id!r}: expected ORG/NAME, e.g. my-org/patchatlas-voc")
-    return repo_id
+    return check_repo_id(repo_id, "--repo")
 
 
 def _make_api(api):
@@ -352,18 +355,16 @@ def push_folder(folder: str | os.PathLike, repo_id: str, *, api=None, dry_run: b
     if dry_run or plan.is_empty:
         return PushResult(repo_id, branch, plan, dry_run)
 
-    from huggingface_hub import CommitOperationAdd, CommitOperationDelete
-
-    root = Path(folder)
     try:
         if not plan.remote_exists:
             api.create_repo(repo_id, repo_type=REPO_TYPE, exist_ok=True, private=private)
             if branch != DEFAULT_BRANCH:
                 api.create_branch(repo_id, branch=branch, repo_type=REPO_TYPE, exist_ok=True)
-        operations = [CommitOperationAdd(path_in_repo=p, path_or_fileobj=str(root / p)) for p in plan.to_upload]
-        operations += [CommitOperationDelete(path_in_repo=p) for p in plan.deleted]
-        info = api.create_commit(repo_id, operations, commit_message=commit_message or _default_message(plan),
-                                 repo_type=REPO_TYPE, revision=revision)
+        # The library uploads what the Hub does not already hold (it drops unchanged files after
+        # asking the Hub for their ids) and deletes the remote files gone from the folder.
+        info = api.upload_folder(repo_id=repo_id, folder_path=str(folder), repo_type=REPO_TYPE, revision=revision,
+                                 commit_message=commit_message or _default_message(plan),
+                                 ignore_patterns=list(HIDDEN_PATTERNS), delete_patterns=list(DELETE_PATTERNS))
     except Exception as err:
         raise _hub_error("the push", repo_id, err, secrets) from None
     uploaded = {p: files[p].size for p in plan.to_upload}
