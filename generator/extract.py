@@ -210,7 +210,15 @@ def token_params(entry: ModelEntry, source: SegmentationSource, options: Extract
         **({"decode": options.decode} if options.decode != "host" else {}),
         # Compiled kernels round differently from eager ones (a few ulp).
         **({"compile_blocks": True} if options.compile_blocks else {}),
+        # A constructed control's weights come from code: a changed construction changes tokens.
+        **({"controls_version": _controls_version()} if entry.construction else {}),
     }
+
+
+def _controls_version() -> str:
+    from generator.models.controls import CONTROLS_VERSION
+
+    return CONTROLS_VERSION
 
 
 def model_params(entry: ModelEntry, source: SegmentationSource, layers: list[int] | str,
@@ -662,7 +670,7 @@ def write_card(source: SegmentationSource, repo: Path, manifest: Manifest, repo_
         for cfg in unit["configs"]:
             cards.append(ConfigCardInfo(
                 name=cfg["name"], data_files=str(Path(cfg["paths"][0]).parent / "*.parquet"),
-                model=entry.name, model_id=entry.timm_id if entry.pretrained else "random",
+                model=entry.name, model_id=entry.timm_id if entry.pretrained else (entry.name if entry.construction else "random"),
                 revision=weights.get("revision", ""), layer=cfg["layer"], norm=cfg["norm"],
                 input_size=entry.input_size, patch_size=entry.patch_size,
                 label_rule=unit["params"]["label_rule"], dim=cfg["dim"], num_rows=cfg["num_rows"],
