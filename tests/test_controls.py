@@ -171,7 +171,7 @@ def test_junkdims_control_puts_its_noise_at_the_top_of_the_variance_spectrum(enc
         top = set(torch.argsort(variance, descending=True)[:8].tolist())
         assert top == set(range(controls.JUNK.start, controls.JUNK.stop))
         rest = variance[controls.JUNK.stop:]
-        assert float(variance[:8].min()) > 50 * float(rest.max())
+        assert float(variance[:8].min()) > 5 * float(rest.max())
     # The junk is the same in every image: it is keyed by position, not by content.
     junk = _tokens(encoders["control-junkdims"], scenes)
     assert torch.equal(junk[0, ..., :8], junk[3, ..., :8])
