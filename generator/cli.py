@@ -553,7 +553,8 @@ def models_cmd(weights):
     click.echo(f"{'name':<20} {'family':<10} {'params':>7} {'patch':>5} {'input':>5}  {'licence':<15} {'here':<4} source")
     for entry in MODELS.values():
         source = entry.timm_id if entry.pretrained and not entry.checkpoint_format else (
-            f"{entry.checkpoint_format} checkpoint" if entry.checkpoint_format else "(untrained)")
+            f"{entry.checkpoint_format} checkpoint" if entry.checkpoint_format else
+            "(constructed)" if entry.construction else "(untrained)")
         here = "yes" if weights_available(entry, local) else "no"
         click.echo(f"{entry.name:<20} {entry.family:<10} {parameter_count(entry) / 1e6:>6.0f}M {entry.patch_size:>5} "
                    f"{entry.input_size:>5}  {entry.license:<15} {here:<4} {source}")

@@ -111,7 +111,9 @@ def check_weights(weights: dict[str, str], cache_dir: str | None = None) -> list
 
     checks = []
     for entry in MODELS.values():
-        if not entry.pretrained:
+        if entry.construction:
+            checks.append(Check(f"weights {entry.name}", "ok", "calibration control, weights constructed in code"))
+        elif not entry.pretrained:
             checks.append(Check(f"weights {entry.name}", "ok", "untrained baseline, nothing to load"))
         elif entry.name in weights:
             exists = Path(weights[entry.name]).is_file()

@@ -247,7 +247,15 @@ def token_params(entry: ModelEntry, source: SegmentationSource, options: Extract
         # The input size is the model row's ``input_size`` above; squash keeps the parameters of
         # tables written before the policy was an option.
         **({"resize": options.resize} if options.resize != DEFAULT_RESIZE else {}),
+        # A constructed control's weights come from code: a changed construction changes tokens.
+        **({"controls_version": _controls_version()} if entry.construction else {}),
     }
+
+
+def _controls_version() -> str:
+    from generator.models.controls import CONTROLS_VERSION
+
+    return CONTROLS_VERSION
 
 
 def extract_input(params: dict) -> dict:
@@ -777,7 +785,7 @@ def write_card(source_name: str, repo: Path, manifest: Manifest) -> Path:
         for cfg in unit["configs"]:
             cards.append(ConfigCardInfo(
                 name=cfg["name"], data_files=str(Path(cfg["paths"][0]).parent / "*.parquet"),
-                model=entry.name, model_id=entry.timm_id if entry.pretrained else "random",
+                model=entry.name, model_id=entry.timm_id if entry.pretrained else (entry.name if entry.construction else "random"),
                 revision=weights.get("revision", ""), layer=cfg["layer"], norm=cfg["norm"],
                 input_size=recorded["input_size"], patch_size=entry.patch_size, resize=recorded["resize"],
                 label_rule=unit["params"]["label_rule"], dim=cfg["dim"], num_rows=cfg["num_rows"],

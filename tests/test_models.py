@@ -53,9 +53,11 @@ def test_registry_prefix_tokens_and_patch_size_match_the_architecture(name):
 
 def test_default_models_are_in_the_zoo_and_the_baseline_is_labelled_random():
     assert set(DEFAULT_MODELS) <= set(MODELS)
-    random_rows = [e for e in MODELS.values() if not e.pretrained]
+    random_rows = [e for e in MODELS.values() if not e.pretrained and not e.construction]
     assert [e.name for e in random_rows] == ["random"]
     assert random_rows[0].family == "random"
+    # Untrained or constructed, only rows that need weights can be missing them.
+    assert all(not e.needs_weights for e in MODELS.values() if not e.pretrained)
 
 
 def test_unknown_model_suggests_near_matches():

@@ -56,8 +56,8 @@ class TokenBatch:
 class WeightsInfo:
     """Where the weights came from, recorded with every result."""
 
-    source: str  # "hub" | "checkpoint" | "random-init"
-    location: str  # Hub repo id, checkpoint path, or the init seed
+    source: str  # "hub" | "checkpoint" | "random-init" | "constructed"
+    location: str  # Hub repo id, checkpoint path, the init seed, or the control's name
     revision: str  # file hash or Hub revision; "" when unknown
     architecture: str = ""  # the timm architecture the weights went into ("" : the row's own)
 
@@ -409,6 +409,9 @@ def load_encoder(entry: ModelEntry, *, checkpoint: str | Path | None = None,
                  trust_pickle: bool = False) -> Encoder:
     """Build the encoder for a registry row.
 
+    - a calibration control (``entry.construction``): the architecture with every weight written
+      by its construction in :mod:`generator.models.controls`; the revision is the hash of the
+      resulting state.
     - ``random``: timm's own initialisation under a fixed seed (the labelled baseline).
     - ``checkpoint`` given: timm loads that file through its pretrained path (with the model's
       checkpoint filter, strict key matching), and every entry of the file must reach the model
@@ -424,6 +427,15 @@ def load_encoder(entry: ModelEntry, *, checkpoint: str | Path | None = None,
     layers randomly initialised without a word.
     """
     kwargs = entry.create_kwargs()
+    if entry.construction:
+        from generator.models.controls import construct, state_sha256
+
+        if checkpoint is not None:
+            raise PatchAtlasError(f"{entry.name} is a calibration control with constructed weights; it takes no "
+                                  f"checkpoint (drop --weights {entry.name}=...)")
+        model = construct(entry.construction,
+                          timm.create_model(entry.architecture, pretrained=False, num_classes=0, **kwargs))
+        return Encoder(entry, model, WeightsInfo("constructed", entry.name, state_sha256(model)), device)
     if not entry.pretrained:
         if checkpoint is not None:
             raise PatchAtlasError(f"{entry.name} is the untrained baseline; it takes no checkpoint")

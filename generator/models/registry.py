@@ -22,7 +22,7 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 HALF = (0.5, 0.5, 0.5)
 
-FAMILIES = ("CL", "MIM", "CL+MIM", "supervised", "language", "random")
+FAMILIES = ("CL", "MIM", "CL+MIM", "supervised", "language", "random", "control")
 
 
 @dataclass(frozen=True)
@@ -68,7 +68,7 @@ class ModelEntry:
     interpolation: str = "bicubic"
     license: str = "apache-2.0"
     gated: bool = False
-    pretrained: bool = True  # False only for the labelled `random` baseline
+    pretrained: bool = True  # False for the labelled `random` baseline and the constructed controls
     input_policy: str = "fixed"  # "fixed" (a size the model was built for) | "dynamic" (dynamic_img_size)
     model_kwargs: dict = field(default_factory=dict)
     description: str = ""
@@ -87,6 +87,15 @@ class ModelEntry:
     # A non-affine BatchNorm (exact train statistics) before the linear probe: the
     # local-representations paper uses it for MAE only ("We do not use BatchNorm for SimMIM").
     probe_batchnorm: bool = False
+    # Set for the calibration controls (family ``control``): the name of the construction in
+    # generator.models.controls that writes every weight by hand. Such a model needs no weights
+    # at all, so it is never "unavailable".
+    construction: str = ""
+
+    @property
+    def needs_weights(self) -> bool:
+        """Whether weights must be found (Hub, cache or checkpoint) before the model can run."""
+        return self.pretrained and not self.construction
 
     @property
     def architecture(self) -> str:
@@ -135,6 +144,16 @@ def _dinov2(name, arch, registers, desc):
         name, f"{arch}.lvd142m", "CL", 14, 224, 518, 1 + registers, num_registers=registers,
         input_policy="dynamic", description=desc,
         pos_embed_resample=TIMM_POS_EMBED if registers else DINO_POS_EMBED,
+    )
+
+
+def _control(construction, desc):
+    # A two-block ViT-Ti/16 at 224 px: what the constructions (generator.models.controls) need
+    # (width 192, one CLS token, a 14×14 grid), and cheap enough to run beside every real model.
+    return ModelEntry(
+        f"control-{construction}", "vit_tiny_patch16_224", "control", 16, 224, 224, 1, pretrained=False,
+        license="apache-2.0", model_kwargs={"depth": 2}, construction=construction,
+        description=f"Calibration control, weights constructed by hand: {desc}",
     )
 
 
@@ -209,11 +228,24 @@ MODELS: dict[str, ModelEntry] = {
                    description="torchvision vit_b_16 (IMAGENET1K_V1), as in the local-representations paper"),
         ModelEntry("random", "vit_small_patch16_224", "random", 16, 224, 224, 1, pretrained=False,
                    description="Untrained ViT-S/16 (seeded timm initialisation): the baseline"),
+        _control("position", "tokens carry position only (a sinusoidal code of row and column; no pixels), "
+                             "so position decodes exactly and content not at all"),
+        _control("content", "tokens are a fixed function of the patch pixels (mean colours of the patch and "
+                            "its 2×2 and 4×4 cells), with no position"),
+        _control("border", "the content control plus one large constant vector on the outermost ring of "
+                           "patches: a planted border artifact"),
+        _control("highnorm", "the content control plus 4 of 196 positions with tokens 20× the median norm: "
+                             "planted high-norm tokens (2.04 %)"),
+        _control("junkdims", "the content control plus 8 dimensions of position-keyed noise with huge "
+                             "variance: planted junk dims that k-NN suffers from until they are removed"),
     ]
 }
 
-# The models a default build asks for: one of each behaviour the atlas is about, plus the baseline.
-DEFAULT_MODELS = ("dino_vits16", "dinov2_vits14_reg", "mae_vitb16", "random")
+CONTROL_MODELS = tuple(name for name, e in MODELS.items() if e.family == "control")
+
+# The models a default build asks for: one of each behaviour the atlas is about, plus the baseline
+# and the calibration controls (the zero and the ceiling of every metric).
+DEFAULT_MODELS = ("dino_vits16", "dinov2_vits14_reg", "mae_vitb16", "random", *CONTROL_MODELS)
 
 
 def _meta_model(entry: ModelEntry):

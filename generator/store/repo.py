@@ -122,7 +122,7 @@ class ConfigCardInfo:
     name: str
     data_files: str  # glob relative to the repository root, e.g. "dino_vits16/L12-postnorm/*.parquet"
     model: str
-    model_id: str  # timm id, or "random" for untrained weights
+    model_id: str  # timm id, "random" for untrained weights, or the name of a constructed control
     revision: str
     layer: int
     norm: str
