@@ -125,6 +125,13 @@ class ModelRow:
     resize: str = "squash"  # how images became the input (generator/sources/geometry.py)
 
 
+def _weights_label(entry) -> str:
+    """What a page says the weights are: the timm id, or how a reference model got its own."""
+    if entry.construction:
+        return f"constructed in code ({entry.construction})"
+    return entry.timm_id if entry.pretrained else "untrained"
+
+
 def _model_rows(manifest: Manifest, source: str | None = None) -> list[ModelRow]:
     rows: dict[str, ModelRow] = {}
     prefix = f"extract/{source}/" if source else "extract/"
@@ -138,7 +145,7 @@ def _model_rows(manifest: Manifest, source: str | None = None) -> list[ModelRow]
             continue
         recorded = extract_input(unit["params"]) if "params" in unit else {"input_size": entry.input_size}
         rows[name] = ModelRow(name, entry.family, entry.description, entry.patch_size, recorded["input_size"],
-                              entry.license, entry.timm_id if entry.pretrained else "untrained",
+                              entry.license, _weights_label(entry),
                               status, unit.get("reason", ""), unit.get("weights", {}),
                               recorded.get("resize", DEFAULT_RESIZE))
     return list(rows.values())
