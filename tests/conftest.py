@@ -88,3 +88,18 @@ def offline_tiny_zoo(tmp_path_factory) -> pytest.MonkeyPatch:
     mp.setattr(constants, "HF_HUB_CACHE", str(tmp_path_factory.mktemp("empty-hub-cache")))
     _private_datasets_cache(mp, tmp_path_factory.mktemp("datasets-cache"))
     return mp
+
+
+@pytest.fixture(autouse=True)
+def _cli_logging_restored():
+    """The CLI configures the package's loggers for the process it runs in; a test that invokes it
+    in-process must not leave that configuration to the tests after it (``caplog`` included)."""
+    import logging
+
+    loggers = [logging.getLogger(name) for name in ("patchatlas", "generator")]
+    saved = [(lg.handlers[:], lg.level, lg.propagate) for lg in loggers]
+    yield
+    for lg, (handlers, level, propagate) in zip(loggers, saved):
+        lg.handlers[:] = handlers
+        lg.setLevel(level)
+        lg.propagate = propagate

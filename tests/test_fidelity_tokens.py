@@ -176,7 +176,7 @@ def test_rows_declare_a_resize_rule_exactly_when_they_have_a_position_embedding(
         fmt = CHECKPOINT_FORMATS[entry.checkpoint_format].model_kwargs if entry.checkpoint_format else {}
         with torch.device("meta"):
             model = timm.create_model(entry.architecture, pretrained=False, num_classes=0,
-                                      **dict(fmt, **entry.create_kwargs(), depth=1))
+                                      **{**fmt, **entry.create_kwargs(), "depth": 1})
         has_pos_embed = getattr(model, "pos_embed", None) is not None
         assert (entry.pos_embed_resample is not None) == has_pos_embed, entry.name
         # timm's own step stays wherever the row's rule is timm's or nothing is resized.
