@@ -91,15 +91,20 @@ def offline_tiny_zoo(tmp_path_factory) -> pytest.MonkeyPatch:
 
 
 @pytest.fixture(autouse=True)
-def _cli_logging_restored():
-    """The CLI configures the package's loggers for the process it runs in; a test that invokes it
-    in-process must not leave that configuration to the tests after it (``caplog`` included)."""
+def _cli_logging_reset():
+    """The CLI configures the package's loggers for the process it runs in (a handler, a level,
+    no propagation). A build run in-process by a module-scoped fixture or an earlier test must
+    not hide a test's own records from ``caplog``: each test starts from the loggers as the
+    package leaves them at import."""
     import logging
 
-    loggers = [logging.getLogger(name) for name in ("patchatlas", "generator")]
-    saved = [(lg.handlers[:], lg.level, lg.propagate) for lg in loggers]
+    def reset():
+        for name in ("patchatlas", "generator"):
+            logger = logging.getLogger(name)
+            logger.handlers[:] = []
+            logger.setLevel(logging.NOTSET)
+            logger.propagate = True
+
+    reset()
     yield
-    for lg, (handlers, level, propagate) in zip(loggers, saved):
-        lg.handlers[:] = handlers
-        lg.setLevel(level)
-        lg.propagate = propagate
+    reset()
