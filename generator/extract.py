@@ -323,7 +323,7 @@ class JobCounter:
 def table_geometry(encoder: Encoder, options: ExtractOptions, *, layer: int | None, view: str | None) -> dict:
     """How a token table's rows were made, recorded in its Parquet schema metadata."""
     entry = encoder.entry
-    geometry = {"model": entry.name, "model_id": entry.timm_id if entry.pretrained else "random",
+    geometry = {"model": entry.name, "model_id": entry.published_id,
                 "input_size": entry.input_size, "patch_size": entry.patch_size,
                 "grid": list(entry.grid_size()), "resize": encoder.resize, "label_rule": options.label_rule}
     if layer is not None:
@@ -785,7 +785,7 @@ def write_card(source_name: str, repo: Path, manifest: Manifest) -> Path:
         for cfg in unit["configs"]:
             cards.append(ConfigCardInfo(
                 name=cfg["name"], data_files=str(Path(cfg["paths"][0]).parent / "*.parquet"),
-                model=entry.name, model_id=entry.timm_id if entry.pretrained else (entry.name if entry.construction else "random"),
+                model=entry.name, model_id=entry.published_id,
                 revision=weights.get("revision", ""), layer=cfg["layer"], norm=cfg["norm"],
                 input_size=recorded["input_size"], patch_size=entry.patch_size, resize=recorded["resize"],
                 label_rule=unit["params"]["label_rule"], dim=cfg["dim"], num_rows=cfg["num_rows"],

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import timm
 import torch
@@ -211,6 +212,10 @@ def test_build_runs_every_control(built):
             unit = manifest["entries"][f"extract/{source}/{model}"]
             assert unit["status"] == "done"
             assert unit["weights"]["source"] == "constructed" and len(unit["weights"]["revision"]) == 64
+            # The published tables name the control, never "random".
+            shard = next((built["out"] / "datasets" / source / model / "L02-postnorm").glob("*.parquet"))
+            geometry = json.loads(pq.read_schema(shard).metadata[b"patchatlas"])
+            assert geometry["model"] == model and geometry["model_id"] == model
 
 
 @pytest.mark.parametrize("source", ["synthetic-scenes", "content-free"])

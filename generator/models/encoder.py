@@ -435,7 +435,7 @@ def load_encoder(entry: ModelEntry, *, checkpoint: str | Path | None = None,
                                   f"checkpoint (drop --weights {entry.name}=...)")
         model = construct(entry.construction,
                           timm.create_model(entry.architecture, pretrained=False, num_classes=0, **kwargs))
-        return Encoder(entry, model, WeightsInfo("constructed", entry.name, state_sha256(model)), device)
+        return _encoder(entry, model, WeightsInfo("constructed", entry.name, state_sha256(model)), device)
     if not entry.pretrained:
         if checkpoint is not None:
             raise PatchAtlasError(f"{entry.name} is the untrained baseline; it takes no checkpoint")

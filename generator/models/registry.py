@@ -93,6 +93,14 @@ class ModelEntry:
     construction: str = ""
 
     @property
+    def published_id(self) -> str:
+        """The model id that published files give: the timm id, the name of a constructed
+        control, or "random" for the untrained baseline."""
+        if self.construction:
+            return self.name
+        return self.timm_id if self.pretrained else "random"
+
+    @property
     def needs_weights(self) -> bool:
         """Whether weights must be found (Hub, cache or checkpoint) before the model can run."""
         return self.pretrained and not self.construction
