@@ -148,13 +148,14 @@ def _parse_weights(pairs: tuple[str, ...], must_exist: bool = True) -> dict[str,
         name, sep, path = pair.partition("=")
         if not sep or not name or not path:
             raise PatchAtlasError(f"--weights {pair!r}: expected MODEL=PATH, e.g. dino_vits16=~/ckpt/dino.pth")
-        weights[name.strip()] = str(Path(path).expanduser())
+        name = name.strip()
+        weights[name] = str(Path(path).expanduser())
         if must_exist:
             from generator.models.registry import get_model_entry
 
-            get_model_entry(name.strip())  # an unknown name is the first thing to say
-        if must_exist and not Path(weights[name.strip()]).is_file():
-            raise PatchAtlasError(f"--weights {pair}: no such file {weights[name.strip()]}; check the path")
+            get_model_entry(name)  # an unknown name is the first thing to say
+            if not Path(weights[name]).is_file():
+                raise PatchAtlasError(f"--weights {pair}: no such file {weights[name]}; check the path")
     return weights
 
 

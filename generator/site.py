@@ -71,10 +71,14 @@ def _fmt_pct(value) -> str:
     return "—" if value is None else f"{100 * value:.1f}"
 
 
+def _fmt_num(value) -> str:
+    return "—" if value is None else f"{value:.2f}"
+
+
 def with_interval(row: dict, key: str, as_percent: bool = True) -> str:
     """``row[key]`` with its interval ``row[key + "_ci"]`` (``[lo, hi]``) when the result has one:
     "53.0 (49.0–57.0)"."""
-    fmt = _fmt_pct if as_percent else (lambda v: "—" if v is None else f"{v:.2f}")
+    fmt = _fmt_pct if as_percent else _fmt_num
     text = fmt(row.get(key))
     interval = row.get(f"{key}_ci")
     if row.get(key) is not None and interval and None not in interval:
@@ -756,7 +760,7 @@ def metric_references(rows: list[dict], metrics, chance: dict[str, str] | None =
     (``model``, ``tag``, ``value`` as text).
     """
     chance = chance or {}
-    fmt = {"pct": _fmt_pct, "num": lambda v: "—" if v is None else f"{v:.2f}"}
+    fmt = {"pct": _fmt_pct, "num": _fmt_num}
     references = [r for r in rows if is_reference(r.get("family"))]
     if per_layer:
         references = list(_last_layer_values(references, [key for key, _, _ in metrics]).values())
