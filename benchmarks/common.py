@@ -6,6 +6,8 @@ import contextlib
 import datetime
 import os
 import platform
+import shlex
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -37,9 +39,15 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def machine_info(device: torch.device, **versions: str) -> dict:
-    """The machine, the library versions given (``pyarrow=pa.__version__``, …) and how busy it was."""
-    return {
+def command_line(script: str, argv: Sequence[str] | None) -> str:
+    """The command as typed at the repository root: benchmarks/README.md's tables name it."""
+    return shlex.join(["python", f"benchmarks/{Path(script).name}", *(sys.argv[1:] if argv is None else argv)])
+
+
+def machine_info(device: torch.device, command: str | None = None, **versions: str) -> dict:
+    """The machine, the command run, the library versions given (``pyarrow=pa.__version__``, …) and
+    how busy it was."""
+    return {"command": command,
         "cpu": cpu_model(), "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "torch": torch.__version__, **versions, "python": platform.python_version(),

@@ -56,7 +56,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import format_table, machine_info, resolve_device, sync  # noqa: E402
+from benchmarks.common import command_line, format_table, machine_info, resolve_device, sync  # noqa: E402
 from benchmarks.extract_throughput import ARCHS  # noqa: E402
 from generator.errors import PatchAtlasError  # noqa: E402
 from generator.extract import ExtractOptions, dataset_repo_dir, extract_key, run_extract  # noqa: E402
@@ -565,7 +565,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         MODELS[model_name] = RANDOM_VITB16
     try:
         entry = get_model_entry(model_name)
-        machine = machine_info(device, pyarrow=pa.__version__)
+        machine = machine_info(device, command_line(__file__, argv), pyarrow=pa.__version__)
         depth = model_geometry(entry).depth
         gflop = forward_gflop(entry, max(resolve_layers(args.layers, depth)))
         peak = peak_bf16_flops(machine["gpu"])
