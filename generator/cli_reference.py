@@ -1,6 +1,6 @@
 """The CLI reference page, written from click's own definition of every command.
 
-``python -m generator.cli_reference > site/cli.md`` regenerates the committed page; a test checks
+``python -m generator.cli_reference > site/guide/cli.md`` regenerates the committed page; a test checks
 that the page equals this module's output, so an option added, renamed or re-documented in
 ``generator/cli.py`` without regenerating fails instead of leaving a stale copy. Each row is
 what ``patchatlas COMMAND --help`` prints for that option (``Parameter.get_help_record``).
@@ -18,7 +18,7 @@ import click
 from generator.cli import cli
 
 PROG = "patchatlas"
-REGENERATE = "python -m generator.cli_reference > site/cli.md"
+REGENERATE = "python -m generator.cli_reference > site/guide/cli.md"
 
 # The Markdown syntax that can start mid-line in help text (emphasis, links, attribute lists);
 # ``generator.site.md_escape`` escapes more for data on pages, but importing the render stage

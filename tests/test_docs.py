@@ -2,7 +2,7 @@
 
 The README stays a newcomer's page (small, its links resolve, its two commands are the
 Makefile's); benchmarks/README.md's tables are what benchmarks/report.py writes from the
-recorded results; site/cli.md is what generator/cli_reference.py writes from the commands; and
+recorded results; site/guide/cli.md is what generator/cli_reference.py writes from the commands; and
 the hand-written site pages build with MkDocs in strict mode.
 """
 
@@ -120,11 +120,11 @@ def test_a_result_without_its_command_or_of_no_known_kind_is_named(tmp_path, pip
         report.load_results(tmp_path)
 
 
-# --- site/cli.md ------------------------------------------------------------------------------
+# --- site/guide/cli.md ------------------------------------------------------------------------------
 
 def test_cli_page_is_what_the_commands_say():
-    committed = (ROOT / "site" / "cli.md").read_text(encoding="utf-8")
-    assert committed == cli_reference(), f"site/cli.md is stale: run `{REGENERATE}`"
+    committed = (ROOT / "site" / "guide" / "cli.md").read_text(encoding="utf-8")
+    assert committed == cli_reference(), f"site/guide/cli.md is stale: run `{REGENERATE}`"
 
 
 def test_cli_page_lists_every_option_of_every_command():
@@ -162,9 +162,10 @@ def test_site_pages_build_strictly_and_appear_in_the_nav(tmp_path):
     config = load_config(config_file=str(ROOT / "mkdocs.yml"), docs_dir=str(ROOT / "site"), site_dir=str(site),
                          strict=True)
     build(config)
-    home_nav = (site / "methods" / "index.html").read_text(encoding="utf-8")
-    for page, title in (("usage", "Running PatchAtlas"), ("cli", "CLI reference"), ("scale-out", "Scale-out"),
-                        ("streaming", "Streaming"), ("developers/architecture", "Architecture")):
+    nav = (site / "methods" / "index.html").read_text(encoding="utf-8")
+    for page, title in (("guide", "Running PatchAtlas"), ("guide/cli", "CLI reference"),
+                        ("guide/scale-out", "Scale-out"), ("guide/streaming", "Streaming"),
+                        ("developers/architecture", "Architecture")):
         html = (site / page / "index.html").read_text(encoding="utf-8")
-        assert f"<h1 id=" in html and title in html, page
-        assert f'href="../{page}/"' in home_nav, f"{page} is not in the site's navigation"
+        assert re.search(rf"<h1 id=[^>]*>{re.escape(title)}", html), f"{page}: no heading '{title}'"
+        assert f'href="../{page}/"' in nav, f"{page} is not in the site's navigation"
