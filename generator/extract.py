@@ -181,7 +181,7 @@ def images_key(source_name: str) -> str:
     return f"extract/{source_name}/{IMAGES_CONFIG}"
 
 
-def _png_bytes(column_value: dict) -> bytes:
+def _cell_bytes(column_value: dict) -> bytes:
     """The encoded bytes of a ``datasets.Image`` cell read with ``decode=False``."""
     if column_value.get("bytes"):
         return column_value["bytes"]
@@ -210,9 +210,9 @@ def write_images(source: SegmentationSource, repo: Path, manifest: Manifest, sha
 
     def rows():
         for row in raw:
-            image_png = _png_bytes(row["image"])
+            image_png = _cell_bytes(row["image"])
             # The site's palette, so a mask on the Hub shows the colours of the atlas' figures.
-            mask_png = palette_mask_png(_png_bytes(row["mask"]), PALETTE, source.ignore_index, IGNORE_COLOR)
+            mask_png = palette_mask_png(_cell_bytes(row["mask"]), PALETTE, source.ignore_index, IGNORE_COLOR)
             width, height = Image.open(io.BytesIO(image_png)).size
             yield {"image_id": row["image_id"], "image_png": image_png, "mask_png": mask_png,
                    "width": width, "height": height}

@@ -35,7 +35,6 @@ image, mask or the class list changes.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import re
 from pathlib import Path
@@ -44,10 +43,10 @@ import numpy as np
 from PIL import Image
 
 from generator.errors import PatchAtlasError
-from generator.sources.base import ClassInfo, SegmentationSource
+from generator.sources.base import SOURCE_FEATURES, ClassInfo, SegmentationSource
 from generator.sources.images import (
     DEFAULT_MAX_PIXELS, MIN_IMAGE_SIDE, UnusableImage, check_image_limits, check_min_side, no_usable_images,
-    open_image, revision_with_skips, shown, stray_labels, to_rgb8,
+    mask_png_bytes, open_image, png_cell, revision_with_skips, shown, stray_labels, to_rgb8,
 )
 
 LOCAL_FOLDER_NAME = "local-folder"
@@ -167,12 +166,6 @@ def check_mask_values(ids: np.ndarray, class_ids: set[int], ignore_index: int, w
                                    f"{ignore_index}")
 
 
-def _png_bytes(img: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    img.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def _open_decoded(path: Path, what: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     return open_image(path, str(path), max_pixels=max_pixels, what=what)
 
@@ -191,14 +184,8 @@ def _pair_cells(image_path: Path, mask_path: Path, class_ids: set[int], ignore_i
     check_mask_values(mask_ids, class_ids, ignore_index, str(mask_path))
     rgb = to_rgb8(img, str(image_path))
     # An 8-bit RGB file is kept by path (decoded on use); anything converted is stored as PNG.
-    image_cell = {"path": str(image_path), "bytes": None} if img.mode == "RGB" else {"path": None,
-                                                                                      "bytes": _png_bytes(rgb)}
-    # Masks are re-encoded without a palette, so any reader sees class ids, never colours.
-    if mask_ids.max(initial=0) <= 255:
-        mask_img = Image.fromarray(mask_ids.astype(np.uint8))
-    else:
-        mask_img = Image.fromarray(mask_ids.astype(np.uint16))
-    return image_cell, {"path": None, "bytes": _png_bytes(mask_img)}
+    image_cell = {"path": str(image_path), "bytes": None} if img.mode == "RGB" else png_cell(rgb)
+    return image_cell, {"path": None, "bytes": mask_png_bytes(mask_ids)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,13 +281,8 @@ def local_folder_source(
 
     revision = revision_with_skips(
         folder_revision(root, [classes_path, *image_files.values(), *mask_files.values()]), skipped)
-    features = datasets.Features({
-        "image_id": datasets.Value("string"),
-        "image": datasets.Image(),
-        "mask": datasets.Image(),
-    })
     dataset = datasets.Dataset.from_dict({"image_id": ids, "image": image_cells, "mask": mask_cells},
-                                         features=features)
+                                         features=SOURCE_FEATURES)
     return SegmentationSource(
         name=source_name,
         dataset=dataset,
