@@ -48,11 +48,11 @@ from generator.sources.images import (
     DEFAULT_MAX_PIXELS, MIN_IMAGE_SIDE, UnusableImage, check_image_limits, check_min_side, no_usable_images,
     mask_png_bytes, open_image, png_cell, revision_with_skips, shown, stray_labels, to_rgb8,
 )
+from generator.store.manifest import file_sha256
 
 LOCAL_FOLDER_NAME = "local-folder"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 MASK_SUFFIX = ".png"
-_HASH_CHUNK = 1 << 20
 # Single-channel modes whose pixel values can be class ids as stored.
 _INDEX_MODES = ("L", "P", "1", "I", "I;16", "I;16L", "I;16B", "I;16N")
 
@@ -61,15 +61,7 @@ CLASSES_EXAMPLE = ('[{"id": 0, "name": "road", "super_name": "flat", "is_backgro
 
 
 # ---------------------------------------------------------------------------------------------
-# Hashing (streamed: a file is never held whole in memory for its digest)
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(_HASH_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
+# Hashing
 
 def folder_revision(root: Path, files: list[Path]) -> str:
     """sha256 over (relative path, size, content sha256) of ``files``, in path order; 12 hex digits."""
