@@ -32,8 +32,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from generator.analyses._checks import check_features, check_positive_int
 from generator.analyses.clusters import (
-    _check_positive_int,
     _l2_normalized_rows,
     _nearest_centroid,
     _row_squared_norms,
@@ -42,7 +42,6 @@ from generator.analyses.clusters import (
     match_from_confusion,
 )
 from generator.analyses.probes import (
-    _check_features,
     _labelled_rows,
     check_miou_average,
     majority_vote,
@@ -273,7 +272,7 @@ class StreamingKNN:
             x, y = x[keep], y[keep]
         if not self._train_y or y.shape[0] == 0:
             raise PatchAtlasError("StreamingKNN: no labelled train rows before the evaluation rows")
-        _check_features(x, "train_x")
+        check_features(x, "train_x")
         _labelled_rows(y, self.n_classes, self.ignore_index, "train_y")
         self._train_x, self._train_y = [], []
         return x, y
@@ -305,7 +304,7 @@ class StreamingKMeans:
                  seed: int = 0, n_init: int = 3, max_iter: int = 100, l2_normalize: bool = True):
         for name, value in (("k", k), ("n_classes", n_classes), ("fit_rows", fit_rows),
                             ("n_init", n_init), ("max_iter", max_iter)):
-            _check_positive_int(name, value)
+            check_positive_int(value, name)
         if k > fit_rows:
             raise PatchAtlasError(f"StreamingKMeans: k={k} exceeds fit_rows={fit_rows}, the most rows the "
                                   f"k-means is fitted on; lower k or raise fit_rows")
