@@ -402,7 +402,7 @@ def extract_shard(source: SegmentationSource, encoder: Encoder, shard: Shard, ta
             # After the published tokens went to the host, so that their copies do not wait for
             # the accumulators' work on the device.
             if layerwise is not None:
-                layerwise.add(first_index, labels, batch)
+                layerwise.update(first_index, labels, batch)
             first_index += len(image_ids)
     return {rel: file_sha256(repo / rel) for rel in tables}
 

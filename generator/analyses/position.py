@@ -171,7 +171,7 @@ class _Moments:
         self.yy = torch.zeros(n_targets, dtype=f64, device=device)
         self.count = 0
 
-    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:  # x [m, D], y [m, T], float64
+    def update(self, x: torch.Tensor, y: torch.Tensor) -> None:  # x [m, D], y [m, T], float64
         self.gram += x.T @ x
         self.x += x.sum(dim=0)
         self.xy += x.T @ y
@@ -283,7 +283,7 @@ def position_decodability(
     fold_of = {int(img): rank % max(folds, 1) for rank, img in enumerate(train_order)}
     for img in train_order:
         x = tokens[int(img)].reshape(gh * gw, dim).to(torch.float64)
-        moments[fold_of[int(img)]].add(x, torch.cat([targets, shuffled[int(img)]], dim=1))
+        moments[fold_of[int(img)]].update(x, torch.cat([targets, shuffled[int(img)]], dim=1))
     train = moments[0]
     for extra in moments[1:]:
         train = train + extra
