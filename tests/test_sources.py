@@ -355,13 +355,17 @@ def test_bad_label_inputs_are_refused(mask, grid, match):
 # Registry
 
 
-def test_registry_rows_are_frozen_entries_whose_defaults_fit_their_loader():
+def test_source_names_are_the_registry_rows_sorted():
     assert source_names() == sorted(SOURCES) and "synthetic-scenes" in source_names()
-    for name, entry in SOURCES.items():
-        assert isinstance(entry, SourceEntry) and entry.name == name and entry.description
-        inspect.signature(entry.loader).bind(**entry.default_params)
-        with pytest.raises(dataclasses.FrozenInstanceError):
-            entry.name = "other"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("name", sorted(SOURCES))
+def test_registry_row_is_a_frozen_entry_whose_defaults_fit_its_loader(name):
+    entry = SOURCES[name]
+    assert isinstance(entry, SourceEntry) and entry.name == name and entry.description
+    inspect.signature(entry.loader).bind(**entry.default_params)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        entry.name = "other"  # type: ignore[misc]
 
 
 def test_load_source_applies_params_over_defaults():
