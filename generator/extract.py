@@ -768,7 +768,7 @@ def write_card(source_name: str, repo: Path, manifest: Manifest) -> Path:
         raise PatchAtlasError(f"{repo}: no record of dataset {source_name!r}; run `patchatlas extract` first")
     cards: list[ConfigCardInfo] = []
     extra_configs: list[dict] = []
-    for key, unit in sorted(manifest.entries(prefix=f"extract/{source_name}/")):
+    for _key, unit in sorted(manifest.entries(prefix=f"extract/{source_name}/")):
         if unit.get("status") != "done" or "configs" not in unit:
             continue
         entry = get_model_entry(unit["model"])

@@ -204,7 +204,7 @@ def layerwise_results(source: SegmentationSource, encoder: Encoder, layers: list
     batches = labelled_batches(source.dataset, options.batch_size, encoder, options.label_rule,
                                source.ignore_index, decode=options.decode)
     total = -(-len(source) // options.batch_size)
-    for image_ids, images, labels in tqdm(batches, total=total, disable=not options.progress,
+    for _image_ids, images, labels in tqdm(batches, total=total, disable=not options.progress,
                                           desc=f"{encoder.entry.name} layer-wise", unit="batch"):
         accumulator.update(accumulator.seen, labels, encoder.tokens(encoder.preprocess(images), layers, list(NORMS)))
     return accumulator.result()

@@ -384,7 +384,8 @@ def test_reference_rows_and_strip_show_in_both_themes(driver, base_url, artifact
         rows = [row for row in driver.find_elements(By.CSS_SELECTOR, "article tr.reference-row") if _shown(driver, row)]
         assert rows, f"{page or 'home'}: no visible reference row"
         colours = driver.execute_script(
-            "const row = arguments[0]; const model = row.parentElement.querySelector('tr:not(.reference-row):not(.reference-divider)');"
+            "const row = arguments[0]; "
+            "const model = row.parentElement.querySelector('tr:not(.reference-row):not(.reference-divider)');"
             "return [getComputedStyle(row).color, model ? getComputedStyle(model).color : null];", rows[0])
         assert colours[1] is None or colours[0] != colours[1], "reference rows are not set apart from the models"
         # Sorting a column, either way, never lifts a reference row above a model.

@@ -95,7 +95,7 @@ def test_doctor_reports_what_the_probe_measured(tmp_path, hub_online, capsys):
     out = capsys.readouterr().out
     (line,) = [line for line in out.splitlines() if "hub endpoint" in line]
     assert line.startswith("[warn") and f"unreachable at {closed}" in line and "hub mode" in out
-    assert "online" in [l for l in out.splitlines() if "hub mode" in l][0]
+    assert "online" in [line for line in out.splitlines() if "hub mode" in line][0]
     assert main(["doctor", "--out", str(tmp_path), "--online"]) == 1  # required, and not there
     capsys.readouterr()
     with socket.socket() as server:

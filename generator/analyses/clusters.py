@@ -168,7 +168,7 @@ def _lloyd(
     """Lloyd iterations from ``centroids``; returns centroids, labels, inertia, iterations."""
     k = centroids.shape[0]
     n_iter = 0
-    for n_iter in range(1, max_iter + 1):
+    for n_iter in range(1, max_iter + 1):  # noqa: B007 - read after the loop: the iterations run
         labels, min_dist = _nearest_centroid(x, x_sq, centroids, chunk_size)
         counts = torch.bincount(labels, minlength=k)
         sums = _cluster_sums(x, labels, k, chunk_size)

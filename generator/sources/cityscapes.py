@@ -5,8 +5,8 @@ From the official folder layout (``leftImg8bit/{train,val}/<city>/<id>_leftImg8b
 cities and 10 from each of the 3 val cities (72/30, seeded per city), each 1024×2048 image cut
 into 4×8 tiles of 256 px, label ids mapped to the 19 evaluation classes. Tiles stay at 256 px:
 each encoder resizes them to its input (224 in the paper; bicubic), and patch labels are read
-from the 256-px mask (generator/sources/labels.py), as the authors' code reads them. The 72·32 train tiles come first, so the few-shot split trains on
-exactly them.
+from the 256-px mask (generator/sources/labels.py), as the authors' code reads them. The 72·32
+train tiles come first, so the few-shot split trains on exactly them.
 """
 
 from __future__ import annotations
