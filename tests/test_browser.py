@@ -121,6 +121,8 @@ def find_browser_pair() -> tuple[str, str]:
 @pytest.fixture(scope="module")
 def site_dir(tmp_path_factory) -> Path:
     """A small built site: two tiny models (one from a local checkpoint) over both sources."""
+    # Its own build, not conftest's shared tiny_builds: HTML, and 160 px images, so that a stored image is
+    # wider than its gallery thumbnail (the lightbox test).
     mp = offline_tiny_zoo(tmp_path_factory)
     root = tmp_path_factory.mktemp("browser-build")
     ckpt = root / "tiny_reg.safetensors"

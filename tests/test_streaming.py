@@ -285,24 +285,16 @@ def test_match_from_confusion_equals_hungarian_match():
         match_from_confusion(np.array([[1, -1]]))
 
 
-def test_unpublished_layers_get_streamed_curves_equal_to_the_analysis_of_published_ones(tiny_models, tmp_path):
+def test_unpublished_layers_get_streamed_curves_equal_to_the_analysis_of_published_ones(tiny_models, tiny_builds,
+                                                                                      tmp_path):
     """`--layers last` publishes one layer; the other layer's k-NN and variance spectrum come from
     the streaming pass and equal what analysing that layer's published table gives."""
     import json
 
-    from generator.cli import main
     from generator.store.parquet import patch_grid, read_patch_table
     from generator.stream import KMEANS_FIT_ROWS
 
-    def build(out, layers):
-        assert main(["build", "--out", str(out), "--models", "tiny_random", "--source", "synthetic-scenes",
-                     "--source-option", "n_images=6", "--source-option", "size=64", "--layers", layers,
-                     "--embedding-dtype", "float32", "--k", "2", "--no-html", "--device", "cpu",
-                     "--quiet"]) == 0
-
-    streamed_out, published_out = tmp_path / "streamed", tmp_path / "published"
-    build(streamed_out, "last")
-    build(published_out, "all")
+    streamed_out, published_out = tiny_builds["streamed"], tiny_builds["published"]
     record = json.loads((streamed_out / "results/synthetic-scenes/tiny_random/layerwise.json").read_text())
     assert [row["layer"] for row in record["layers"]] == [1]  # tiny models have two blocks
     row = record["layers"][0]
