@@ -201,7 +201,8 @@ def probe_side_by_side(data: dict, *, n_classes: int, n_train: int, epochs: int,
     train, train_y = data["train"][:n_train], data["train_y"][:n_train]
     test, test_y = data["test"], data["test_y"]
     device, n_queries = test.device, test.shape[0]
-    probe = LinearProbe(n_classes=n_classes, solver="adam", weight_decay=0.0, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
+    probe = LinearProbe(n_classes=n_classes, solver="adam", weight_decay=0.0, epochs=epochs, lr=lr,
+                        batch_size=batch_size, seed=seed)
     # The first fit in a process pays about a second of one-time set-up on a CPU; it is not training.
     warm = slice(0, WARMUP_ROWS)
     LinearProbe(n_classes=n_classes, solver="adam", epochs=1, batch_size=batch_size).fit(train[warm], train_y[warm])

@@ -299,7 +299,7 @@ class TunedSettings(NamedTuple):
 
 
 def tuned_extract(entry: ModelEntry, layers: str, source: SegmentationSource, device: torch.device,
-                  batch_size: int, out: Path, settings: TunedSettings = TunedSettings()) -> dict:
+                  batch_size: int, out: Path, settings: TunedSettings = TunedSettings()) -> dict:  # noqa: B008 - a NamedTuple
     """``run_extract`` as ``patchatlas extract`` runs it, writing the same patch tables as the naive path."""
     options = ExtractOptions(layers=layers, batch_size=batch_size, device=str(device), embedding_dtype="float16",
                              last_block_attention=False, variants=False, progress=False,
@@ -326,7 +326,7 @@ def tuned_extract(entry: ModelEntry, layers: str, source: SegmentationSource, de
 
 
 def end_to_end(entry: ModelEntry, layers_spec: str, n_images: int, side: int, device: torch.device,
-               tuned_batch: int, work: Path, settings: TunedSettings = TunedSettings()) -> dict:
+               tuned_batch: int, work: Path, settings: TunedSettings = TunedSettings()) -> dict:  # noqa: B008 - a NamedTuple
     ids, jpegs, masks = jpeg_scenes(n_images, side)
     source = jpeg_source(ids, jpegs, masks, probes=settings.curves)
     layers = resolve_layers(layers_spec, model_geometry(entry).depth)

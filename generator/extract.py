@@ -181,7 +181,7 @@ def images_key(source_name: str) -> str:
     return f"extract/{source_name}/{IMAGES_CONFIG}"
 
 
-def _png_bytes(column_value: dict) -> bytes:
+def _cell_bytes(column_value: dict) -> bytes:
     """The encoded bytes of a ``datasets.Image`` cell read with ``decode=False``."""
     if column_value.get("bytes"):
         return column_value["bytes"]
@@ -210,9 +210,9 @@ def write_images(source: SegmentationSource, repo: Path, manifest: Manifest, sha
 
     def rows():
         for row in raw:
-            image_png = _png_bytes(row["image"])
+            image_png = _cell_bytes(row["image"])
             # The site's palette, so a mask on the Hub shows the colours of the atlas' figures.
-            mask_png = palette_mask_png(_png_bytes(row["mask"]), PALETTE, source.ignore_index, IGNORE_COLOR)
+            mask_png = palette_mask_png(_cell_bytes(row["mask"]), PALETTE, source.ignore_index, IGNORE_COLOR)
             width, height = Image.open(io.BytesIO(image_png)).size
             yield {"image_id": row["image_id"], "image_png": image_png, "mask_png": mask_png,
                    "width": width, "height": height}
@@ -402,7 +402,7 @@ def extract_shard(source: SegmentationSource, encoder: Encoder, shard: Shard, ta
             # After the published tokens went to the host, so that their copies do not wait for
             # the accumulators' work on the device.
             if layerwise is not None:
-                layerwise.add(first_index, labels, batch)
+                layerwise.update(first_index, labels, batch)
             first_index += len(image_ids)
     return {rel: file_sha256(repo / rel) for rel in tables}
 
@@ -768,7 +768,7 @@ def write_card(source_name: str, repo: Path, manifest: Manifest) -> Path:
         raise PatchAtlasError(f"{repo}: no record of dataset {source_name!r}; run `patchatlas extract` first")
     cards: list[ConfigCardInfo] = []
     extra_configs: list[dict] = []
-    for key, unit in sorted(manifest.entries(prefix=f"extract/{source_name}/")):
+    for _key, unit in sorted(manifest.entries(prefix=f"extract/{source_name}/")):
         if unit.get("status") != "done" or "configs" not in unit:
             continue
         entry = get_model_entry(unit["model"])

@@ -851,7 +851,7 @@ def _downloads(out: Path, manifest: Manifest) -> list[dict]:
     datasets_ = []
     for _, src in sorted(manifest.entries(prefix="sources/")):
         configs = [{"name": IMAGES_CONFIG, "rows": src["num_images"], "bytes": None, "schema": "images"}]
-        for key, unit in sorted(manifest.entries(prefix=f"extract/{src['name']}/")):
+        for _key, unit in sorted(manifest.entries(prefix=f"extract/{src['name']}/")):
             if unit.get("status") != "done" or "configs" not in unit:
                 continue
             for cfg in unit["configs"]:

@@ -103,7 +103,7 @@ def run_stream_unit(source: SegmentationSource, entry: ModelEntry, options, out:
     if plan is None:
         return
     if fused is not None and fused.layers == plan.layers and fused.complete:
-        results = fused.results()
+        results = fused.result()
     else:
         encoder = encoder or encoder_if_available(entry, options)
         if encoder is None:
@@ -147,7 +147,7 @@ class LayerwiseAccumulator:
     def complete(self) -> bool:
         return self.seen == self.total
 
-    def add(self, first_index: int, labels: np.ndarray, batch: TokenBatch) -> None:
+    def update(self, first_index: int, labels: np.ndarray, batch: TokenBatch) -> None:
         """Count the tokens of images ``first_index`` … (labels [B, gh, gw]); the images must come
         in dataset order, as the few-shot train images are the first ones."""
         if first_index != self.seen:
@@ -173,25 +173,25 @@ class LayerwiseAccumulator:
         for layer in self.layers:
             post, pre = posts[layer], pres[layer]
             if split:
-                self._knn[layer].add_train(post[:split].to(self._bank_dtype), y[:split])
+                self._knn[layer].update(post[:split].to(self._bank_dtype), y[:split], train=True)
                 self._moments[layer].update(post[:split])
             if split < len(post):
-                self._knn[layer].add_eval(post[split:].to(self._bank_dtype), y[split:])
-            self._kmeans[layer].add(post, y)
+                self._knn[layer].update(post[split:].to(self._bank_dtype), y[split:])
+            self._kmeans[layer].update(post, y)
             self._norms[layer].update(pre)
         self.seen += n_images
 
-    def results(self) -> list[dict]:
+    def result(self) -> list[dict]:
         rows = []
         for layer in self.layers:
-            metrics = self._knn[layer].metrics()
-            spectrum = torch.sort(self._moments[layer].variance(), descending=True).values
+            metrics = self._knn[layer].result()
+            spectrum = torch.sort(self._moments[layer].result(), descending=True).values
             kmeans = self._kmeans[layer].result()
             rows.append({
                 "layer": layer, "knn_miou": metrics["miou"], "knn_pixel_accuracy": metrics["pixel_accuracy"],
                 "per_class_iou": [None if np.isnan(v) else float(v) for v in metrics["per_class_iou"]],
                 "n_train_images": self.n_train, "n_val_images": self.seen - self.n_train,
-                "variance_spectrum": spectrum.cpu().tolist(), "prenorm_norms": self._norms[layer].summary(),
+                "variance_spectrum": spectrum.cpu().tolist(), "prenorm_norms": self._norms[layer].result(),
                 "kmeans": {key: kmeans[key] for key in ("k", "miou", "pixel_accuracy", "fit_rows")},
             })
         return rows
@@ -204,7 +204,7 @@ def layerwise_results(source: SegmentationSource, encoder: Encoder, layers: list
     batches = labelled_batches(source.dataset, options.batch_size, encoder, options.label_rule,
                                source.ignore_index, decode=options.decode)
     total = -(-len(source) // options.batch_size)
-    for image_ids, images, labels in tqdm(batches, total=total, disable=not options.progress,
+    for _image_ids, images, labels in tqdm(batches, total=total, disable=not options.progress,
                                           desc=f"{encoder.entry.name} layer-wise", unit="batch"):
-        accumulator.add(accumulator.seen, labels, encoder.tokens(encoder.preprocess(images), layers, list(NORMS)))
-    return accumulator.results()
+        accumulator.update(accumulator.seen, labels, encoder.tokens(encoder.preprocess(images), layers, list(NORMS)))
+    return accumulator.result()

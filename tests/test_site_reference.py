@@ -111,6 +111,7 @@ def divider_index(table: list[dict]) -> int | None:
 def built(tmp_path_factory):
     mp = offline_tiny_zoo(tmp_path_factory)
     mp.setitem(site_module.MODELS, TINY_CONTROL.name, TINY_CONTROL)
+    # Its own build, not conftest's shared tiny_builds: reference rows and a recorder around the site's charts.
     charts = []
     real_line_chart = site_module.line_chart_png
 

@@ -24,6 +24,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from generator.analyses._checks import check_int, check_positive_int
 from generator.errors import PatchAtlasError
 
 __all__ = [
@@ -72,8 +73,7 @@ def position_cluster_histogram(cluster_maps: np.ndarray, k: int) -> np.ndarray:
         raise PatchAtlasError(
             f"cluster_maps must be integer ids [n_img, gh, gw], got {maps.dtype} {maps.shape}"
         )
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise PatchAtlasError(f"k must be a positive integer, got {k!r}")
+    check_positive_int(k, "k")
     if maps.size and (maps.min() < 0 or maps.max() >= k):
         raise PatchAtlasError(
             f"cluster_maps hold ids in [{maps.min()}, {maps.max()}], outside [0, {k}); pass the k of the fit"
@@ -171,7 +171,7 @@ class _Moments:
         self.yy = torch.zeros(n_targets, dtype=f64, device=device)
         self.count = 0
 
-    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:  # x [m, D], y [m, T], float64
+    def update(self, x: torch.Tensor, y: torch.Tensor) -> None:  # x [m, D], y [m, T], float64
         self.gram += x.T @ x
         self.x += x.sum(dim=0)
         self.xy += x.T @ y
@@ -261,8 +261,7 @@ def position_decodability(
     grid = np.asarray(ridge_grid, dtype=np.float64)
     if grid.ndim != 1 or grid.size < 1 or not (np.isfinite(grid) & (grid >= 0)).all():
         raise PatchAtlasError(f"ridge_grid must be a non-empty sequence of finite strengths >= 0, got {ridge_grid!r}")
-    if isinstance(cv_folds, bool) or not isinstance(cv_folds, (int, np.integer)) or cv_folds < 2:
-        raise PatchAtlasError(f"cv_folds must be an integer >= 2, got {cv_folds!r}")
+    check_int(cv_folds, "cv_folds", 2)
     if gh < 2 and gw < 2:
         raise PatchAtlasError(f"a {gh}×{gw} grid has no position to decode")
 
@@ -284,7 +283,7 @@ def position_decodability(
     fold_of = {int(img): rank % max(folds, 1) for rank, img in enumerate(train_order)}
     for img in train_order:
         x = tokens[int(img)].reshape(gh * gw, dim).to(torch.float64)
-        moments[fold_of[int(img)]].add(x, torch.cat([targets, shuffled[int(img)]], dim=1))
+        moments[fold_of[int(img)]].update(x, torch.cat([targets, shuffled[int(img)]], dim=1))
     train = moments[0]
     for extra in moments[1:]:
         train = train + extra
@@ -377,8 +376,7 @@ def locality_curve(
         raise PatchAtlasError(f"a {gh}×{gw} grid has no pair of patches")
     if max_distance is None:
         max_distance = largest
-    if isinstance(max_distance, bool) or not isinstance(max_distance, (int, np.integer)) or max_distance < 1:
-        raise PatchAtlasError(f"max_distance must be a positive integer, got {max_distance!r}")
+    check_positive_int(max_distance, "max_distance")
     max_distance = min(int(max_distance), largest)
     if n < 2:
         raise PatchAtlasError("locality_curve needs at least 2 images for the between-image baseline")
@@ -460,8 +458,7 @@ def border_score(tokens: torch.Tensor, ring: int = 1) -> float:
     """
     tokens = _check_tokens(tokens, "border_score")
     n, gh, gw, dim = tokens.shape
-    if isinstance(ring, bool) or not isinstance(ring, (int, np.integer)) or ring < 1:
-        raise PatchAtlasError(f"ring must be a positive integer, got {ring!r}")
+    check_positive_int(ring, "ring")
     if gh <= 2 * ring or gw <= 2 * ring:
         raise PatchAtlasError(f"a {gh}×{gw} grid has no interior inside a ring of width {ring}")
     border = _ring_mask(gh, gw, ring, tokens.device)

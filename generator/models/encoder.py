@@ -30,6 +30,7 @@ from generator.models.checkpoints import (
 )
 from generator.models.registry import TIMM_POS_EMBED, ModelEntry, PosEmbedResample
 from generator.sources.geometry import DEFAULT_RESIZE, check_resize, input_geometry
+from generator.store.manifest import file_sha256
 
 NORMS = ("prenorm", "postnorm")
 # The last block's attention inputs, kept as extra views of the patches (heads concatenated).
@@ -394,16 +395,6 @@ class AttentionBatch:
     views: dict[str, torch.Tensor]  # "queries" | "keys" | "values" → [B, gh, gw, heads·head_dim]
 
 
-def _sha256_file(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def load_encoder(entry: ModelEntry, *, checkpoint: str | Path | None = None,
                  device: str | torch.device = "cpu", cache_dir: str | Path | None = None,
                  trust_pickle: bool = False) -> Encoder:
@@ -449,7 +440,7 @@ def load_encoder(entry: ModelEntry, *, checkpoint: str | Path | None = None,
             raise WeightsUnavailable(entry.name, f"checkpoint file not found: {path}")
         model = create_model_from_checkpoint(path, entry.checkpoint_format, entry.architecture,
                                              trust_pickle=trust_pickle, model_name=entry.name, **kwargs)
-        return _encoder(entry, model, WeightsInfo("checkpoint", str(path), _sha256_file(path)), device)
+        return _encoder(entry, model, WeightsInfo("checkpoint", str(path), file_sha256(path)), device)
 
     if checkpoint is not None:
         path = Path(checkpoint).expanduser()
@@ -457,7 +448,7 @@ def load_encoder(entry: ModelEntry, *, checkpoint: str | Path | None = None,
             raise WeightsUnavailable(entry.name, f"checkpoint file not found: {path}")
         model, timm_id = _timm_model_from_file(entry, path, trust_pickle, kwargs)
         architecture = timm_id.split(".", 1)[0]
-        return _encoder(entry, model, WeightsInfo("checkpoint", str(path), _sha256_file(path),
+        return _encoder(entry, model, WeightsInfo("checkpoint", str(path), file_sha256(path),
                                                   "" if architecture == entry.architecture else architecture),
                         device)
 

@@ -292,20 +292,22 @@ def _written_facts() -> dict:
     return json.loads(FACTS_FILE.read_text()) if FACTS_FILE.is_file() else {}
 
 
-def _facts(entry: ModelEntry) -> dict | None:
+def written_facts(entry: ModelEntry) -> dict | None:
+    """The row's facts as facts.json holds them; None where the file has none for the row's
+    current timm id and arguments (then they are computed, at timm's cost)."""
     facts = _written_facts().get(entry.name)
     return facts if facts and facts.get("fingerprint") == _fingerprint(entry) else None
 
 
 def parameter_count(entry: ModelEntry) -> int:
     """Parameters of the architecture."""
-    facts = _facts(entry)
+    facts = written_facts(entry)
     return facts["params"] if facts else _count_parameters(entry)
 
 
 def weights_hub_id(entry: ModelEntry) -> str | None:
     """The Hub repository timm loads the row's pretrained weights from (None: none on the Hub)."""
-    facts = _facts(entry)
+    facts = written_facts(entry)
     return facts["hf_hub_id"] if facts else _timm_hub_id(entry)
 
 

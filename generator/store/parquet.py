@@ -45,7 +45,7 @@ MAX_ROW_GROUP_ROWS = 128 * 1024
 IMAGES_PER_ROW_GROUP = 64
 _INT16 = np.iinfo(np.int16)
 FLOAT16_MAX = float(np.finfo(np.float16).max)
-PathOrPaths = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
+PathOrPaths = str | os.PathLike | Sequence[str | os.PathLike]
 
 
 def default_row_group_rows(dim: int, dtype: str = DEFAULT_EMBEDDING_DTYPE) -> int:
