@@ -299,10 +299,15 @@ def _probe_protocol(knn_k, knn_similarity, miou_average, linear_max_steps, linea
                          linear_max_steps=linear_max_steps, linear_weight_decay=linear_weight_decay).validate()
 
 
-def _render_options(f):
+def _summary_options(f):
     f = click.option("--gallery-images", type=int, default=8, show_default=True,
                      help="Images shown per gallery.")(f)
     f = click.option("--gallery-k", type=int, default=8, show_default=True, help="k shown in galleries.")(f)
+    return f
+
+
+def _render_options(f):
+    f = _summary_options(f)
     f = click.option("--no-html", is_flag=True, help="Write Markdown pages only; skip `mkdocs build`.")(f)
     return f
 
@@ -409,13 +414,20 @@ def _do_analyze(out, ks, seed, probe, device, quiet):
                                            progress=_progress(quiet)))
 
 
+def _do_summarize(out, gallery_images, gallery_k):
+    from generator.summarize import SummarizeOptions, run_summarize
+
+    return run_summarize(out, SummarizeOptions(gallery_images=gallery_images, gallery_k=gallery_k).validate())
+
+
 def _do_render(out, gallery_images, gallery_k, no_html, quiet=False):
     from generator.extract import apply_hub_repo
     from generator.site import RenderOptions, run_render
 
+    options = RenderOptions(gallery_images=gallery_images, gallery_k=gallery_k, build_html=not no_html,
+                            progress=_progress(quiet)).validate()
     apply_hub_repo(out, _hub_repo())
-    return run_render(out, RenderOptions(gallery_images=gallery_images, gallery_k=gallery_k, build_html=not no_html,
-                                         progress=_progress(quiet)))
+    return run_render(out, options)
 
 
 @cli.command()
@@ -474,12 +486,30 @@ def analyze(out, ks, seed, device, quiet, **probe_options):
 @cli.command()
 @_out_option
 @_config_option
+@_summary_options
+def summarize(out, gallery_images, gallery_k):
+    """Aggregate OUT/results into the tables and series the site shows (OUT/summary)."""
+    with output_lock(out):
+        redone = _do_summarize(out, gallery_images, gallery_k)
+    click.echo(f"summary: {out / 'summary'}" + ("" if redone else " (up to date)"))
+
+
+@cli.command()
+@_out_option
+@_config_option
 @_render_options
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @_hub_repo_option
 def render(out, gallery_images, gallery_k, no_html, quiet):
-    """Render figures and pages from OUT and build the static site into OUT/site."""
+    """Render figures and pages from OUT and build the static site into OUT/site.
+
+    The summary is brought up to date first (nothing is recomputed when the results and the
+    gallery options are unchanged), so `render` alone after `analyze` shows the new results.
+    """
+    import generator.site  # noqa: F401  (the render's own dependencies are checked before any work)
+
     with output_lock(out):
+        _do_summarize(out, gallery_images, gallery_k)
         path = _do_render(out, gallery_images, gallery_k, no_html, quiet)
     click.echo(f"site: {path}")
 
@@ -498,7 +528,7 @@ def build(out, sources, source_options, models, layers, norms, curve_layers, lab
           batch_size,
           embedding_dtype, decode, compile_blocks, shard_mb, weights, trust_checkpoints, offline, allow_skipped,
           require_pretrained, ks, seed, gallery_images, gallery_k, no_html, device, quiet, **probe_options):
-    """extract + analyze + render, resuming whatever is already done."""
+    """extract + analyze + summarize + render, resuming whatever is already done."""
     probe = _probe_protocol(**probe_options)  # one protocol for the streamed curves and the analyses
     with output_lock(out):
         outcomes = _do_extract(out, sources, source_options, models, layers, norms, curve_layers, label_rule,
@@ -506,6 +536,7 @@ def build(out, sources, source_options, models, layers, norms, curve_layers, lab
                                trust_checkpoints, offline,
                                device, quiet, probe=probe)
         _do_analyze(out, ks, seed, probe, device, quiet)
+        _do_summarize(out, gallery_images, gallery_k)
         site = _do_render(out, gallery_images, gallery_k, no_html, quiet)
     click.echo("")
     click.echo("PatchAtlas build finished")
