@@ -616,10 +616,13 @@ def load_site_summary(out: Path, options: SummarizeOptions, source_names: list[s
     missing = [name for name in source_names if name not in site["sources"]]
     if missing:
         raise missing_summary_error(out, f"the summary has no record of dataset(s) {', '.join(missing)}")
-    site["by_source"] = {}
-    for name in source_names:
-        source_path = summary_file(out, source_summary_name(name))
-        if not source_path.is_file():
-            raise missing_summary_error(out, f"{source_path} is missing")
-        site["by_source"][name] = json.loads(source_path.read_text())
+    site["by_source"] = {name: read_source_summary(out, name) for name in source_names}
     return site
+
+
+def read_source_summary(out: Path, source: str) -> dict:
+    """One dataset's summary record, as :func:`run_summarize` wrote it."""
+    path = summary_file(out, source_summary_name(source))
+    if not path.is_file():
+        raise missing_summary_error(out, f"the summary of {source!r} is missing ({path})")
+    return json.loads(path.read_text())
