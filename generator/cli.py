@@ -186,6 +186,54 @@ def _parse_input_size(value: str | None) -> int | dict[str, int] | None:
                               f"separated by commas (dinov2_vits14_reg=518,dino_vits16=448)") from None
 
 
+# Option choices and defaults are declared once, on the option records' fields
+# (generator/options.py); the commands read them from there when first needed: the records'
+# modules import torch, which declaring the commands (and the read-only ones) must not.
+_RECORDS = {"extract": ("generator.extract", "ExtractOptions"), "analyze": ("generator.analyze", "AnalyzeOptions"),
+            "probe": ("generator.analyses.probes", "ProbeProtocol"),
+            "summary": ("generator.summarize", "SummarizeOptions")}
+
+
+def option_record(kind: str):
+    import importlib
+
+    module, name = _RECORDS[kind]
+    return getattr(importlib.import_module(module), name)
+
+
+class _RecordDefault:
+    """A click default read from an option record's field (``to_cli`` spells it as the option
+    takes it); click calls it when the default is needed, and help shows ``str`` of it."""
+
+    def __init__(self, kind: str, name: str, to_cli=lambda value: value):
+        self.kind, self.name, self.to_cli = kind, name, to_cli
+
+    def __call__(self):
+        from generator.options import option_default
+
+        return self.to_cli(option_default(option_record(self.kind), self.name))
+
+    def __str__(self) -> str:
+        return str(self())
+
+
+class _RecordChoice(click.Choice):
+    """``click.Choice`` of an option record's field choices, read on first use."""
+
+    def __init__(self, kind: str, name: str):  # no super().__init__: ``choices`` is read lazily
+        self.kind, self.name, self.case_sensitive = kind, name, True
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        from generator.options import option_choices
+
+        return option_choices(option_record(self.kind), self.name)
+
+
+def _comma_list(values) -> str:
+    return ",".join(str(v) for v in values)
+
+
 def _out_option(f):
     return click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_OUT,
                         show_default=True, help="Output folder: datasets, results, docs and site.")(f)
@@ -199,15 +247,16 @@ def _extract_options(f):
                      help="Parameter of a source, e.g. n_images=32 (repeatable); applies to every "
                           "source that has that parameter."),
         click.option("--models", default=None, help="Comma-separated model names (default: the default set)."),
-        click.option("--layers", default="all", show_default=True,
+        click.option("--layers", default=_RecordDefault("extract", "layers"), show_default=True,
                      help="'all', 'last', 'quartiles' or block numbers like '4,8,12' (1-based)."),
-        click.option("--norms", default="prenorm,postnorm", show_default=True, help="Token views to write."),
-        click.option("--curve-layers", default="all", show_default=True,
+        click.option("--norms", default=_RecordDefault("extract", "norms", _comma_list), show_default=True,
+                     help="Token views to write (comma-separated)."),
+        click.option("--curve-layers", default=_RecordDefault("extract", "curve_layers"), show_default=True,
                      help="Layers of the layer-wise curves (k-NN, k-means, variance, norms); those not in "
                           "--layers are streamed from the extraction pass, and their tokens are not stored."),
-        click.option("--label-rule", type=click.Choice(["nearest", "majority"]), default="majority",
-                     show_default=True, help="How a patch's label is taken from the mask."),
-        click.option("--resize", type=click.Choice(["squash", "short-side-crop"]), default="squash",
+        click.option("--label-rule", type=_RecordChoice("extract", "label_rule"),
+                     default=_RecordDefault("extract", "label_rule"), show_default=True, help="How a patch's label is taken from the mask."),
+        click.option("--resize", type=_RecordChoice("extract", "resize"), default=_RecordDefault("extract", "resize"),
                      show_default=True, help="How an image becomes the square model input: 'squash' (the whole "
                           "image resized to the input square) or 'short-side-crop' (short side resized to the "
                           "input size, centre square kept, as timm's and DINO's eval transforms). Masks follow."),
@@ -216,15 +265,17 @@ def _extract_options(f):
                           "(448) or per model (dinov2_vits14_reg=518,dino_vits16=448); default: the registry's."),
         click.option("--batch-size", type=click.IntRange(min=1), default=None,
                      help="Images per forward pass (default: 256 on CUDA, 16 on CPU)."),
-        click.option("--embedding-dtype", type=click.Choice(["float16", "float32"]), default="float16",
-                     show_default=True, help="Precision of the published embeddings."),
-        click.option("--decode", type=click.Choice(["host", "device"]), default="host", show_default=True,
+        click.option("--embedding-dtype", type=_RecordChoice("extract", "embedding_dtype"),
+                     default=_RecordDefault("extract", "embedding_dtype"), show_default=True, help="Precision of the published embeddings."),
+        click.option("--decode", type=_RecordChoice("extract", "decode"), default=_RecordDefault("extract", "decode"),
+                     show_default=True,
                      help="Where images are decoded: 'host' (PIL on the CPU) or 'device' (JPEGs with "
                           "torchvision on the model's device, nvJPEG on CUDA; other images as on the host)."),
         click.option("--compile", "compile_blocks", is_flag=True, default=False,
                      help="torch.compile the model's blocks (all but the last, whose attention is recorded). "
                           "The first batches wait for the compiler, so it pays back only on long runs."),
-        click.option("--shard-mb", type=click.FloatRange(min=0, min_open=True), default=500, show_default=True,
+        click.option("--shard-mb", type=click.FloatRange(min=0, min_open=True),
+                     default=_RecordDefault("extract", "shard_bytes", lambda size: size / 1e6), show_default=True,
                      help="Largest Parquet shard, in MB (10^6 bytes)."),
         click.option("--weights", multiple=True, metavar="MODEL=PATH",
                      help="Local checkpoint for a model (repeatable); otherwise the Hub or its cache."),
@@ -272,22 +323,27 @@ def _common(f):
 
 
 def _analyze_options(f):
-    f = click.option("--k", "ks", default="4,8,16", show_default=True, help="Comma-separated k for k-means.")(f)
-    f = click.option("--seed", type=int, default=0, show_default=True)(f)
+    f = click.option("--k", "ks", default=_RecordDefault("analyze", "ks", _comma_list), show_default=True,
+                     help="Comma-separated k for k-means.")(f)
+    f = click.option("--seed", type=int, default=_RecordDefault("analyze", "seed"), show_default=True)(f)
     return f
 
 
 def _probe_options(f):
     """The few-shot probe protocol: extract (streamed layer-wise curves) and analyze share it."""
-    f = click.option("--knn-k", type=int, default=1, show_default=True, help="Neighbours of the k-NN probe.")(f)
-    f = click.option("--knn-similarity", type=click.Choice(["dot", "cosine", "l2"]), default="dot",
-                     show_default=True, help="Similarity of the k-NN probe.")(f)
-    f = click.option("--miou-average", type=click.Choice(["present", "cityscapes"]), default="present",
-                     show_default=True, help="Which classes the probes' mIoU averages: those present in the "
+    f = click.option("--knn-k", type=int, default=_RecordDefault("probe", "knn_k"), show_default=True,
+                     help="Neighbours of the k-NN probe.")(f)
+    f = click.option("--knn-similarity", type=_RecordChoice("probe", "knn_similarity"),
+                     default=_RecordDefault("probe", "knn_similarity"), show_default=True,
+                     help="Similarity of the k-NN probe.")(f)
+    f = click.option("--miou-average", type=_RecordChoice("probe", "miou_average"),
+                     default=_RecordDefault("probe", "miou_average"), show_default=True, help="Which classes the probes' mIoU averages: those present in the "
                                              "evaluation labels, or (cityscapesScripts) those present or predicted.")(f)
-    f = click.option("--linear-max-steps", type=int, default=500, show_default=True,
+    f = click.option("--linear-max-steps", type=int, default=_RecordDefault("probe", "linear_max_steps"),
+                     show_default=True,
                      help="Most L-BFGS iterations of the linear probe (it stops earlier once converged).")(f)
-    f = click.option("--linear-weight-decay", type=float, default=1e-4, show_default=True,
+    f = click.option("--linear-weight-decay", type=float, default=_RecordDefault("probe", "linear_weight_decay"),
+                     show_default=True,
                      help="L2 penalty (weight_decay / 2 * ||W||^2) on the linear probe's weights.")(f)
     return f
 
@@ -300,9 +356,10 @@ def _probe_protocol(knn_k, knn_similarity, miou_average, linear_max_steps, linea
 
 
 def _summary_options(f):
-    f = click.option("--gallery-images", type=int, default=8, show_default=True,
-                     help="Images shown per gallery.")(f)
-    f = click.option("--gallery-k", type=int, default=8, show_default=True, help="k shown in galleries.")(f)
+    f = click.option("--gallery-images", type=int, default=_RecordDefault("summary", "gallery_images"),
+                     show_default=True, help="Images shown per gallery.")(f)
+    f = click.option("--gallery-k", type=int, default=_RecordDefault("summary", "gallery_k"), show_default=True,
+                     help="k shown in galleries.")(f)
     return f
 
 
@@ -364,7 +421,7 @@ def _do_extract(out, sources, source_options, models, layers, norms, curve_layer
                              shard_bytes=int(shard_mb * 1e6), rank=rank, world_size=world_size,
                              curve_layers=curve_layers, decode=decode, compile_blocks=compile_blocks,
                              resize=resize, input_size=_parse_input_size(input_size), hub_repo=_hub_repo(),
-                             **({"probe": probe} if probe is not None else {}))
+                             **({"probe": probe} if probe is not None else {})).validate()
     outcomes = run_extract(out, loaded, _split(models) if models else list(DEFAULT_MODELS), options)
     for source, rows in outcomes.items():
         for row in rows:
@@ -411,7 +468,7 @@ def _do_analyze(out, ks, seed, probe, device, quiet):
     except ValueError:
         raise PatchAtlasError(f"--k {ks!r}: expected comma-separated integers such as 4,8,16") from None
     return run_analyze(out, AnalyzeOptions(ks=k_values, seed=seed, probe=probe, device=_device(device),
-                                           progress=_progress(quiet)))
+                                           progress=_progress(quiet)).validate())
 
 
 def _do_summarize(out, gallery_images, gallery_k):
@@ -436,9 +493,11 @@ def _do_render(out, gallery_images, gallery_k, no_html, quiet=False):
 @_config_option
 @_extract_options
 @_probe_options
-@click.option("--rank", type=click.IntRange(min=0), default=0, envvar="RANK", show_default=True,
+@click.option("--rank", type=click.IntRange(min=0), default=_RecordDefault("extract", "rank"), envvar="RANK",
+              show_default=True,
               help="This worker's rank in a distributed extract (torchrun sets RANK).")
-@click.option("--world-size", type=click.IntRange(min=1), default=1, envvar="WORLD_SIZE", show_default=True,
+@click.option("--world-size", type=click.IntRange(min=1), default=_RecordDefault("extract", "world_size"),
+              envvar="WORLD_SIZE", show_default=True,
               help="Workers sharing the shards (torchrun sets WORLD_SIZE); 1 runs everything here.")
 @_common
 @_hub_repo_option

@@ -85,6 +85,13 @@ class RenderOptions(SummarizeOptions):
     build_html: bool = True
     progress: bool = True
 
+    def validate(self) -> "RenderOptions":
+        """Raise a PatchAtlasError naming the first option with a bad value; changes nothing."""
+        super().validate()
+        if isinstance(self.thumb_side, bool) or not isinstance(self.thumb_side, int) or self.thumb_side < 16:
+            raise PatchAtlasError(f"thumb_side {self.thumb_side!r}: expected a whole number of pixels, at least 16")
+        return self
+
 
 @dataclass
 class ModelRow:
@@ -577,6 +584,7 @@ def _swap_in(staged: Path, final: Path) -> None:
 def run_render(out: Path, options: RenderOptions) -> Path:
     """The stage: ``<out>/docs`` (Markdown + figures) and, unless disabled, ``<out>/site`` (HTML)."""
     out = Path(out)
+    options.validate()
     staging = Path(tempfile.mkdtemp(prefix=".render-", dir=out))
     try:
         docs = staging / "docs"

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from generator.errors import PatchAtlasError
+from generator.options import check_choices, choice_field
 
 __all__ = [
     "MIOU_AVERAGES",
@@ -683,8 +684,8 @@ class ProbeProtocol:
     """
 
     knn_k: int = 1  # the local-representations code: 1-NN on dot-product similarity
-    knn_similarity: str = "dot"
-    miou_average: str = "present"  # see MIOU_AVERAGES
+    knn_similarity: str = choice_field("dot", SIMILARITIES)
+    miou_average: str = choice_field("present", MIOU_AVERAGES)
     linear_weight_decay: float = 1e-4
     linear_max_steps: int = 500
     linear_tolerance: float = 1e-5
@@ -698,9 +699,9 @@ class ProbeProtocol:
     KNN_FIELDS: ClassVar[tuple[str, ...]] = ("knn_k", "knn_similarity", "miou_average", "label_rule", "train_count")
 
     def validate(self) -> "ProbeProtocol":
+        """Raise a PatchAtlasError naming the first setting with a bad value; changes nothing."""
+        check_choices(self)
         _check_positive_int(self.knn_k, "--knn-k")
-        _check_similarity(self.knn_similarity)
-        check_miou_average(self.miou_average)
         _check_positive_int(self.linear_max_steps, "--linear-max-steps")
         _check_positive_int(self.bootstrap_resamples, "bootstrap_resamples")
         if not self.linear_weight_decay >= 0:
