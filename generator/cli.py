@@ -1,6 +1,6 @@
 """The ``patchatlas`` command: thin wrappers over the stages, each rerunnable alone.
 
-``extract`` → ``analyze`` → ``render``, and ``build`` runs all three. Every stage reads and
+``extract`` → ``analyze`` → ``summarize`` → ``render``, and ``build`` runs all four. Every stage reads and
 writes under one output folder (``--out``, default ``./build``).
 """
 
@@ -117,6 +117,14 @@ def _set_offline(offline: bool | None) -> None:
     log.warning("Hugging Face Hub unreachable (%s: %s); this run uses the local cache only, as with "
                 "HF_HUB_OFFLINE=1 (--online makes this an error)", probe.endpoint, probe.error)
     _offline_env(True)
+
+
+def _offline_first(ctx, _param, offline):
+    # Eager: the Hub is probed before the other options' defaults are read from the option
+    # records (whose modules import torch), so an unreachable Hub with --online fails at once.
+    if not ctx.resilient_parsing:
+        _set_offline(offline)
+    return offline
 
 
 def _device(name: str, worker_rank: int | None = None) -> str:
@@ -283,7 +291,7 @@ def _extract_options(f):
                      help="Read this model's checkpoint even though it pickles Python objects (training "
                           "checkpoints with their arguments or config): unpickling runs code, so only for "
                           "files of trusted origin (repeatable)."),
-        click.option("--offline/--online", default=None,
+        click.option("--offline/--online", default=None, is_eager=True, callback=_offline_first,
                      help="Only use locally cached weights (default: follow HF_HUB_OFFLINE; an unreachable "
                           "Hub switches the run to the cache with a warning, and is an error with --online)."),
         click.option("--allow-skipped", is_flag=True, default=False,
@@ -397,8 +405,7 @@ def _do_extract(out, sources, source_options, models, layers, norms, curve_layer
                 input_size, batch_size,
                 embedding_dtype, decode, compile_blocks, shard_mb, weights, trust_checkpoints, offline, device, quiet, rank=0,
                 world_size=1, probe=None):
-    weights = _parse_weights(weights)  # a mistyped path fails before any work
-    _set_offline(offline)
+    weights = _parse_weights(weights)  # a mistyped path fails before any work (the Hub was probed at parsing)
     from generator.extract import ExtractOptions, run_extract
     from generator.models.registry import DEFAULT_MODELS
     from generator.sources.registry import get_source_entry, load_source
