@@ -580,7 +580,12 @@ def run_summarize(out: Path, options: SummarizeOptions) -> bool:
     sources = [entry for _, entry in sorted(manifest.entries(prefix="sources/"))]
     if not sources:
         raise PatchAtlasError(f"{out}: nothing has been extracted yet; run `patchatlas extract --out {out}` first")
-    params = {"version": SUMMARY_VERSION, "options": options.summary_params(),
+    # Families and register counts come from the registry, not the results: a changed row counts too.
+    models = sorted({p.name for src in sources if _results_root(out, src["name"]).is_dir()
+                     for p in _results_root(out, src["name"]).iterdir() if p.is_dir()})
+    registry = {m: [family, get_model_entry(m).num_registers if m in MODELS else None]
+                for m, family in model_families(models).items()}
+    params = {"version": SUMMARY_VERSION, "options": options.summary_params(), "registry": registry,
               "sources": [s["name"] for s in sources], "inputs": inputs_digest(out, sources)}
     if manifest.is_done(MANIFEST_KEY, params, out):
         return False
