@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from generator.extract import record_source, write_images  # noqa: E402
+from generator.extract import SHARD_BYTES, record_source, write_images  # noqa: E402
 from generator.models.registry import MODELS  # noqa: E402
 from generator.site import RenderOptions, run_render  # noqa: E402
 from generator.sources.synthetic import synthetic_scenes  # noqa: E402
@@ -50,7 +50,7 @@ def fabricate(out: Path, n_models: int, n_datasets: int, n_images: int, rng: np.
         source = synthetic_scenes(n_images=n_images, size=224, seed=d)
         source.name = f"dataset{d}"
         record_source(source, manifest)
-        write_images(source, out / "datasets" / source.name, manifest)
+        write_images(source, out / "datasets" / source.name, manifest, SHARD_BYTES)
         ids = list(source.dataset["image_id"])
         labels = rng.integers(0, source.num_classes, (n_images, *GRID)).astype(np.int16)
         for model in names:
