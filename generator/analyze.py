@@ -72,10 +72,14 @@ class AnalyzeOptions:
     device: str = "cpu"
     progress: bool = True
 
-    def validate(self) -> None:
-        if not self.ks or any(k < 2 for k in self.ks):
-            raise PatchAtlasError(f"k values {list(self.ks)}: each k must be at least 2")
+    def validate(self) -> "AnalyzeOptions":
+        """Raise a PatchAtlasError naming the first option with a bad value; changes nothing."""
+        if not self.ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 2 for k in self.ks):
+            raise PatchAtlasError(f"--k {list(self.ks)}: each k must be a whole number of at least 2")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise PatchAtlasError(f"--seed {self.seed!r}: expected a whole number")
         self.probe.validate()
+        return self
 
     def result_params(self) -> dict:
         """The options that change results (device and progress bars do not)."""

@@ -35,9 +35,9 @@ import click
 
 from generator.errors import PatchAtlasError
 
-CONFIG_COMMANDS = ("extract", "analyze", "render", "build")
+CONFIG_COMMANDS = ("extract", "analyze", "summarize", "render", "build")
 # The tables each command reads, later over earlier: build runs every stage.
-TABLES_READ = {"build": ("extract", "analyze", "render", "build")}
+TABLES_READ = {"build": ("extract", "analyze", "summarize", "render", "build")}
 # Options that choose the file or the preset themselves: they belong on the command line.
 COMMAND_LINE_ONLY = ("config", "preset")
 

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from generator import __version__
 from generator.analyses.probes import ProbeProtocol
 from generator.batches import (
-    check_decode,
+    DECODE_MODES,
     encoder_if_available,
     grid_labels,
     labelled_batches,
@@ -45,10 +45,11 @@ from generator.sources.degradations import (
     apply_transform,
     patch_correspondence,
 )
-from generator.sources.geometry import DEFAULT_RESIZE, check_resize, input_geometry
+from generator.sources.geometry import DEFAULT_RESIZE, RESIZE_POLICIES, check_resize, input_geometry
 from generator.sources.labels import LABEL_RULES
 from generator.sources.splits import PROBE_TRAIN_FRACTION, few_shot_split
 from generator.figures.palette import IGNORE_COLOR, PALETTE
+from generator.options import check_choices, choice_field
 from generator.store.atomic import atomic_path
 from generator.store.masks import palette_mask_png
 from generator.store.manifest import Manifest, file_sha256, params_hash
@@ -59,7 +60,7 @@ from generator.store.parquet import (
     check_float16_range,
     write_images_shards,
 )
-from generator.store.schema import DEFAULT_EMBEDDING_DTYPE, check_embedding_dtype, label_names
+from generator.store.schema import DEFAULT_EMBEDDING_DTYPE, EMBEDDING_DTYPES, label_names
 from generator.stream import LayerwiseAccumulator, plan_stream, run_stream_unit
 from generator.store.repo import (
     ATTENTION_CONFIG_SUFFIX,
@@ -92,8 +93,8 @@ WORKER_MANIFESTS = "manifest.d"
 @dataclass
 class ExtractOptions:
     layers: str | Sequence[int] = "all"
-    norms: Sequence[str] = NORMS
-    label_rule: str = "majority"
+    norms: Sequence[str] = choice_field(NORMS, NORMS)
+    label_rule: str = choice_field("majority", LABEL_RULES)
     batch_size: int | None = None  # None: DEFAULT_BATCH_SIZES for the device
     device: str = "cpu"
     weights: dict[str, str] = field(default_factory=dict)  # model name -> checkpoint path
@@ -104,7 +105,7 @@ class ExtractOptions:
     variants: bool = True  # last-layer tokens of degraded and transformed evaluation images
     cache_dir: str | None = None
     progress: bool = True
-    embedding_dtype: str = DEFAULT_EMBEDDING_DTYPE  # what the published tables store
+    embedding_dtype: str = choice_field(DEFAULT_EMBEDDING_DTYPE, EMBEDDING_DTYPES)  # what the published tables store
     # The Hub repository the published files name: "ORG" (ORG/<dataset>), "ORG/NAME", or a
     # {dataset: "ORG[/NAME]"} mapping (generator.store.repo.hub_repo_id); None keeps the recorded one.
     hub_repo: str | dict[str, str] | None = None
@@ -117,21 +118,21 @@ class ExtractOptions:
     probe: ProbeProtocol = field(default_factory=ProbeProtocol)
     # Where images are decoded: "host" (PIL) or "device" (JPEGs by torchvision on the model's
     # device; see generator/batches.py).
-    decode: str = "host"
+    decode: str = choice_field("host", DECODE_MODES)
     # torch.compile the model's blocks (Encoder.compile_blocks); off by default, as the compiler's
     # start-up only pays back on long GPU runs.
     compile_blocks: bool = False
     # How an image becomes the square model input: "squash" or "short-side-crop"
     # (generator/sources/geometry.py); the masks follow the same geometry.
-    resize: str = DEFAULT_RESIZE
+    resize: str = choice_field(DEFAULT_RESIZE, RESIZE_POLICIES)
     # The input side: None keeps each model's registry size; one number sets every model's; a
     # dict sets the named models' (model name -> side). Each must be a multiple of the patch size.
     input_size: int | dict[str, int] | None = None
 
-    def validate(self) -> None:
-        check_embedding_dtype(self.embedding_dtype)
-        check_decode(self.decode)
-        check_resize(self.resize)
+    def validate(self) -> "ExtractOptions":
+        """Raise a PatchAtlasError naming the first option with a bad value; changes nothing."""
+        check_resize(self.resize)  # first: its message says what each policy does
+        check_choices(self)
         sizes = self.input_size.values() if isinstance(self.input_size, dict) else [self.input_size]
         for size in sizes:
             if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
@@ -145,15 +146,17 @@ class ExtractOptions:
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
             raise PatchAtlasError(f"worker rank {self.rank} of world size {self.world_size}: expected "
                                   f"0 ≤ rank < world size (torchrun sets RANK and WORLD_SIZE)")
-        if self.label_rule not in LABEL_RULES:
-            raise PatchAtlasError(f"label rule {self.label_rule!r}: expected one of {', '.join(LABEL_RULES)}")
-        for norm in self.norms:
-            if norm not in NORMS:
-                raise PatchAtlasError(f"norm {norm!r}: expected one of {', '.join(NORMS)}")
-        if self.batch_size is None:
-            self.batch_size = DEFAULT_BATCH_SIZES["cuda" if str(self.device).startswith("cuda") else "cpu"]
-        if self.batch_size < 1:
-            raise PatchAtlasError(f"batch size {self.batch_size}: must be at least 1")
+        if self.batch_size is not None and (isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int)
+                                            or self.batch_size < 1):
+            raise PatchAtlasError(f"--batch-size {self.batch_size!r}: must be a whole number of at least 1")
+        return self
+
+    def resolved(self) -> "ExtractOptions":
+        """These options with the device's default batch size filled in where none was given."""
+        if self.batch_size is not None:
+            return self
+        return dataclasses.replace(self, batch_size=DEFAULT_BATCH_SIZES["cuda" if str(self.device).startswith("cuda")
+                                                                          else "cpu"])
 
     def entry_for(self, entry: ModelEntry) -> ModelEntry:
         """``entry`` at the input size these options ask for (itself when they ask for none)."""
@@ -490,7 +493,7 @@ def run_extract(out: Path, sources: Sequence[SegmentationSource], model_names: S
     (``patchatlas extract`` or ``build`` with the same options) merges the workers' records,
     reuses their shards and finishes the configs and cards.
     """
-    options.validate()
+    options = options.validate().resolved()
     check_hub_repo_fits(options.hub_repo, [source.name for source in sources])
     out = Path(out)
     manifest = open_manifest(out, options)

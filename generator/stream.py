@@ -21,6 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -37,6 +38,9 @@ from generator.sources.splits import few_shot_split
 from generator.store.atomic import atomic_write_json
 from generator.store.manifest import Manifest, file_sha256, params_hash
 
+if TYPE_CHECKING:  # for annotations only: extract imports this module
+    from generator.extract import ExtractOptions
+
 STREAM_VERSION = "3"
 # Rows the layer-wise k-means is fitted on (the first ones: the train images' tokens); enough for
 # k = the number of classes, small enough that the fit stays a fraction of the pass.
@@ -44,7 +48,7 @@ KMEANS_FIT_ROWS = 65536
 LAYERWISE_FILE = "layerwise.json"
 
 
-def unit_protocol(source: SegmentationSource, entry: ModelEntry, options) -> ProbeProtocol:
+def unit_protocol(source: SegmentationSource, entry: ModelEntry, options: ExtractOptions) -> ProbeProtocol:
     """The build's probe protocol with this (source, model)'s label rule, train count and BatchNorm flag."""
     return options.probe.for_unit(label_rule=options.label_rule, train_count=source.probe_train_count,
                                   batchnorm=entry.probe_batchnorm)
@@ -69,8 +73,8 @@ class StreamPlan:
     params: dict
 
 
-def plan_stream(source: SegmentationSource, entry: ModelEntry, options, out: Path, manifest: Manifest,
-                tokens_hash: str, published: list[int]) -> StreamPlan | None:
+def plan_stream(source: SegmentationSource, entry: ModelEntry, options: ExtractOptions, out: Path,
+                manifest: Manifest, tokens_hash: str, published: list[int]) -> StreamPlan | None:
     """The unit's plan, or None when there is nothing to compute: its record is current, or every
     asked-for layer is published (then an earlier stream result is removed, as the analyses
     cover those layers)."""
@@ -91,8 +95,8 @@ def plan_stream(source: SegmentationSource, entry: ModelEntry, options, out: Pat
     return StreamPlan(key, path, layers, params)
 
 
-def run_stream_unit(source: SegmentationSource, entry: ModelEntry, options, out: Path, manifest: Manifest,
-                    tokens_hash: str, encoder: Encoder | None, published: list[int],
+def run_stream_unit(source: SegmentationSource, entry: ModelEntry, options: ExtractOptions, out: Path,
+                    manifest: Manifest, tokens_hash: str, encoder: Encoder | None, published: list[int],
                     fused: "LayerwiseAccumulator | None" = None) -> None:
     """Compute (or reuse) the layer-wise results of the unpublished layers of one (source, model).
 
@@ -123,7 +127,7 @@ class LayerwiseAccumulator:
     order, by the extraction pass or by a pass of its own. Tokens of a batch are dropped once
     counted."""
 
-    def __init__(self, source: SegmentationSource, layers: list[int], encoder: Encoder, options):
+    def __init__(self, source: SegmentationSource, layers: list[int], encoder: Encoder, options: ExtractOptions):
         dim, device, (grid_h, grid_w) = encoder.embed_dim, encoder.device, encoder.grid
         self.layers, self.dim, self.total, self.model = list(layers), dim, len(source), encoder.entry.name
         # The train bank is the one thing kept; half precision halves it on GPUs.
@@ -197,7 +201,8 @@ class LayerwiseAccumulator:
         return rows
 
 
-def layerwise_results(source: SegmentationSource, encoder: Encoder, layers: list[int], options) -> list[dict]:
+def layerwise_results(source: SegmentationSource, encoder: Encoder, layers: list[int],
+                      options: ExtractOptions) -> list[dict]:
     """A pass of its own over the source, for when extraction did not feed the accumulators
     (its shards were already written, or a distributed run wrote them)."""
     accumulator = LayerwiseAccumulator(source, layers, encoder, options)

@@ -583,7 +583,7 @@ def test_config_loses_to_the_command_line_and_wins_over_the_preset(tmp_path):
     ('modles = "dino_vits16"\n', r"unknown key 'modles'\. Did you mean 'models'\?"),
     ('label-rul = "nearest"\n', r"unknown key 'label-rul'\. Did you mean 'label-rule'\?"),
     ('[analyse]\nk = 4\n', r"unknown key 'analyse'\. Did you mean 'analyze'\?"),
-    ('[analyze]\ngallery-k = 4\n', r"unknown key 'gallery-k' in \[analyze\]\. It is an option of render, build"),
+    ('[analyze]\ngallery-k = 4\n', r"unknown key 'gallery-k' in \[analyze\]\. It is an option of summarize, render, build"),
     ('preset = "paper-cityscapes"\n', r"'preset' cannot be set in a config file; pass --preset"),
 ])
 def test_config_typo_is_rejected_with_the_closest_keys(tmp_path, capsys, text, match):

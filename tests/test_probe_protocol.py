@@ -60,9 +60,9 @@ def test_knn_k_reaches_streamed_and_analysed_layers_and_the_page(tiny_models, ti
     assert main(["render", "--out", str(out), "--no-html", "--quiet"]) == 0
     page = (out / "docs/probe-metrics.md").read_text()
     assert "k-NN with k = 3" in page and "k-NN with k = 5" in page and "Not joined" in page
-    from generator.site import _probe_context
+    from generator.summarize import read_source_summary
 
-    context = _probe_context(out, tmp_path / "docs", {"name": "synthetic-scenes"}, {})
+    context = read_source_summary(out, "synthetic-scenes")["probes"]
     assert [layer for layer, _ in context["knn_by_layer"]["tiny_mae"]] == [2]
     separate = [name for name in context["knn_by_layer"] if name.startswith("tiny_mae (streamed, k = 5")]
     assert len(separate) == 1 and [layer for layer, _ in context["knn_by_layer"][separate[0]]] == [1]

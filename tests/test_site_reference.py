@@ -18,8 +18,8 @@ import pytest
 
 from generator import site as site_module
 from generator.cli import main
-from generator.site import (gallery_strip, labelled_class_count, leaderboard_tables, metric_references,
-                            ranks_by_segmentation, with_interval)
+from generator.site import gallery_strip, with_interval
+from generator.summarize import labelled_class_count, leaderboard_tables, metric_references, ranks_by_segmentation
 from generator.sources.content_free import content_free_source
 from generator.sources.synthetic import synthetic_scenes
 

@@ -323,12 +323,12 @@ def test_unpublished_layers_get_streamed_curves_equal_to_the_analysis_of_publish
                       and "(8)" in line)
     assert f"{100 * row['kmeans']['miou']:.1f}" in kmeans_row
     # The k-NN-by-layer chart has one point per layer: the streamed layer 1, the published layer 2.
-    from generator.site import _probe_context
+    from generator.summarize import read_source_summary
 
     last = json.loads((streamed_out / "results/synthetic-scenes/tiny_random/tiny_random-L02-postnorm"
                        / "probes.json").read_text())
-    context = _probe_context(streamed_out, tmp_path / "docs", {"name": "synthetic-scenes"}, {})
-    assert context["knn_by_layer"]["tiny_random"] == [(1, row["knn_miou"]), (2, last["knn_miou"])]
+    context = read_source_summary(streamed_out, "synthetic-scenes")["probes"]
+    assert [tuple(p) for p in context["knn_by_layer"]["tiny_random"]] == [(1, row["knn_miou"]), (2, last["knn_miou"])]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 
 from generator.analyses._checks import check_choice, check_features, check_positive_int
 from generator.errors import PatchAtlasError
+from generator.options import check_choices, choice_field
 
 __all__ = [
     "MIOU_AVERAGES",
@@ -657,8 +658,8 @@ class ProbeProtocol:
     """
 
     knn_k: int = 1  # the local-representations code: 1-NN on dot-product similarity
-    knn_similarity: str = "dot"
-    miou_average: str = "present"  # see MIOU_AVERAGES
+    knn_similarity: str = choice_field("dot", SIMILARITIES)
+    miou_average: str = choice_field("present", MIOU_AVERAGES)
     linear_weight_decay: float = 1e-4
     linear_max_steps: int = 500
     linear_tolerance: float = 1e-5
@@ -672,9 +673,9 @@ class ProbeProtocol:
     KNN_FIELDS: ClassVar[tuple[str, ...]] = ("knn_k", "knn_similarity", "miou_average", "label_rule", "train_count")
 
     def validate(self) -> "ProbeProtocol":
+        """Raise a PatchAtlasError naming the first setting with a bad value; changes nothing."""
+        check_choices(self)
         check_positive_int(self.knn_k, "--knn-k")
-        check_choice(self.knn_similarity, "similarity", SIMILARITIES)
-        check_miou_average(self.miou_average)
         check_positive_int(self.linear_max_steps, "--linear-max-steps")
         check_positive_int(self.bootstrap_resamples, "bootstrap_resamples")
         if not self.linear_weight_decay >= 0:
