@@ -26,16 +26,32 @@ from PIL import Image
 
 from generator.assets import mkdocs_config, site_skeleton_dir, templates_dir
 from generator.errors import PatchAtlasError
-from generator.extract import extract_input, recorded_hub_repo
-from generator.sources.geometry import DEFAULT_RESIZE
-from generator.analyses.position import position_cluster_histogram, position_mode_map
-from generator.analyses.probes import ProbeProtocol
+from generator.analyses.position_histograms import position_cluster_histogram, position_mode_map
+from generator.analyses.protocol_fields import KNN_FIELDS
 from generator.figures.maps import thumbnail, to_png_bytes, upsample_nearest
 from generator.figures.palette import PALETTE, colorize
 from generator.figures.plots import heatmap_rgb, histogram_png, line_chart_png, stacked_bars_png
-from generator.models.registry import MODELS, get_model_entry
+from generator.store.layout import (
+    ATTENTION_ARRAYS_FILE,
+    ATTENTION_FILE,
+    KMEANS_FILE,
+    LAYERWISE_FILE,
+    MAPS_ARRAYS_FILE,
+    MAPS_FILE,
+    PROBES_FILE,
+    RENDER_STAGING_PREFIX,
+    SOURCES_PREFIX,
+    dataset_repo_dir,
+    docs_dir,
+    extract_prefix,
+    kmeans_maps_path,
+    manifest_path,
+    results_dir,
+    site_dir,
+)
 from generator.store.manifest import Manifest
 from generator.store.parquet import read_first_images
+from generator.store.records import ModelFacts, extract_records, recorded_hub_repo, source_records
 from generator.store.repo import IMAGES_CONFIG, hub_viewer_url, is_placeholder
 
 # Characters that would start Markdown or HTML syntax when they come from data (names, labels).
@@ -129,29 +145,25 @@ class ModelRow:
     resize: str = "squash"  # how images became the input (generator/sources/geometry.py)
 
 
-def _weights_label(entry) -> str:
-    """What a page says the weights are: the timm id, or how a reference model got its own."""
-    if entry.construction:
-        return f"constructed in code ({entry.construction})"
-    return entry.timm_id if entry.pretrained else "untrained"
+def recorded_models(manifest: Manifest, source: str | None = None) -> dict[str, ModelFacts]:
+    """What the extracts recorded of each model (of one source, or of all): the pages need no
+    registry, so a model the code does not know renders from its record."""
+    facts: dict[str, ModelFacts] = {}
+    for name, unit in extract_records(manifest, source):
+        if unit.model_facts is not None and (name not in facts or unit.done):
+            facts[name] = unit.model_facts
+    return facts
 
 
 def _model_rows(manifest: Manifest, source: str | None = None) -> list[ModelRow]:
     rows: dict[str, ModelRow] = {}
-    prefix = f"extract/{source}/" if source else "extract/"
-    for key, unit in sorted(manifest.entries(prefix=prefix)):
-        name = key.rsplit("/", 1)[-1]
-        if name == IMAGES_CONFIG or name not in MODELS:
+    for name, unit in extract_records(manifest, source):
+        facts = unit.model_facts
+        if facts is None or (name in rows and rows[name].status == "done"):
             continue
-        entry = get_model_entry(name)
-        status = unit.get("status", "unknown")
-        if name in rows and rows[name].status == "done":
-            continue
-        recorded = extract_input(unit["params"]) if "params" in unit else {"input_size": entry.input_size}
-        rows[name] = ModelRow(name, entry.family, entry.description, entry.patch_size, recorded["input_size"],
-                              entry.license, _weights_label(entry),
-                              status, unit.get("reason", ""), unit.get("weights", {}),
-                              recorded.get("resize", DEFAULT_RESIZE))
+        rows[name] = ModelRow(name, facts.family, facts.description, facts.patch_size, unit.input_size,
+                              facts.license, facts.weights_label, unit.status, unit.reason, unit.weights or {},
+                              unit.resize)
     return list(rows.values())
 
 
@@ -235,7 +247,7 @@ class SourceFigures:
         self.name = source["name"]
         self.assets = Path("assets") / self.name
         self.ignore_index = source["ignore_index"]
-        repo = out / "datasets" / self.name
+        repo = dataset_repo_dir(out, self.name)
         self.images = read_first_images(repo / IMAGES_CONFIG, options.gallery_images)
         self.ids = [img["image_id"] for img in self.images]
         self.base_rows = []
@@ -271,7 +283,7 @@ class SourceFigures:
         return paths
 
     def cluster_maps(self, model: str, config: str, k: int) -> dict[str, str]:
-        with np.load(self.out / "results" / self.name / model / config / f"kmeans-k{k}.npz") as npz:
+        with np.load(kmeans_maps_path(results_dir(self.out, self.name, model, config), k)) as npz:
             display, ids = npz["display_maps"], [str(v) for v in npz["image_ids"]]
         return self._per_image(ids, display, lambda m: colorize(m, self.ignore_index), model, config, f"clusters-k{k}")
 
@@ -285,7 +297,7 @@ class SourceFigures:
 
     def position_mode_map(self, model: str, config: str, k: int) -> str:
         """The most frequent cluster at each position over all images (positional bias made visible)."""
-        with np.load(self.out / "results" / self.name / model / config / f"kmeans-k{k}.npz") as npz:
+        with np.load(kmeans_maps_path(results_dir(self.out, self.name, model, config), k)) as npz:
             display = npz["display_maps"].astype(np.int64)
         mode, _ = position_mode_map(position_cluster_histogram(display, int(display.max()) + 1))
         rgb = upsample_nearest(colorize(mode, self.ignore_index), (96, 96))
@@ -316,7 +328,7 @@ def _column_label(model: str, family: str) -> str:
 
 
 def _load_maps(out: Path, source: str, model: str, config: str) -> dict:
-    path = out / "results" / source / model / config / "maps.npz"
+    path = results_dir(out, source, model, config) / MAPS_ARRAYS_FILE
     with np.load(path) as npz:
         maps = {key: npz[key] for key in npz.files}
     maps["ids"] = [str(v) for v in maps.pop("image_ids")]
@@ -335,10 +347,11 @@ def _source_context(out: Path, docs: Path, src: dict, manifest: Manifest, option
             loaded_maps[(model, config)] = _load_maps(out, name, model, config)
         return loaded_maps[(model, config)]
 
-    kmeans = _load_json((out / "results" / name).glob("*/*/kmeans.json"))
-    maps_json = {(m["model"], m["config"]): m for m in _load_json((out / "results" / name).glob("*/*/maps.json"))}
-    attention = {p.parent.name: json.loads(p.read_text()) for p in (out / "results" / name).glob("*/attention.json")}
-    families = {m: get_model_entry(m).family if m in MODELS else "?" for m in {r["model"] for r in kmeans}}
+    kmeans = _load_json(results_dir(out, name).glob(f"*/*/{KMEANS_FILE}"))
+    maps_json = {(m["model"], m["config"]): m for m in _load_json(results_dir(out, name).glob(f"*/*/{MAPS_FILE}"))}
+    attention = {p.parent.name: json.loads(p.read_text()) for p in results_dir(out, name).glob(f"*/{ATTENTION_FILE}")}
+    recorded = recorded_models(manifest, name)
+    families = {m: recorded[m].family if m in recorded else "?" for m in {r["model"] for r in kmeans}}
     k = options.gallery_k
 
     def nearest_k(metric: dict) -> int | None:
@@ -378,7 +391,7 @@ def _source_context(out: Path, docs: Path, src: dict, manifest: Manifest, option
         att = attention.get(model)
         if not att:
             continue
-        with np.load(out / "results" / name / model / "attention.npz") as npz:
+        with np.load(results_dir(out, name, model) / ATTENTION_ARRAYS_FILE) as npz:
             maps, ids = npz["cls_maps"], [str(v) for v in npz["image_ids"]]
         paths = figures.attention_maps(model, maps, ids, att["heads"])
         per_head = att.get("per_head") or [None] * att["heads"]
@@ -398,7 +411,7 @@ def _source_context(out: Path, docs: Path, src: dict, manifest: Manifest, option
         position = mj.get("position") or {}
         rows.append({
             "model": m["model"], "family": families[m["model"]], "layer": m["layer"], "norm": m["norm"],
-            "registers": get_model_entry(m["model"]).num_registers if m["model"] in MODELS else None,
+            "registers": recorded[m["model"]].num_registers if m["model"] in recorded else None,
             "border_score": mj.get("border_score"), "row_r2": position.get("row_r2"), "col_r2": position.get("col_r2"),
             "row_chance_r2": position.get("row_chance_r2"), "col_chance_r2": position.get("col_chance_r2"),
             "consistency": chosen.get("positional_consistency") if chosen else None,
@@ -461,8 +474,9 @@ def _legend(docs: Path, source: str, classes: list[dict], writer: PngWriter) -> 
 
 def render_docs(out: Path, docs: Path, options: RenderOptions) -> list[Path]:
     """Write every generated page and figure under ``docs``; returns the pages written."""
-    manifest = Manifest.load(out / "manifest.json")
-    sources = [entry for _, entry in sorted(manifest.entries(prefix="sources/"))]
+    manifest = Manifest.load(manifest_path(out))
+    # The pages take a source's entry as recorded (dict form); reading it as a record checks it first.
+    sources = [record.to_entry() for record in source_records(manifest)]
     if not sources:
         raise PatchAtlasError(f"{out}: nothing has been extracted yet; run `patchatlas extract --out {out}` first")
     env = template_env()
@@ -505,7 +519,7 @@ def render_docs(out: Path, docs: Path, options: RenderOptions) -> list[Path]:
     for model in models:
         if model.status != "done":
             continue
-        entry = get_model_entry(model.name)
+        entry = recorded_models(manifest)[model.name]
         per_source = {name: ctx for name, ctx in contexts.items() if model.name in ctx["families"]}
         page = env.get_template("model.md.j2").render(model=model, entry=entry, contexts=per_source, page_depth="../")
         _write_page(docs / "models" / f"{model.name}.md", page)
@@ -537,7 +551,7 @@ def _interval_band(rows: list[dict], key: str) -> dict:
 def _probe_context(out: Path, docs: Path, src: dict, families: dict[str, str]) -> dict | None:
     """Tables and charts of the few-shot probes of one source (analyses 6–10)."""
     name = src["name"]
-    probes = _load_json((out / "results" / name).glob("*/*/probes.json"))
+    probes = _load_json(results_dir(out, name).glob(f"*/*/{PROBES_FILE}"))
     if not probes:
         return None
     assets = Path("assets") / name / "charts"
@@ -563,7 +577,7 @@ def _probe_context(out: Path, docs: Path, src: dict, families: dict[str, str]) -
     # otherwise they are drawn as a series of their own, named by their protocol.
     streamed, mismatched = [], []
     knn_by_model = {m: list(rows) for m, rows in by_model.items()}
-    for record in _load_json((out / "results" / name).glob("*/layerwise.json")):
+    for record in _load_json(results_dir(out, name).glob(f"*/{LAYERWISE_FILE}")):
         model = record["model"]
         published = {p["layer"] for p in by_model.get(model, [])}
         analysed = {_knn_protocol_key(p.get("protocol")) for p in by_model.get(model, [])}
@@ -640,10 +654,10 @@ def _probe_context(out: Path, docs: Path, src: dict, families: dict[str, str]) -
 
 
 def _knn_protocol_key(protocol: dict | None) -> tuple | None:
-    """What a k-NN number depends on (``ProbeProtocol.KNN_FIELDS``), hashable; None if not recorded."""
+    """What a k-NN number depends on (``KNN_FIELDS``), hashable; None if not recorded."""
     if not protocol:
         return None
-    return tuple((field, protocol.get(field)) for field in ProbeProtocol.KNN_FIELDS)
+    return tuple((field, protocol.get(field)) for field in KNN_FIELDS)
 
 
 def _knn_protocol_label(protocol: dict | None) -> str:
@@ -849,9 +863,9 @@ def _published_source(src: dict) -> dict:
 def _downloads(out: Path, manifest: Manifest) -> list[dict]:
     """Every published config of every dataset repository, with size and schema."""
     datasets_ = []
-    for _, src in sorted(manifest.entries(prefix="sources/")):
+    for _, src in sorted(manifest.entries(prefix=SOURCES_PREFIX)):
         configs = [{"name": IMAGES_CONFIG, "rows": src["num_images"], "bytes": None, "schema": "images"}]
-        for key, unit in sorted(manifest.entries(prefix=f"extract/{src['name']}/")):
+        for key, unit in sorted(manifest.entries(prefix=extract_prefix(src["name"]))):
             if unit.get("status") != "done" or "configs" not in unit:
                 continue
             for cfg in unit["configs"]:
@@ -860,7 +874,7 @@ def _downloads(out: Path, manifest: Manifest) -> list[dict]:
             for path_key, suffix, schema in (("prefix_paths", "-prefix", "prefix tokens"),
                                              ("attention_paths", "-attention", "CLS attention")):
                 if unit.get(path_key):
-                    size = sum((out / "datasets" / src["name"] / rel).stat().st_size for rel in unit[path_key])
+                    size = sum((dataset_repo_dir(out, src["name"]) / rel).stat().st_size for rel in unit[path_key])
                     configs.append({"name": f"{unit['model']}{suffix}", "rows": None, "bytes": size, "schema": schema})
         repo_id = recorded_hub_repo(manifest, src["name"])
         for c in configs:
@@ -891,19 +905,19 @@ def _swap_in(staged: Path, final: Path) -> None:
 def run_render(out: Path, options: RenderOptions) -> Path:
     """The stage: ``<out>/docs`` (Markdown + figures) and, unless disabled, ``<out>/site`` (HTML)."""
     out = Path(out)
-    staging = Path(tempfile.mkdtemp(prefix=".render-", dir=out))
+    staging = Path(tempfile.mkdtemp(prefix=RENDER_STAGING_PREFIX, dir=out))
     try:
-        docs = staging / "docs"
+        docs = docs_dir(staging)
         shutil.copytree(site_skeleton_dir(), docs, ignore=shutil.ignore_patterns("generated", ".gitignore"))
         render_docs(out, docs, options)
         if options.build_html:
-            build_site(docs, staging / "site")
-        _swap_in(docs, out / "docs")
+            build_site(docs, site_dir(staging))
+        _swap_in(docs, docs_dir(out))
         if options.build_html:
-            _swap_in(staging / "site", out / "site")
+            _swap_in(site_dir(staging), site_dir(out))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return out / "site" if options.build_html else out / "docs"
+    return site_dir(out) if options.build_html else docs_dir(out)
 
 
 def build_site(docs: Path, site: Path) -> None:

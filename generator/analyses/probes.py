@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from generator.analyses.protocol_fields import KNN_FIELDS
 from generator.errors import PatchAtlasError
 
 __all__ = [
@@ -695,7 +696,7 @@ class ProbeProtocol:
     batchnorm: bool | None = None
 
     # What the k-NN curves depend on: two curves may share a chart only if these agree.
-    KNN_FIELDS: ClassVar[tuple[str, ...]] = ("knn_k", "knn_similarity", "miou_average", "label_rule", "train_count")
+    KNN_FIELDS: ClassVar[tuple[str, ...]] = KNN_FIELDS
 
     def validate(self) -> "ProbeProtocol":
         _check_positive_int(self.knn_k, "--knn-k")

@@ -11,10 +11,14 @@ On disk (JSON)::
      "entries": {"<key>": {"status": "done" | "skipped", "params": {...}, "params_hash": "...",
                            "files": {"<path relative to the unit's root>": "<sha256>"},
                            "reason": "<why, for skips>", ...}},
-     "updated_at": {"<key>": "<ISO time>"}}
+     "updated_at": {"<key>": "<ISO time>"},
+     "file_stats": {"<path relative to the manifest's folder>": [size, mtime_ns, inode, "<sha256>"]}}
 
 Entries hold only what a rerun reproduces; when they were written lives apart, under
-``updated_at``, so two builds of the same inputs record the same entries.
+``updated_at``, so two builds of the same inputs record the same entries. ``file_stats`` is a
+cache of file hashes: a file whose size, modification time and inode are those recorded when it
+was hashed is not read again, so a rerun over finished units reads no table. Any rewrite (the
+atomic writes replace the inode; an edit in place moves mtime) makes it hash the file again.
 """
 
 from __future__ import annotations
@@ -101,10 +105,12 @@ def _check_entry(key: str, entry: dict) -> dict:
 class Manifest:
     """The manifest of one output folder, loaded into memory; ``save()`` writes it back."""
 
-    def __init__(self, path: str | os.PathLike, entries: dict | None = None, updated_at: dict | None = None):
+    def __init__(self, path: str | os.PathLike, entries: dict | None = None, updated_at: dict | None = None,
+                 file_stats: dict | None = None):
         self.path = Path(path)
         self._entries: dict[str, dict] = dict(entries or {})
         self._updated_at: dict[str, str] = dict(updated_at or {})
+        self._file_stats: dict[str, list] = dict(file_stats or {})
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "Manifest":
@@ -128,11 +134,40 @@ class Manifest:
         for key, entry in entries.items():
             if "updated_at" in entry:
                 updated_at.setdefault(key, entry.pop("updated_at"))
-        return cls(path, entries, updated_at)
+        # A damaged cache costs only rehashing; it never makes the manifest unreadable.
+        file_stats = data.get("file_stats")
+        return cls(path, entries, updated_at, file_stats if isinstance(file_stats, dict) else None)
 
     def save(self) -> Path:
         return atomic_write_json(self.path, {"version": MANIFEST_VERSION, "entries": self._entries,
-                                             "updated_at": self._updated_at})
+                                             "updated_at": self._updated_at, "file_stats": self._file_stats})
+
+    def sha256(self, path: str | os.PathLike) -> str:
+        """``file_sha256(path)``, read from the cache while the file's size, mtime and inode are
+        those it had when hashed (``save()`` keeps the cache)."""
+        path = Path(path)
+        stat = path.stat()
+        try:
+            name = path.resolve().relative_to(self.path.parent.resolve()).as_posix()
+        except ValueError:
+            name = str(path.resolve())
+        signature = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+        cached = self._file_stats.get(name)
+        if isinstance(cached, list) and len(cached) == 4 and cached[:3] == signature:
+            return cached[3]
+        return self.remember_sha256(path, file_sha256(path))
+
+    def remember_sha256(self, path: str | os.PathLike, digest: str) -> str:
+        """Cache ``digest`` as the hash of ``path`` as it is now: for a file just written and
+        hashed by its writer, so that no later step reads it again to hash it."""
+        path = Path(path)
+        stat = path.stat()
+        try:
+            name = path.resolve().relative_to(self.path.parent.resolve()).as_posix()
+        except ValueError:
+            name = str(path.resolve())
+        self._file_stats[name] = [stat.st_size, stat.st_mtime_ns, stat.st_ino, digest]
+        return digest
 
     def get(self, key: str) -> dict | None:
         return self._entries.get(key)
@@ -177,6 +212,6 @@ class Manifest:
         root = Path(root)
         for rel, digest in entry.get("files", {}).items():
             path = root / rel
-            if not path.is_file() or file_sha256(path) != digest:
+            if not path.is_file() or self.sha256(path) != digest:
                 return False
         return True
