@@ -48,14 +48,18 @@ class SourceRecord:
     probes: bool
     probe_train_count: int | None
     skipped_images: list[dict]
+    params_hash: str = ""  # the manifest fills it in from ``params``
 
     @classmethod
     def from_entry(cls, entry: dict, where: str = "manifest entry") -> "SourceRecord":
-        _require(entry, [f.name for f in fields(cls)], where)
-        return cls(**{f.name: entry[f.name] for f in fields(cls)})
+        _require(entry, [f.name for f in fields(cls) if f.name != "params_hash"], where)
+        return cls(**{f.name: entry[f.name] for f in fields(cls) if f.name in entry})
 
     def to_entry(self) -> dict:
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        entry = {f.name: getattr(self, f.name) for f in fields(self)}
+        if not self.params_hash:
+            del entry["params_hash"]
+        return entry
 
 
 @dataclass(frozen=True)
