@@ -18,6 +18,7 @@ import pytest
 
 from generator import site as site_module
 from generator.cli import main
+from generator.models.registry import MODELS
 from generator.site import (gallery_strip, labelled_class_count, leaderboard_tables, metric_references,
                             ranks_by_segmentation, with_interval)
 from generator.sources.content_free import content_free_source
@@ -110,7 +111,7 @@ def divider_index(table: list[dict]) -> int | None:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     mp = offline_tiny_zoo(tmp_path_factory)
-    mp.setitem(site_module.MODELS, TINY_CONTROL.name, TINY_CONTROL)
+    mp.setitem(MODELS, TINY_CONTROL.name, TINY_CONTROL)
     charts = []
     real_line_chart = site_module.line_chart_png
 

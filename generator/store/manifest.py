@@ -147,10 +147,7 @@ class Manifest:
         those it had when hashed (``save()`` keeps the cache)."""
         path = Path(path)
         stat = path.stat()
-        try:
-            name = path.resolve().relative_to(self.path.parent.resolve()).as_posix()
-        except ValueError:
-            name = str(path.resolve())
+        name = self._cache_name(path)
         signature = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
         cached = self._file_stats.get(name)
         if isinstance(cached, list) and len(cached) == 4 and cached[:3] == signature:
@@ -160,14 +157,18 @@ class Manifest:
     def remember_sha256(self, path: str | os.PathLike, digest: str) -> str:
         """Cache ``digest`` as the hash of ``path`` as it is now: for a file just written and
         hashed by its writer, so that no later step reads it again to hash it."""
-        path = Path(path)
-        stat = path.stat()
-        try:
-            name = path.resolve().relative_to(self.path.parent.resolve()).as_posix()
-        except ValueError:
-            name = str(path.resolve())
-        self._file_stats[name] = [stat.st_size, stat.st_mtime_ns, stat.st_ino, digest]
+        stat = os.stat(path)
+        self._file_stats[self._cache_name(Path(path))] = [stat.st_size, stat.st_mtime_ns, stat.st_ino, digest]
         return digest
+
+    def _cache_name(self, path: Path) -> str:
+        """A file's name in the cache: relative to the manifest's folder when inside it (so the
+        folder can move), else absolute (a checkpoint elsewhere)."""
+        absolute = os.path.abspath(path)
+        root = os.path.abspath(self.path.parent)
+        if absolute.startswith(root + os.sep):
+            return Path(os.path.relpath(absolute, root)).as_posix()
+        return absolute
 
     def get(self, key: str) -> dict | None:
         return self._entries.get(key)
