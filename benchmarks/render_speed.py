@@ -26,9 +26,9 @@ from generator.extract import SHARD_BYTES, record_source, write_images  # noqa: 
 from generator.models.registry import MODELS  # noqa: E402
 from generator.site import RenderOptions, run_render  # noqa: E402
 from generator.sources.synthetic import synthetic_scenes  # noqa: E402
-from generator.summarize import run_summarize  # noqa: E402
 from generator.store.atomic import atomic_write_json  # noqa: E402
 from generator.store.manifest import Manifest  # noqa: E402
+from generator.summarize import run_summarize  # noqa: E402
 
 FAMILIES = ("CL", "MIM", "CL+MIM", "supervised", "language", "random")
 LAYERS = (3, 6, 9, 12)

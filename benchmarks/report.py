@@ -21,8 +21,8 @@ import argparse
 import json
 import re
 import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Callable, Sequence
 
 if __package__ in (None, ""):  # run as a script: the package lives one folder up
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))

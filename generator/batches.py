@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import io
 import os
-from typing import TYPE_CHECKING, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import datasets
 import numpy as np

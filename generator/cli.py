@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from generator.errors import ModelsSkipped, PatchAtlasError
+from generator.store.layout import dataset_repo_dir, datasets_dir, manifest_path, results_root, source_key
 from generator.store.lock import output_lock
 
 DEFAULT_OUT = "build"
@@ -463,8 +464,8 @@ def _skipped_inputs(out: Path, source_names) -> dict[str, list[dict]]:
     """The input files each source left out, as recorded in the manifest."""
     from generator.store.manifest import Manifest
 
-    manifest = Manifest.load(out / "manifest.json")
-    return {name: (manifest.get(f"sources/{name}") or {}).get("skipped_images", []) for name in source_names}
+    manifest = Manifest.load(manifest_path(out))
+    return {name: (manifest.get(source_key(name)) or {}).get("skipped_images", []) for name in source_names}
 
 
 def _do_analyze(out, ks, seed, probe, device, quiet):
@@ -531,7 +532,7 @@ def extract(out, sources, source_options, models, layers, norms, curve_layers, l
                     click.echo(f"worker {rank}/{world_size}: {source} × {row.model}: {row.reason}")
         click.echo(f"worker {rank} of {world_size} done; when every worker is, run `patchatlas extract` with the "
                    f"same options (no RANK/WORLD_SIZE) to merge")
-    click.echo(f"datasets: {out / 'datasets'}")
+    click.echo(f"datasets: {datasets_dir(out)}")
     _check_skips(outcomes, models, weights, allow_skipped, require_pretrained)
 
 
@@ -546,7 +547,7 @@ def analyze(out, ks, seed, device, quiet, **probe_options):
     """Run the analyses on what `extract` wrote; results go to OUT/results."""
     with output_lock(out):
         done = _do_analyze(out, ks, seed, _probe_protocol(**probe_options), device, quiet)
-    click.echo(f"results: {out / 'results'} ({len(done)} configs analysed, the rest unchanged)")
+    click.echo(f"results: {results_root(out)} ({len(done)} configs analysed, the rest unchanged)")
 
 
 @cli.command()
@@ -614,7 +615,7 @@ def build(out, sources, source_options, models, layers, norms, curve_layers, lab
     for source, skips in _skipped_inputs(out, outcomes).items():
         for skip in skips:
             click.echo(f"  {source}: SKIPPED input {skip['path']}: {skip['reason']}")
-    click.echo(f"  datasets: {(out / 'datasets').resolve()}")
+    click.echo(f"  datasets: {datasets_dir(out).resolve()}")
     click.echo(f"  site:     {Path(site).resolve()}" + ("/index.html" if not no_html else ""))
     _check_skips(outcomes, models, weights, allow_skipped, require_pretrained)
 
@@ -677,7 +678,7 @@ def datasets_cmd():
 @click.option("--revision", default=None, metavar="BRANCH", help="Branch to commit to (default: main).")
 def push(out, dataset, repo_id, dry_run, private, revision):
     """Publish OUT/datasets/DATASET to the Hugging Face Hub, uploading only what changed."""
-    from generator.extract import apply_hub_repo, dataset_repo_dir
+    from generator.extract import apply_hub_repo
     from generator.store.push import push_folder
     from generator.store.repo import check_repo_id
 

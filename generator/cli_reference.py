@@ -14,17 +14,17 @@ import html
 import inspect
 import re
 import sys
-from pathlib import Path
 
 import click
 
+from generator.assets import site_skeleton_dir
 from generator.cli import cli
 from generator.store.atomic import atomic_write_text
 
 PROG = "patchatlas"
 REGENERATE = "python -m generator.cli_reference"
 # The page in a source checkout (the skeleton the render stage copies); a wheel has no use for it.
-CLI_PAGE = Path(__file__).resolve().parent.parent / "site" / "guide" / "cli.md"
+CLI_PAGE = site_skeleton_dir() / "guide" / "cli.md"
 
 # The Markdown syntax that can start mid-line in help text (emphasis, links, attribute lists);
 # ``generator.site.md_escape`` escapes more for data on pages, but importing the render stage

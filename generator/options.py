@@ -5,7 +5,8 @@ and the command line reads them from there, so the two cannot drift apart."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from generator.errors import PatchAtlasError
 

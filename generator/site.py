@@ -19,24 +19,46 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import jinja2
-from tqdm.auto import tqdm
 import markupsafe
 import numpy as np
 from PIL import Image
+from tqdm.auto import tqdm
 
 from generator.assets import mkdocs_config, site_skeleton_dir, templates_dir
 from generator.errors import PatchAtlasError
-from generator.extract import extract_input, recorded_hub_repo
-from generator.sources.geometry import DEFAULT_RESIZE
 from generator.figures.maps import thumbnail, to_png_bytes, upsample_nearest
 from generator.figures.palette import PALETTE, colorize
 from generator.figures.plots import heatmap_rgb, histogram_png, line_chart_png, stacked_bars_png
-from generator.models.registry import MODELS, get_model_entry
+from generator.store.layout import (
+    ATTENTION_ARRAYS_FILE,
+    IMAGES_CONFIG,
+    MAPS_ARRAYS_FILE,
+    RENDER_STAGING_PREFIX,
+    SOURCES_PREFIX,
+    dataset_repo_dir,
+    docs_dir,
+    extract_prefix,
+    kmeans_maps_path,
+    manifest_path,
+    position_modes_name,
+    results_dir,
+    site_dir,
+    summary_file,
+)
 from generator.store.manifest import Manifest
 from generator.store.parquet import read_first_images
-from generator.store.repo import IMAGES_CONFIG, hub_viewer_url, is_placeholder
-from generator.summarize import (RETRIEVAL_OUTCOMES, SummarizeOptions, fmt_num, fmt_pct, is_reference,
-                                 load_site_summary, position_modes_name, reference_tag, summary_file)
+from generator.store.records import extract_records, recorded_hub_repo, source_records
+from generator.store.repo import hub_viewer_url, is_placeholder
+from generator.summarize import (
+    RETRIEVAL_OUTCOMES,
+    SummarizeOptions,
+    fmt_num,
+    fmt_pct,
+    is_reference,
+    load_site_summary,
+    recorded_models,
+    reference_tag,
+)
 
 # Characters that would start Markdown or HTML syntax when they come from data (names, labels).
 _MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+!|~])")
@@ -85,7 +107,7 @@ class RenderOptions(SummarizeOptions):
     build_html: bool = True
     progress: bool = True
 
-    def validate(self) -> "RenderOptions":
+    def validate(self) -> RenderOptions:
         """Raise a PatchAtlasError naming the first option with a bad value; changes nothing."""
         super().validate()
         if isinstance(self.thumb_side, bool) or not isinstance(self.thumb_side, int) or self.thumb_side < 16:
@@ -108,29 +130,15 @@ class ModelRow:
     resize: str = "squash"  # how images became the input (generator/sources/geometry.py)
 
 
-def _weights_label(entry) -> str:
-    """What a page says the weights are: the timm id, or how a reference model got its own."""
-    if entry.construction:
-        return f"constructed in code ({entry.construction})"
-    return entry.timm_id if entry.pretrained else "untrained"
-
-
 def _model_rows(manifest: Manifest, source: str | None = None) -> list[ModelRow]:
     rows: dict[str, ModelRow] = {}
-    prefix = f"extract/{source}/" if source else "extract/"
-    for key, unit in sorted(manifest.entries(prefix=prefix)):
-        name = key.rsplit("/", 1)[-1]
-        if name == IMAGES_CONFIG or name not in MODELS:
+    for name, unit in extract_records(manifest, source):
+        facts = unit.model_facts
+        if facts is None or (name in rows and rows[name].status == "done"):
             continue
-        entry = get_model_entry(name)
-        status = unit.get("status", "unknown")
-        if name in rows and rows[name].status == "done":
-            continue
-        recorded = extract_input(unit["params"]) if "params" in unit else {"input_size": entry.input_size}
-        rows[name] = ModelRow(name, entry.family, entry.description, entry.patch_size, recorded["input_size"],
-                              entry.license, _weights_label(entry),
-                              status, unit.get("reason", ""), unit.get("weights", {}),
-                              recorded.get("resize", DEFAULT_RESIZE))
+        rows[name] = ModelRow(name, facts.family, facts.description, facts.patch_size, unit.input_size,
+                              facts.license, facts.weights_label, unit.status, unit.reason, unit.weights or {},
+                              unit.resize)
     return list(rows.values())
 
 
@@ -189,12 +197,12 @@ class SourceFigures:
     Paths are relative to the docs root; templates prefix them for the page's depth.
     """
 
-    def __init__(self, out: Path, docs: Path, source: dict, options: RenderOptions, writer: "PngWriter"):
+    def __init__(self, out: Path, docs: Path, source: dict, options: RenderOptions, writer: PngWriter):
         self.out, self.docs, self.source, self.options, self.writer = out, docs, source, options, writer
         self.name = source["name"]
         self.assets = Path("assets") / self.name
         self.ignore_index = source["ignore_index"]
-        repo = out / "datasets" / self.name
+        repo = dataset_repo_dir(out, self.name)
         self.images = read_first_images(repo / IMAGES_CONFIG, options.gallery_images)
         self.ids = [img["image_id"] for img in self.images]
         self.base_rows = []
@@ -283,13 +291,8 @@ def _column_label(model: str, family: str) -> str:
     return f"{model} ({reference_tag(family)})" if is_reference(family) else model
 
 
-def _results_dir(out: Path, source: str, model: str, config: str | None = None) -> Path:
-    base = out / "results" / source / model
-    return base / config if config else base
-
-
 def _load_maps(npz: NpzCache, out: Path, source: str, model: str, config: str) -> dict:
-    maps = dict(npz.arrays(_results_dir(out, source, model, config) / "maps.npz"))
+    maps = dict(npz.arrays(results_dir(out, source, model, config) / MAPS_ARRAYS_FILE))
     maps["ids"] = [str(v) for v in maps.pop("image_ids")]
     return maps
 
@@ -309,7 +312,7 @@ def _source_context(out: Path, docs: Path, src: dict, summary: dict, manifest: M
     cluster_paths, mode_cells = {}, {}
     modes = npz.arrays(summary_file(out, position_modes_name(name)))
     for cell in summary["gallery"]:
-        kmeans_npz = _results_dir(out, name, cell["model"], cell["config"]) / f"kmeans-k{cell['k']}.npz"
+        kmeans_npz = kmeans_maps_path(results_dir(out, name, cell["model"], cell["config"]), cell["k"])
         arrays = npz.arrays(kmeans_npz, ("display_maps", "image_ids"))
         cluster_paths[(cell["model"], cell["layer"])] = figures.cluster_maps(
             cell["model"], cell["config"], cell["k"], arrays["display_maps"], [str(v) for v in arrays["image_ids"]])
@@ -342,7 +345,7 @@ def _source_context(out: Path, docs: Path, src: dict, summary: dict, manifest: M
         att = attention.get(model)
         if not att:
             continue
-        arrays = npz.arrays(_results_dir(out, name, model) / "attention.npz")
+        arrays = npz.arrays(results_dir(out, name, model) / ATTENTION_ARRAYS_FILE)
         ids = [str(v) for v in arrays["image_ids"]]
         paths = figures.attention_maps(model, arrays["cls_maps"], ids, att["heads"])
         per_head = att.get("per_head") or [None] * att["heads"]
@@ -392,8 +395,9 @@ def _legend(docs: Path, source: str, classes: list[dict], writer: PngWriter) -> 
 
 def render_docs(out: Path, docs: Path, options: RenderOptions) -> list[Path]:
     """Write every generated page and figure under ``docs``; returns the pages written."""
-    manifest = Manifest.load(out / "manifest.json")
-    sources = [entry for _, entry in sorted(manifest.entries(prefix="sources/"))]
+    manifest = Manifest.load(manifest_path(out))
+    # The pages take a source's entry as recorded (dict form); reading it as a record checks it first.
+    sources = [record.to_entry() for record in source_records(manifest)]
     if not sources:
         raise PatchAtlasError(f"{out}: nothing has been extracted yet; run `patchatlas extract --out {out}` first")
     summary = load_site_summary(out, options, [src["name"] for src in sources])
@@ -434,7 +438,7 @@ def render_docs(out: Path, docs: Path, options: RenderOptions) -> list[Path]:
     for model in models:
         if model.status != "done":
             continue
-        entry = get_model_entry(model.name)
+        entry = recorded_models(manifest)[model.name]
         per_source = {name: ctx for name, ctx in contexts.items() if model.name in ctx["families"]}
         page = env.get_template("model.md.j2").render(model=model, entry=entry, contexts=per_source, page_depth="../")
         _write_page(docs / "models" / f"{model.name}.md", page)
@@ -542,9 +546,9 @@ def _published_source(src: dict) -> dict:
 def _downloads(out: Path, manifest: Manifest) -> list[dict]:
     """Every published config of every dataset repository, with size and schema."""
     datasets_ = []
-    for _, src in sorted(manifest.entries(prefix="sources/")):
+    for _, src in sorted(manifest.entries(prefix=SOURCES_PREFIX)):
         configs = [{"name": IMAGES_CONFIG, "rows": src["num_images"], "bytes": None, "schema": "images"}]
-        for _key, unit in sorted(manifest.entries(prefix=f"extract/{src['name']}/")):
+        for _key, unit in sorted(manifest.entries(prefix=extract_prefix(src["name"]))):
             if unit.get("status") != "done" or "configs" not in unit:
                 continue
             for cfg in unit["configs"]:
@@ -553,7 +557,7 @@ def _downloads(out: Path, manifest: Manifest) -> list[dict]:
             for path_key, suffix, schema in (("prefix_paths", "-prefix", "prefix tokens"),
                                              ("attention_paths", "-attention", "CLS attention")):
                 if unit.get(path_key):
-                    size = sum((out / "datasets" / src["name"] / rel).stat().st_size for rel in unit[path_key])
+                    size = sum((dataset_repo_dir(out, src["name"]) / rel).stat().st_size for rel in unit[path_key])
                     configs.append({"name": f"{unit['model']}{suffix}", "rows": None, "bytes": size, "schema": schema})
         repo_id = recorded_hub_repo(manifest, src["name"])
         for c in configs:
@@ -585,19 +589,19 @@ def run_render(out: Path, options: RenderOptions) -> Path:
     """The stage: ``<out>/docs`` (Markdown + figures) and, unless disabled, ``<out>/site`` (HTML)."""
     out = Path(out)
     options.validate()
-    staging = Path(tempfile.mkdtemp(prefix=".render-", dir=out))
+    staging = Path(tempfile.mkdtemp(prefix=RENDER_STAGING_PREFIX, dir=out))
     try:
-        docs = staging / "docs"
+        docs = docs_dir(staging)
         shutil.copytree(site_skeleton_dir(), docs, ignore=shutil.ignore_patterns("generated", ".gitignore"))
         render_docs(out, docs, options)
         if options.build_html:
-            build_site(docs, staging / "site")
-        _swap_in(docs, out / "docs")
+            build_site(docs, site_dir(staging))
+        _swap_in(docs, docs_dir(out))
         if options.build_html:
-            _swap_in(staging / "site", out / "site")
+            _swap_in(site_dir(staging), site_dir(out))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return out / "site" if options.build_html else out / "docs"
+    return site_dir(out) if options.build_html else docs_dir(out)
 
 
 def build_site(docs: Path, site: Path) -> None:

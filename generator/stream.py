@@ -36,7 +36,8 @@ from generator.models.registry import ModelEntry, model_geometry
 from generator.sources.base import SegmentationSource
 from generator.sources.splits import few_shot_split
 from generator.store.atomic import atomic_write_json
-from generator.store.manifest import Manifest, file_sha256, params_hash
+from generator.store.layout import layerwise_path, stream_key
+from generator.store.manifest import Manifest, params_hash
 
 if TYPE_CHECKING:  # for annotations only: extract imports this module
     from generator.extract import ExtractOptions
@@ -45,17 +46,12 @@ STREAM_VERSION = "3"
 # Rows the layer-wise k-means is fitted on (the first ones: the train images' tokens); enough for
 # k = the number of classes, small enough that the fit stays a fraction of the pass.
 KMEANS_FIT_ROWS = 65536
-LAYERWISE_FILE = "layerwise.json"
 
 
 def unit_protocol(source: SegmentationSource, entry: ModelEntry, options: ExtractOptions) -> ProbeProtocol:
     """The build's probe protocol with this (source, model)'s label rule, train count and BatchNorm flag."""
     return options.probe.for_unit(label_rule=options.label_rule, train_count=source.probe_train_count,
                                   batchnorm=entry.probe_batchnorm)
-
-
-def stream_key(source_name: str, model: str) -> str:
-    return f"stream/{source_name}/{model}"
 
 
 def streamed_layers(curve_layers, depth: int, published: list[int]) -> list[int]:
@@ -79,7 +75,7 @@ def plan_stream(source: SegmentationSource, entry: ModelEntry, options: ExtractO
     asked-for layer is published (then an earlier stream result is removed, as the analyses
     cover those layers)."""
     key = stream_key(source.name, entry.name)
-    path = Path(out) / "results" / source.name / entry.name / LAYERWISE_FILE
+    path = layerwise_path(out, source.name, entry.name)
     layers = streamed_layers(options.curve_layers, model_geometry(entry).depth, published) \
         if source.probes and len(source) >= 2 else []
     if not layers:
@@ -97,7 +93,7 @@ def plan_stream(source: SegmentationSource, entry: ModelEntry, options: ExtractO
 
 def run_stream_unit(source: SegmentationSource, entry: ModelEntry, options: ExtractOptions, out: Path,
                     manifest: Manifest, tokens_hash: str, encoder: Encoder | None, published: list[int],
-                    fused: "LayerwiseAccumulator | None" = None) -> None:
+                    fused: LayerwiseAccumulator | None = None) -> None:
     """Compute (or reuse) the layer-wise results of the unpublished layers of one (source, model).
 
     ``fused`` is an accumulator the extraction pass fed with every image: its results are used
@@ -116,7 +112,7 @@ def run_stream_unit(source: SegmentationSource, entry: ModelEntry, options: Extr
     atomic_write_json(plan.path, {"source": source.name, "model": entry.name, "streamed": True,
                                   "protocol": plan.params["protocol"], "layers": results})
     manifest.set(plan.key, {"status": "done", "params": plan.params, "params_hash": params_hash(plan.params),
-                            "files": {str(plan.path.relative_to(out)): file_sha256(plan.path)}})
+                            "files": {str(plan.path.relative_to(out)): manifest.sha256(plan.path)}})
     manifest.save()
 
 

@@ -17,37 +17,34 @@ from pathlib import Path
 
 import numpy as np
 
-from generator.analyses.position import position_cluster_histogram, position_mode_map
-from generator.analyses.probes import ProbeProtocol
+from generator.analyses.position_histograms import position_cluster_histogram, position_mode_map
+from generator.analyses.protocol_fields import KNN_FIELDS
 from generator.errors import PatchAtlasError
-from generator.models.registry import MODELS, get_model_entry
 from generator.store.atomic import atomic_path, atomic_write_text
-from generator.store.manifest import Manifest, file_sha256, params_hash
+from generator.store.layout import (
+    ATTENTION_FILE,
+    IMAGES_CONFIG,
+    KMEANS_FILE,
+    LAYERWISE_FILE,
+    MAPS_ARRAYS_FILE,
+    MAPS_FILE,
+    PROBES_FILE,
+    SITE_SUMMARY,
+    SUMMARIZE_KEY,
+    dataset_repo_dir,
+    kmeans_maps_path,
+    manifest_path,
+    position_modes_name,
+    results_dir,
+    source_summary_name,
+    summary_file,
+)
+from generator.store.manifest import Manifest, params_hash
 from generator.store.parquet import read_first_images
-from generator.store.repo import IMAGES_CONFIG
+from generator.store.records import ModelFacts, extract_records, source_records
 
 # Bumped when what a summary file holds changes, so older summaries are recomputed.
 SUMMARY_VERSION = 1
-MANIFEST_KEY = "summarize"
-SITE_SUMMARY = "site.json"
-
-
-# --- where the summary lives -------------------------------------------------------------------
-
-def summary_dir(out: Path) -> Path:
-    return Path(out) / "summary"
-
-
-def summary_file(out: Path, name: str) -> Path:
-    return summary_dir(out) / name
-
-
-def source_summary_name(source: str) -> str:
-    return f"{source}.json"
-
-
-def position_modes_name(source: str) -> str:
-    return f"{source}-position-modes.npz"
 
 
 def missing_summary_error(out: Path, what: str) -> PatchAtlasError:
@@ -191,8 +188,18 @@ def ranks_by_segmentation(classes_per_image: list[int]) -> bool:
     return any(count >= 2 for count in classes_per_image)
 
 
-def model_families(models) -> dict[str, str]:
-    return {m: get_model_entry(m).family if m in MODELS else "?" for m in models}
+def recorded_models(manifest: Manifest, source: str | None = None) -> dict[str, ModelFacts]:
+    """What the extracts recorded of each model (of one source, or of all): the summary and the
+    pages need no registry, so a model the code does not know is summarized from its record."""
+    facts: dict[str, ModelFacts] = {}
+    for name, unit in extract_records(manifest, source):
+        if unit.model_facts is not None and (name not in facts or unit.done):
+            facts[name] = unit.model_facts
+    return facts
+
+
+def model_families(models, facts: dict[str, ModelFacts]) -> dict[str, str]:
+    return {m: facts[m].family if m in facts else "?" for m in models}
 
 
 def nearest_k(metric: dict, k: int) -> int | None:
@@ -342,10 +349,10 @@ def kmeans_summary(kmeans: list[dict], maps_json: dict, attention: dict, familie
 # --- one source: the few-shot probes ---------------------------------------------------------------
 
 def _knn_protocol_key(protocol: dict | None) -> tuple | None:
-    """What a k-NN number depends on (``ProbeProtocol.KNN_FIELDS``), hashable; None if not recorded."""
+    """What a k-NN number depends on (``KNN_FIELDS``), hashable; None if not recorded."""
     if not protocol:
         return None
-    return tuple((field, protocol.get(field)) for field in ProbeProtocol.KNN_FIELDS)
+    return tuple((field, protocol.get(field)) for field in KNN_FIELDS)
 
 
 def _knn_protocol_label(protocol: dict | None) -> str:
@@ -493,10 +500,6 @@ def site_summary(sources: dict[str, dict], options: SummarizeOptions) -> dict:
 
 # --- the stage -------------------------------------------------------------------------------------
 
-def _results_root(out: Path, source: str) -> Path:
-    return Path(out) / "results" / source
-
-
 def _read_json(path: Path) -> dict:
     try:
         return json.loads(path.read_text())
@@ -507,46 +510,49 @@ def _read_json(path: Path) -> dict:
 def _input_files(out: Path, source: str) -> list[Path]:
     """Every file a source's summary is computed from: its results records and k-means maps, and
     the images table whose first masks decide whether it ranks."""
-    root = _results_root(out, source)
-    files = [*root.glob("*/*/kmeans.json"), *root.glob("*/*/maps.json"), *root.glob("*/*/probes.json"),
-             *root.glob("*/*/kmeans-k*.npz"), *root.glob("*/*/maps.npz"), *root.glob("*/attention.json"),
-             *root.glob("*/layerwise.json"), *(Path(out) / "datasets" / source / IMAGES_CONFIG).glob("train-*.parquet")]
+    root = results_dir(out, source)
+    files = [*root.glob(f"*/*/{KMEANS_FILE}"), *root.glob(f"*/*/{MAPS_FILE}"), *root.glob(f"*/*/{PROBES_FILE}"),
+             *root.glob(f"*/*/{kmeans_maps_path('', '*').name}"), *root.glob(f"*/*/{MAPS_ARRAYS_FILE}"),
+             *root.glob(f"*/{ATTENTION_FILE}"), *root.glob(f"*/{LAYERWISE_FILE}"),
+             *(dataset_repo_dir(out, source) / IMAGES_CONFIG).glob("train-*.parquet")]
     return sorted(files)
 
 
-def inputs_digest(out: Path, sources: list[dict]) -> str:
-    """One SHA-256 over the relative path and content hash of every input of every source."""
+def inputs_digest(out: Path, sources: list[dict], manifest: Manifest) -> str:
+    """One SHA-256 over the relative path and content hash of every input of every source (the
+    manifest's hash cache: an unchanged file is not read again)."""
     digest = hashlib.sha256()
     for src in sources:
         for path in _input_files(out, src["name"]):
-            digest.update(f"{path.relative_to(out).as_posix()}\0{file_sha256(path)}\n".encode())
+            digest.update(f"{path.relative_to(out).as_posix()}\0{manifest.sha256(path)}\n".encode())
     return digest.hexdigest()
 
 
-def _summarize_source(out: Path, src: dict, options: SummarizeOptions) -> tuple[dict, dict[str, np.ndarray]]:
+def _summarize_source(out: Path, src: dict, options: SummarizeOptions,
+                      facts: dict[str, ModelFacts]) -> tuple[dict, dict[str, np.ndarray]]:
     name = src["name"]
-    root = _results_root(out, name)
-    kmeans = [_read_json(p) for p in sorted(root.glob("*/*/kmeans.json"))]
-    maps_json = {(m["model"], m["config"]): m for m in (_read_json(p) for p in sorted(root.glob("*/*/maps.json")))}
-    attention = {p.parent.name: _read_json(p) for p in sorted(root.glob("*/attention.json"))}
-    families = model_families({m["model"] for m in kmeans})
-    registers = {m: get_model_entry(m).num_registers for m in families if m in MODELS}
-    images = read_first_images(Path(out) / "datasets" / name / IMAGES_CONFIG, options.gallery_images)
+    root = results_dir(out, name)
+    kmeans = [_read_json(p) for p in sorted(root.glob(f"*/*/{KMEANS_FILE}"))]
+    maps_json = {(m["model"], m["config"]): m for m in (_read_json(p) for p in sorted(root.glob(f"*/*/{MAPS_FILE}")))}
+    attention = {p.parent.name: _read_json(p) for p in sorted(root.glob(f"*/{ATTENTION_FILE}"))}
+    families = model_families({m["model"] for m in kmeans}, facts)
+    registers = {m: facts[m].num_registers for m in families if m in facts}
+    images = read_first_images(dataset_repo_dir(out, name) / IMAGES_CONFIG, options.gallery_images)
     classes = [labelled_class_count(_decode_png(img["mask_png"]), src["ignore_index"]) for img in images]
     summary = kmeans_summary(kmeans, maps_json, attention, families, registers, classes, options)
     # The shared scale of the border maps; arrays are read here once, not on every render.
     tops = []
     for m in summary["post"]:
-        with np.load(root / m["model"] / m["config"] / "maps.npz") as npz:
+        with np.load(results_dir(out, name, m["model"], m["config"]) / MAPS_ARRAYS_FILE) as npz:
             tops.append(float(np.max(npz["border_map"])))
     summary["border_top"] = max(tops, default=1.0) or 1.0
     modes = {}
     for i, cell in enumerate(summary["gallery"]):
-        with np.load(root / cell["model"] / cell["config"] / f"kmeans-k{cell['k']}.npz") as npz:
+        with np.load(kmeans_maps_path(results_dir(out, name, cell["model"], cell["config"]), cell["k"])) as npz:
             modes[f"mode_{i}"] = position_modes(npz["display_maps"])
         cell["position_mode"] = f"mode_{i}"
-    probes = [_read_json(p) for p in sorted(root.glob("*/*/probes.json"))]
-    layerwise = [_read_json(p) for p in sorted(root.glob("*/layerwise.json"))]
+    probes = [_read_json(p) for p in sorted(root.glob(f"*/*/{PROBES_FILE}"))]
+    layerwise = [_read_json(p) for p in sorted(root.glob(f"*/{LAYERWISE_FILE}"))]
     summary["probes"] = probe_summary(probes, layerwise, families)
     summary["source"] = name
     return summary, modes
@@ -576,31 +582,33 @@ def run_summarize(out: Path, options: SummarizeOptions) -> bool:
     already up to date (same inputs, same options) and nothing was written."""
     out = Path(out)
     options.validate()
-    manifest = Manifest.load(out / "manifest.json")
-    sources = [entry for _, entry in sorted(manifest.entries(prefix="sources/"))]
+    manifest = Manifest.load(manifest_path(out))
+    sources = [record.to_entry() for record in source_records(manifest)]
     if not sources:
         raise PatchAtlasError(f"{out}: nothing has been extracted yet; run `patchatlas extract --out {out}` first")
-    # Families and register counts come from the registry, not the results: a changed row counts too.
-    models = sorted({p.name for src in sources if _results_root(out, src["name"]).is_dir()
-                     for p in _results_root(out, src["name"]).iterdir() if p.is_dir()})
-    registry = {m: [family, get_model_entry(m).num_registers if m in MODELS else None]
-                for m, family in model_families(models).items()}
-    params = {"version": SUMMARY_VERSION, "options": options.summary_params(), "registry": registry,
-              "sources": [s["name"] for s in sources], "inputs": inputs_digest(out, sources)}
-    if manifest.is_done(MANIFEST_KEY, params, out):
+    # Families and register counts come from the extracts' records, not the results: a changed
+    # record counts too.
+    facts = recorded_models(manifest)
+    models = sorted({p.name for src in sources if results_dir(out, src["name"]).is_dir()
+                     for p in results_dir(out, src["name"]).iterdir() if p.is_dir()})
+    recorded = {m: [family, facts[m].num_registers if m in facts else None]
+                for m, family in model_families(models, facts).items()}
+    params = {"version": SUMMARY_VERSION, "options": options.summary_params(), "models": recorded,
+              "sources": [s["name"] for s in sources], "inputs": inputs_digest(out, sources, manifest)}
+    if manifest.is_done(SUMMARIZE_KEY, params, out):
         return False
     summaries, written = {}, []
     for src in sources:
-        summary, modes = _summarize_source(out, src, options)
+        summary, modes = _summarize_source(out, src, options, facts)
         summaries[src["name"]] = summary
         _write_json(summary_file(out, source_summary_name(src["name"])), summary)
         _write_npz(summary_file(out, position_modes_name(src["name"])), modes)
         written += [source_summary_name(src["name"]), position_modes_name(src["name"])]
     _write_json(summary_file(out, SITE_SUMMARY), site_summary(summaries, options))
     written.append(SITE_SUMMARY)
-    files = {summary_file(out, name).relative_to(out).as_posix(): file_sha256(summary_file(out, name))
+    files = {summary_file(out, name).relative_to(out).as_posix(): manifest.sha256(summary_file(out, name))
              for name in written}
-    manifest.set(MANIFEST_KEY, {"status": "done", "params": params, "params_hash": params_hash(params),
+    manifest.set(SUMMARIZE_KEY, {"status": "done", "params": params, "params_hash": params_hash(params),
                                 "files": files})
     manifest.save()
     return True

@@ -16,9 +16,9 @@ from PIL import Image
 from scipy import ndimage
 
 from generator.errors import PatchAtlasError, UnknownName
+from generator.png import mask_png_bytes, png_bytes, png_cell
 from generator.sources import synthetic
 from generator.sources.base import SegmentationSource
-from generator.sources.images import mask_png_bytes, png_bytes, png_cell
 from generator.sources.labels import (
     LABEL_RULES,
     nearest_exact_indices,

@@ -13,8 +13,8 @@ import pytest
 from generator.cli import main
 from generator.errors import PatchAtlasError
 from generator.site import RenderOptions, run_render
-from generator.summarize import (SITE_SUMMARY, fmt_num, fmt_pct, read_source_summary, run_summarize, summary_dir,
-                                 summary_file)
+from generator.store.layout import SITE_SUMMARY, summary_dir, summary_file
+from generator.summarize import fmt_num, fmt_pct, read_source_summary, run_summarize
 
 from conftest import offline_tiny_zoo
 

@@ -3,12 +3,15 @@ is) and one wording, so a bad argument reads the same whichever analysis it reac
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from generator.errors import PatchAtlasError
+
+if TYPE_CHECKING:  # the checks themselves need no torch: the render stage uses them without it
+    import torch
 
 
 def _int_range(low: int, high: int | None) -> str:
@@ -35,11 +38,11 @@ def check_choice(value: str, what: str, choices: Sequence[str]) -> str:
     return value
 
 
-def check_features(x: torch.Tensor, what: str, min_rows: int = 1) -> None:
+def check_features(x: "torch.Tensor", what: str, min_rows: int = 1) -> None:
     """``x`` is a floating-point [rows, features] tensor with at least ``min_rows`` rows."""
     if x.ndim != 2:
         raise PatchAtlasError(f"{what} of shape {tuple(x.shape)}: expected a 2-D array [rows, features]")
-    if not torch.is_floating_point(x):
+    if not x.is_floating_point():
         raise PatchAtlasError(f"{what} of dtype {x.dtype}: expected floating point features")
     if x.shape[0] < min_rows:
         raise PatchAtlasError(f"{what} of shape {tuple(x.shape)} has {x.shape[0]} rows: at least {min_rows} "

@@ -18,14 +18,16 @@ Everything is pure: arrays/tensors in, arrays/tensors/metrics out, on the inputs
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
-from typing import ClassVar, Sequence
+from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from generator.analyses._checks import check_choice, check_features, check_positive_int
+from generator.analyses.protocol_fields import KNN_FIELDS
 from generator.errors import PatchAtlasError
 from generator.options import check_choices, choice_field
 
@@ -546,7 +548,7 @@ class LinearProbe:
             loss = loss + 0.5 * self.weight_decay * (weight * weight).sum()
         return loss
 
-    def fit(self, x, y) -> "LinearProbe":
+    def fit(self, x, y) -> LinearProbe:
         feats = _as_tensor(x, "x")
         check_features(feats, "x")
         device = feats.device
@@ -670,9 +672,9 @@ class ProbeProtocol:
     batchnorm: bool | None = None
 
     # What the k-NN curves depend on: two curves may share a chart only if these agree.
-    KNN_FIELDS: ClassVar[tuple[str, ...]] = ("knn_k", "knn_similarity", "miou_average", "label_rule", "train_count")
+    KNN_FIELDS: ClassVar[tuple[str, ...]] = KNN_FIELDS
 
-    def validate(self) -> "ProbeProtocol":
+    def validate(self) -> ProbeProtocol:
         """Raise a PatchAtlasError naming the first setting with a bad value; changes nothing."""
         check_choices(self)
         check_positive_int(self.knn_k, "--knn-k")
@@ -684,7 +686,7 @@ class ProbeProtocol:
             raise PatchAtlasError(f"linear_tolerance {self.linear_tolerance!r}: expected a positive number")
         return self
 
-    def for_unit(self, *, label_rule: str | None, train_count: int | None, batchnorm: bool) -> "ProbeProtocol":
+    def for_unit(self, *, label_rule: str | None, train_count: int | None, batchnorm: bool) -> ProbeProtocol:
         return replace(self, label_rule=label_rule, train_count=train_count, batchnorm=bool(batchnorm))
 
     def linear_probe(self, n_classes: int, ignore_index: int) -> LinearProbe:

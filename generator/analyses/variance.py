@@ -12,7 +12,7 @@ Everything is pure: tensors in, tensors/metrics out, on the inputs' device.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

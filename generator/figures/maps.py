@@ -15,7 +15,7 @@ from PIL import Image
 
 from generator.errors import PatchAtlasError
 from generator.figures.palette import colorize
-from generator.sources.images import png_bytes
+from generator.png import png_bytes
 from generator.store.atomic import atomic_write_bytes
 
 __all__ = ["label_map_png", "save_png", "thumbnail", "to_png_bytes", "upsample_nearest"]

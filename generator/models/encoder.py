@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import timm
@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from generator.errors import PatchAtlasError, WeightsUnavailable
+from generator.hashing import file_sha256
 from generator.models.attention import attention_output, capture_last_block_attention, last_block_attention
 from generator.models.checkpoints import (
     capture_checkpoint_filter,
@@ -30,7 +31,6 @@ from generator.models.checkpoints import (
 )
 from generator.models.registry import TIMM_POS_EMBED, ModelEntry, PosEmbedResample
 from generator.sources.geometry import DEFAULT_RESIZE, check_resize, input_geometry
-from generator.store.manifest import file_sha256
 
 NORMS = ("prenorm", "postnorm")
 # The last block's attention inputs, kept as extra views of the patches (heads concatenated).
@@ -308,13 +308,13 @@ class Encoder:
 
     @torch.inference_mode()
     def tokens_and_attention(self, pixels: torch.Tensor, layers: Sequence[int],
-                             norms: Sequence[str] = NORMS) -> tuple[TokenBatch, "AttentionBatch"]:
+                             norms: Sequence[str] = NORMS) -> tuple[TokenBatch, AttentionBatch]:
         """``tokens`` and ``attention`` from one forward pass (the last block's attention is
         recorded on the way; the pass runs to the last block even when it is not asked for)."""
         return self._forward(pixels, layers, norms, attention=True)
 
     def _forward(self, pixels: torch.Tensor, layers: Sequence[int], norms: Sequence[str],
-                 attention: bool) -> tuple[TokenBatch, "AttentionBatch | None"]:
+                 attention: bool) -> tuple[TokenBatch, AttentionBatch | None]:
         for norm in norms:
             if norm not in NORMS:
                 raise PatchAtlasError(f"norm {norm!r}: expected one of {', '.join(NORMS)}")
@@ -375,7 +375,7 @@ def _check_pixels(index: int, shape, is_uint8: bool, channel_axis: int) -> None:
                               "(RGB, 8 bits per channel)")
 
 
-def _attention_batch(out) -> "AttentionBatch":
+def _attention_batch(out) -> AttentionBatch:
     batch = out.q.shape[0]
     gh, gw = out.grid
     prefix = out.num_prefix_tokens

@@ -19,9 +19,9 @@ import numpy as np
 from PIL import Image
 
 from generator.errors import PatchAtlasError
+from generator.png import png_cell
 from generator.sources.base import SOURCE_FEATURES, SegmentationSource
 from generator.sources.hub import HUB_DATASETS, label_lut, remap_mask
-from generator.sources.images import png_cell
 from generator.sources.local_folder import _open_decoded, image_to_rgb, mask_to_ids
 from generator.sources.presets import ade20k_train_val_split
 

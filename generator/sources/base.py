@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 
 import datasets
 
-
 # The three columns of the contract, as every source declares them.
 SOURCE_FEATURES = datasets.Features({
     "image_id": datasets.Value("string"),

@@ -19,9 +19,9 @@ import numpy as np
 from PIL import Image
 
 from generator.errors import PatchAtlasError
+from generator.png import png_cell
 from generator.sources.base import SOURCE_FEATURES, SegmentationSource
 from generator.sources.hub import HUB_DATASETS, label_lut, remap_mask
-from generator.sources.images import png_cell
 from generator.sources.presets import cityscapes_72_30_split, tile_256
 
 PAPER_CITYSCAPES_NAME = "paper-cityscapes"

@@ -9,14 +9,14 @@ whether clusters follow the input (as they should) or the position (positional b
 from __future__ import annotations
 
 import hashlib
-from typing import Sequence
+from collections.abc import Sequence
 
 import datasets
 import numpy as np
 
 from generator.errors import PatchAtlasError
+from generator.png import png_cell
 from generator.sources.base import SOURCE_FEATURES, ClassInfo, SegmentationSource
-from generator.sources.images import png_cell
 
 CONTENT_FREE_NAME = "content-free"
 CONTENT_FREE_VERSION = "1"

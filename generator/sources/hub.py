@@ -31,18 +31,29 @@ import os
 import re
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 from urllib.parse import urlparse
 
 import numpy as np
 from PIL import Image
 
 from generator.errors import PatchAtlasError
+from generator.png import mask_png_bytes, png_bytes
 from generator.sources.base import SOURCE_FEATURES, ClassInfo, SegmentationSource
 from generator.sources.images import (
-    DEFAULT_MAX_PIXELS, MIN_IMAGE_SIDE, UnusableImage, check_image_limits, check_min_side, no_usable_images,
-    mask_png_bytes, open_image, png_bytes, revision_with_skips, shown, stray_labels, to_rgb8,
+    DEFAULT_MAX_PIXELS,
+    MIN_IMAGE_SIDE,
+    UnusableImage,
+    check_image_limits,
+    check_min_side,
+    no_usable_images,
+    open_image,
+    revision_with_skips,
+    shown,
+    stray_labels,
+    to_rgb8,
 )
 
 HUB_SOURCE_NAME = "hub"

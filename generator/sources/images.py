@@ -24,7 +24,6 @@ arbitrary backdrop colour and darken half-transparent regions.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import re
 import warnings
@@ -38,29 +37,6 @@ DEFAULT_MAX_PIXELS = 100_000_000
 MIN_IMAGE_SIDE = 8
 SIXTEEN_BIT_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N")
 _DECODE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError)
-
-
-def png_bytes(image: Image.Image | np.ndarray) -> bytes:
-    """``image`` (a PIL image or an array PIL reads) encoded as PNG: the one encoder of the data a
-    source stores. PIL writes no timestamp, so the same pixels always give the same bytes."""
-    if not isinstance(image, Image.Image):
-        image = Image.fromarray(np.ascontiguousarray(image))
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def png_cell(image: Image.Image | np.ndarray) -> dict:
-    """A ``datasets.Image`` cell holding ``image`` as PNG bytes."""
-    return {"path": None, "bytes": png_bytes(image)}
-
-
-def mask_png_bytes(ids: np.ndarray) -> bytes:
-    """Class ids as a PNG without a palette (8-bit when they fit, else 16-bit), so any reader sees
-    the ids themselves, never colours."""
-    if ids.max(initial=0) <= 255 and ids.min(initial=0) >= 0:
-        return png_bytes(ids.astype(np.uint8))
-    return png_bytes(ids.astype(np.uint16))
 
 
 class UnusableImage(PatchAtlasError):

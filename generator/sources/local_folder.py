@@ -43,12 +43,22 @@ import numpy as np
 from PIL import Image
 
 from generator.errors import PatchAtlasError
+from generator.hashing import file_sha256
+from generator.png import mask_png_bytes, png_cell
 from generator.sources.base import SOURCE_FEATURES, ClassInfo, SegmentationSource
 from generator.sources.images import (
-    DEFAULT_MAX_PIXELS, MIN_IMAGE_SIDE, UnusableImage, check_image_limits, check_min_side, no_usable_images,
-    mask_png_bytes, open_image, png_cell, revision_with_skips, shown, stray_labels, to_rgb8,
+    DEFAULT_MAX_PIXELS,
+    MIN_IMAGE_SIDE,
+    UnusableImage,
+    check_image_limits,
+    check_min_side,
+    no_usable_images,
+    open_image,
+    revision_with_skips,
+    shown,
+    stray_labels,
+    to_rgb8,
 )
-from generator.store.manifest import file_sha256
 
 LOCAL_FOLDER_NAME = "local-folder"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")

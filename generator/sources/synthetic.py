@@ -24,8 +24,8 @@ import numpy as np
 from PIL import Image
 
 from generator.errors import PatchAtlasError
+from generator.png import png_cell
 from generator.sources.base import SOURCE_FEATURES, ClassInfo, SegmentationSource
-from generator.sources.images import png_cell
 
 # Bumped whenever the drawing code changes what any scene looks like; part of the revision.
 SYNTHETIC_VERSION = "1"
@@ -68,7 +68,7 @@ class _Frame:
     size: int
 
     @classmethod
-    def of(cls, size: int) -> "_Frame":
+    def of(cls, size: int) -> _Frame:
         centres = np.arange(size, dtype=np.float32) + 0.5
         yy, xx = np.meshgrid(centres, centres, indexing="ij")
         return cls(yy, xx, size)

@@ -14,7 +14,7 @@ import numpy as np
 from PIL import Image
 
 from generator.errors import PatchAtlasError
-from generator.sources.images import png_bytes
+from generator.png import png_bytes
 
 
 def palette_mask_png(mask_png: bytes, colours: np.ndarray, ignore_index: int | None = None,

@@ -16,9 +16,9 @@ readers take one path or the list of a config's shards, in order.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence, Union
 
 import numpy as np
 import pyarrow as pa
@@ -29,8 +29,8 @@ from generator.store.atomic import atomic_path
 from generator.store.schema import (
     DEFAULT_EMBEDDING_DTYPE,
     PREFIX_KINDS,
-    check_embedding_dtype,
     attention_schema,
+    check_embedding_dtype,
     image_schema,
     patch_schema,
     prefix_schema,
