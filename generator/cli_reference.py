@@ -59,7 +59,11 @@ def _paragraphs(help_text: str | None) -> list[str]:
 
 
 def options_table(command: click.Command, ctx: click.Context) -> str:
-    rows = [record for param in command.get_params(ctx) if (record := param.get_help_record(ctx))]
+    # The help option is written from the context, not taken from get_params(): click builds it
+    # once per command and keeps it, so the names would depend on which context asked first.
+    rows = [record for param in command.params if (record := param.get_help_record(ctx))]
+    if command.add_help_option and ctx.help_option_names:
+        rows.append((", ".join(ctx.help_option_names), "Show this message and exit."))
     lines = ["| option | meaning |", "|---|---|"]
     lines += [f"| {_code(opts)} | {_md_text(meaning)} |" for opts, meaning in rows]
     return "\n".join(lines)
