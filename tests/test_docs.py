@@ -130,11 +130,12 @@ def test_cli_page_is_what_the_commands_say():
 def test_cli_page_does_not_depend_on_which_context_asked_first():
     # click keeps each command's help option from the first context that asks for it; a context
     # without the group's settings (as a test or a script may make) asks for "--help" alone.
-    before = cli_reference()
-    for name, command in cli.commands.items():
-        command.make_context(name, [], parent=click.Context(cli), resilient_parsing=True)
-    assert cli_reference() == before
-    assert "-h, --help" in before
+    group = copy.deepcopy(cli)
+    for name, command in group.commands.items():
+        command.make_context(name, [], parent=click.Context(group), resilient_parsing=True)
+    page = cli_reference(group)
+    assert page == cli_reference()
+    assert page.count("-h, --help") == len(group.commands) + 1
 
 
 def test_cli_page_lists_every_option_of_every_command():
