@@ -26,6 +26,7 @@ from PIL import Image
 
 from generator.assets import mkdocs_config, site_skeleton_dir, templates_dir
 from generator.errors import PatchAtlasError
+from generator.explorer import write_explorer_assets
 from generator.extract import extract_input, recorded_hub_repo
 from generator.sources.geometry import DEFAULT_RESIZE
 from generator.analyses.position import position_cluster_histogram, position_mode_map
@@ -439,6 +440,7 @@ def _source_context(out: Path, docs: Path, src: dict, manifest: Manifest, option
 
     return {
         "source": _published_source(src), "models": _model_rows(manifest, name), "families": families,
+        "images": figures.base_rows,
         "ranked": ranks_by_segmentation(figures.classes_per_image),
         "gallery": {"k": k, "norm": gallery_norm, "by_layer": by_layer, "by_model": by_model, "pca": pca,
                     "norms": norms, "attention": attention_grids},
@@ -479,6 +481,12 @@ def render_docs(out: Path, docs: Path, options: RenderOptions) -> list[Path]:
         writer.close()
     for src in sources:
         context = contexts[src["name"]]
+        context["explorer"] = write_explorer_assets(out, docs, src, manifest, context["images"], context["families"],
+                                                    options.gallery_norm, context["dataset_dir"],
+                                                    model_order(context["families"]))
+        if context["explorer"]:
+            _write_page(docs / "explorer" / f"{src['name']}.md", env.get_template("explorer.md.j2").render(**context))
+            pages.append(docs / "explorer" / f"{src['name']}.md")
         page_rel = Path("datasets") / f"{src['name']}.md"
         _write_page(docs / page_rel, env.get_template("dataset.md.j2").render(**context))
         pages.append(docs / page_rel)
