@@ -141,7 +141,7 @@ def write_explorer_assets(out: Path, docs: Path, src: dict, manifest: Manifest, 
     index = {
         "dataset": name, "repo_id": repo_id, "published": not is_placeholder(repo_id),
         "view": gallery_norm, "components": N_COMPONENTS, "error_pairs": ERROR_PAIRS,
-        "images": [{"id": img["image_id"], "src": f"../../{img['image']}"} for img in images],
+        "images": [{"id": img["image_id"], "src": f"../../../{img['image']}"} for img in images],
         "models": models, "default_models": defaults,
         "palette": [list(map(int, c)) for c in PALETTE], "colormaps": {"similarity": _colormap("viridis"),
                                                                       "norms": _colormap("magma")},

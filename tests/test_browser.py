@@ -532,7 +532,9 @@ def test_explorer_in_dark_mode_and_at_phone_width(driver, base_url, artifacts_di
             assert driver.execute_script("return document.body.getAttribute('data-md-color-scheme');") == "slate"
             panels = driver.find_elements(By.CSS_SELECTOR, ".pa-explorer .pa-panel")
             assert panels and all(_shown(driver, p) for p in panels)
-            assert driver.execute_script("return Object.keys(window.patchatlasExplorer.similarities()).length;") == len(panels)
+            panels = driver.find_element(By.CSS_SELECTOR, ".pa-explorer").find_elements(By.CSS_SELECTOR, ".pa-panel")
+            shown = driver.execute_script("return Object.keys(window.patchatlasExplorer.similarities());")
+            assert len(shown) == len(panels), (page, shown, len(panels))
             widths = driver.execute_script("return [document.documentElement.scrollWidth, document.documentElement.clientWidth];")
             assert widths[0] <= widths[1], f"{page}: the page scrolls sideways at 390 px ({widths[0]} > {widths[1]})"
             save_full_page_screenshot(driver, artifacts_dir / (_screenshot_name(page).replace(".png", "-dark-390.png")))
