@@ -542,3 +542,25 @@ def test_explorer_in_dark_mode_and_at_phone_width(driver, base_url, artifacts_di
     finally:
         driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": []})
         driver.set_window_size(1280, 900)
+
+
+def test_explorer_latency_benchmark_runs(site_dir, tmp_path):
+    """benchmarks/explorer_latency.py on the tiny site: every click timed, the weight counted (not judged)."""
+    import importlib.util
+    import json
+
+    try:
+        find_browser_pair()
+    except LookupError as err:
+        _unavailable(str(err))
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "explorer_latency.py"
+    spec = importlib.util.spec_from_file_location("explorer_latency_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    report = module.main(["--out", str(site_dir.parent), "--clicks", "5", "--json", str(tmp_path / "r.json")])
+    assert json.loads((tmp_path / "r.json").read_text()) == json.loads(json.dumps(report))
+    assert report["clicks"] == 5 and report["update_ms"]["n"] == 5 and report["frame_ms"]["median"] > 0
+    assert sorted(report["models"]) == sorted(MODEL_NAMES) and report["images"] == N_IMAGES
+    index = site_dir / "assets" / "explorer" / "synthetic-scenes" / "index.json"
+    assert report["page_weight_by_kind"]["explorer data"] >= index.stat().st_size
+    assert report["console_errors"] == []
