@@ -111,9 +111,10 @@ def write_explorer_assets(out: Path, docs: Path, src: dict, manifest: Manifest, 
         if model == IMAGES_CONFIG or model not in families or unit.get("status") != "done":
             continue
         configs = unit.get("configs") or []
-        prenorm = {c["layer"]: c for c in configs if c["norm"] == "prenorm"}
+        prenorm = {c["layer"]: c for c in configs if c["norm"] == "prenorm" and c.get("paths")}
         layers = []
-        for cfg in sorted((c for c in configs if c["norm"] == gallery_norm), key=lambda c: c["layer"]):
+        # A config recorded without its files (fabricated results, benchmarks/render_speed.py) has no tokens to show.
+        for cfg in sorted((c for c in configs if c["norm"] == gallery_norm and c.get("paths")), key=lambda c: c["layer"]):
             fit_rows, gallery = _gallery_tokens(repo, cfg, gallery_ids)
             q, decode = reduce_config(fit_rows, gallery)
             payload = q.tobytes()
