@@ -509,6 +509,13 @@ def test_explorer_similarities_match_python_and_the_full_tokens(driver, base_url
                               "s.value = arguments[0]; s.dispatchEvent(new Event('change'));", mode)
         caption = driver.find_element(By.CSS_SELECTOR, ".pa-panel .pa-caption").text
         assert caption and "no pre-norm" not in caption, (mode, caption)
+        scatter = driver.find_element(By.CSS_SELECTOR, '.pa-panel[data-model="tiny_reg"] .pa-scatter')
+        assert _shown(driver, scatter) == (mode == "pca"), f"the 2-D PCA map shows in the {mode} view only"
+        if mode == "pca":  # a point of the map is a patch: clicking it makes that patch the query
+            before = driver.execute_script("return window.patchatlasExplorer.first().timings.length;")
+            driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", scatter)
+            ActionChains(driver).move_to_element(scatter).click().perform()
+            assert driver.execute_script("return window.patchatlasExplorer.first().timings.length;") == before + 1
     slider = driver.find_element(By.CSS_SELECTOR, '.pa-explorer input[type=range][id$="-layer"]')
     driver.execute_script("arguments[0].value = 0; arguments[0].dispatchEvent(new Event('input'));", slider)
     driver.execute_async_script("const done = arguments[arguments.length - 1];"

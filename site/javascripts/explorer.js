@@ -271,8 +271,16 @@
       panel.canvases.push(canvas);
       panel.markers.push(marker);
     });
+    // The PCA view adds a 2-D map of every gallery patch (first two components); hovering a
+    // point makes its patch the query, so the marker shows where it sits in its image.
+    var scatter = element("canvas", {className: "pa-scatter", width: "240", height: "240", role: "img",
+                                     "aria-label": model + ": every gallery patch on the first two principal components; hover a point to query its patch"});
+    scatter.hidden = true;
+    scatter.addEventListener("mousemove", function (event) { self.hoverScatter(model, event); });
+    scatter.addEventListener("click", function (event) { self.hoverScatter(model, event, true); });
+    panel.scatter = scatter;
     var section = element("section", {className: "pa-panel", "data-model": model},
-                          [heading, tiles, caption, element("p", {className: "pa-load"}, [code, document.createTextNode(" "), link])]);
+                          [heading, tiles, caption, scatter, element("p", {className: "pa-load"}, [code, document.createTextNode(" "), link])]);
     this.panels.appendChild(section);
     return panel;
   };
@@ -389,6 +397,47 @@
     });
   };
 
+  Explorer.prototype.scatterPoint = function (v, entry, i, size) {
+    var position = [0, 1].map(function (ch) {
+      var span = ch < v.r ? entry.rgb_high[ch] - entry.rgb_low[ch] : 0;
+      var t = span > 0 ? (v.z[i * v.r + ch] - entry.rgb_low[ch]) / span : 0.5;
+      return Math.min(Math.max(t, 0), 1);
+    });
+    return [4 + position[0] * (size - 8), size - 4 - position[1] * (size - 8)];
+  };
+
+  Explorer.prototype.hoverScatter = function (model, event, pin) {
+    var d = this.data[model], panel = this.panelOf[model], grid = this.byName[model].grid;
+    if (!d || this.mode !== "pca") return;
+    var box = panel.scatter.getBoundingClientRect(), size = panel.scatter.width;
+    var x = (event.clientX - box.left) * size / box.width, y = (event.clientY - box.top) * size / box.height;
+    var n = d.values.z.length / d.values.r, best = 0, bestD = Infinity;
+    for (var i = 0; i < n; i++) {
+      var p = this.scatterPoint(d.values, d.entry, i, size), dist = (p[0] - x) * (p[0] - x) + (p[1] - y) * (p[1] - y);
+      if (dist < bestD) { bestD = dist; best = i; }
+    }
+    var cells = grid[0] * grid[1], rest = best % cells;
+    this.show({image: Math.floor(best / cells), y: (Math.floor(rest / grid[1]) + 0.5) / grid[0],
+               x: (rest % grid[1] + 0.5) / grid[1]}, !!pin, event.timeStamp);
+  };
+
+  Explorer.prototype.drawScatter = function (model, colours) {
+    var d = this.data[model], panel = this.panelOf[model], size = panel.scatter.width;
+    var context = panel.scatter.getContext("2d"), n = d.values.z.length / d.values.r;
+    context.clearRect(0, 0, size, size);
+    for (var i = 0; i < n; i++) {
+      var p = this.scatterPoint(d.values, d.entry, i, size);
+      context.fillStyle = "rgb(" + colours[4 * i] + "," + colours[4 * i + 1] + "," + colours[4 * i + 2] + ")";
+      context.fillRect(p[0] - 1.5, p[1] - 1.5, 3, 3);
+    }
+    var q = this.scatterPoint(d.values, d.entry, this.cellOf(model, this.query).index, size);
+    context.lineWidth = 2;
+    context.strokeStyle = "#fff";
+    context.strokeRect(q[0] - 5, q[1] - 5, 10, 10);
+    context.strokeStyle = "#000";
+    context.strokeRect(q[0] - 7, q[1] - 7, 14, 14);
+  };
+
   Explorer.prototype.drawPanel = function (model) {
     var d = this.data[model], panel = this.panelOf[model], info = this.byName[model];
     if (!d || d.entry.layer !== this.entryFor(model).layer) return;
@@ -433,6 +482,8 @@
         panel.caption.textContent = "L2 norm of the pre-norm tokens, 0 to " + entry.norm_top.toFixed(1);
       }
     }
+    panel.scatter.hidden = this.mode !== "pca";
+    if (this.mode === "pca") this.drawScatter(model, colours);
     panel.canvases.forEach(function (canvas, image) {
       var context = canvas.getContext("2d");
       context.putImageData(new ImageData(colours.subarray(image * cells * 4, (image + 1) * cells * 4), info.grid[1], info.grid[0]), 0, 0);
