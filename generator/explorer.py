@@ -75,13 +75,19 @@ def reduce_config(fit_rows: np.ndarray, gallery: np.ndarray, n_components: int =
     fit = fit_reduction(fit_rows, n_components)
     full = gallery.reshape(-1, gallery.shape[-1])
     q, scale = quantize_int8(reduce_tokens(full, fit))
-    z = dequantize_int8(q, scale)
+    # The index stores 7 significant digits (float32's); the error is measured on what it stores.
+    scale = _short(scale)
+    fit.offset, fit.residual = _short(fit.offset), float(_short(fit.residual)[0])
+    z = dequantize_int8(q, scale.astype(np.float32))
     error = reduction_error(full, similarity_coordinates(z, fit), n_pairs=error_pairs)
-    rgb = z[:, :3]
-    low, high = np.percentile(rgb, PCA_PERCENTILES, axis=0)
-    return q, {"components": fit.n_components, "scale": scale.tolist(), "offset": fit.offset.astype(np.float32).tolist(),
-               "residual": float(np.float32(fit.residual)), "rgb_low": low.tolist(), "rgb_high": high.tolist(),
+    low, high = np.percentile(z[:, :3], PCA_PERCENTILES, axis=0)
+    return q, {"components": fit.n_components, "scale": scale.tolist(), "offset": fit.offset.tolist(),
+               "residual": fit.residual, "rgb_low": _short(low).tolist(), "rgb_high": _short(high).tolist(),
                "explained": float(fit.explained_variance_ratio.sum()), "error": error}
+
+
+def _short(values) -> np.ndarray:
+    return np.array([float(f"{v:.7g}") for v in np.atleast_1d(values).astype(np.float64)])
 
 
 def norm_codes(prenorm: np.ndarray) -> tuple[np.ndarray, float]:

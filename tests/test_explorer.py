@@ -63,8 +63,10 @@ def test_assets_decode_to_the_reduction_of_the_stored_tokens(built):
             fit = fit_reduction(fit_rows, r)
             decoded = dequantize_int8(np.frombuffer(data[:n * r], np.int8).reshape(n, r), np.array(entry["scale"]))
             full = gallery.reshape(n, -1)
+            assert np.allclose(fit.offset, entry["offset"], rtol=1e-6, atol=1e-6)
+            assert entry["residual"] == pytest.approx(fit.residual, rel=1e-6)
+            fit.offset, fit.residual = np.array(entry["offset"]), entry["residual"]  # as stored: 7 digits
             assert reduction_error(full, similarity_coordinates(decoded, fit))["mean"] == pytest.approx(entry["error"]["mean"])
-            assert np.allclose(fit.offset, entry["offset"], atol=1e-5) and entry["residual"] == pytest.approx(fit.residual, rel=1e-6)
             # Pre-norm norms follow, as uint16 of the config's top norm.
             prenorm = _gallery_tokens(built / "datasets" / DATASET, _config(built, model["name"], entry["layer"], "prenorm"), ids)[1]
             codes = np.frombuffer(data[entry["norms_offset"]:], "<u2")
