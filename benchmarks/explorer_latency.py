@@ -18,7 +18,6 @@ import argparse
 import functools
 import http.server
 import json
-import os
 import shutil
 import sys
 import tempfile
@@ -30,7 +29,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import cpu_model, format_table  # noqa: E402
+from benchmarks.common import command_line, format_table, machine_info  # noqa: E402
 from generator.errors import PatchAtlasError  # noqa: E402
 
 CHROMIUM_FLAGS = ("--headless=new", "--no-sandbox", "--disable-gpu", "--no-first-run",
@@ -147,7 +146,6 @@ def measure(site: Path, dataset: str, clicks: int, seed: int = 0) -> dict:
         "clicks": len(timings), "tiles_clicked_from": len(tiles), "update_ms": _summary([t["update_ms"] for t in timings]),
         "frame_ms": _summary([t["frame_ms"] for t in timings]), "load_s": load_s,
         "page_weight_bytes": sum(by_kind.values()), "page_weight_by_kind": by_kind, "console_errors": errors,
-        "machine": {"cpu": cpu_model(), "cpu_cores": os.cpu_count(), "load_average": list(os.getloadavg())},
     }
 
 
@@ -159,6 +157,10 @@ def main(argv=None) -> dict:
     parser.add_argument("--json", type=Path, help="also write the report here")
     args = parser.parse_args(argv)
     report = measure(args.out / "site", args.dataset, args.clicks)
+    import selenium
+    import torch
+
+    report["machine"] = machine_info(torch.device("cpu"), command_line(__file__, argv), selenium=selenium.__version__)
     rows = [[name, f"{report[key]['median']:.2f}", f"{report[key]['p95']:.2f}", f"{report[key]['max']:.2f}"]
             for name, key in (("handler: recompute and redraw", "update_ms"), ("event to next frame", "frame_ms"))]
     print(f"{report['dataset']}: {len(report['models'])} models ({', '.join(report['models'])}), layer "

@@ -24,8 +24,14 @@ from pathlib import Path
 
 import numpy as np
 
-from generator.analyses.reduction import (dequantize_int8, fit_reduction, quantize_int8, reduce_tokens,
-                                          reduction_error, similarity_coordinates)
+from generator.analyses.reduction import (
+    dequantize_int8,
+    fit_reduction,
+    quantize_int8,
+    reduce_tokens,
+    reduction_error,
+    similarity_coordinates,
+)
 from generator.errors import PatchAtlasError
 from generator.figures.palette import PALETTE
 from generator.store.atomic import atomic_write_bytes, atomic_write_json

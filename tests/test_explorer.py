@@ -8,8 +8,13 @@ import re
 import numpy as np
 import pytest
 
-from generator.analyses.reduction import (dequantize_int8, fit_reduction, reduce_tokens, reduction_error,
-                                          similarity_coordinates)
+from generator.analyses.reduction import (
+    dequantize_int8,
+    fit_reduction,
+    reduce_tokens,
+    reduction_error,
+    similarity_coordinates,
+)
 from generator.cli import main
 from generator.errors import PatchAtlasError
 from generator.explorer import _gallery_tokens, load_explorer_index, reduce_config
@@ -68,7 +73,8 @@ def test_assets_decode_to_the_reduction_of_the_stored_tokens(built):
             fit.offset, fit.residual = np.array(entry["offset"]), entry["residual"]  # as stored: 7 digits
             assert reduction_error(full, similarity_coordinates(decoded, fit))["mean"] == pytest.approx(entry["error"]["mean"])
             # Pre-norm norms follow, as uint16 of the config's top norm.
-            prenorm = _gallery_tokens(built / "datasets" / DATASET, _config(built, model["name"], entry["layer"], "prenorm"), ids)[1]
+            prenorm_cfg = _config(built, model["name"], entry["layer"], "prenorm")
+            prenorm = _gallery_tokens(built / "datasets" / DATASET, prenorm_cfg, ids)[1]
             codes = np.frombuffer(data[entry["norms_offset"]:], "<u2")
             norms = np.linalg.norm(prenorm.reshape(n, -1), axis=1)
             assert entry["norm_config"] == f"{model['name']}-L{entry['layer']:02d}-prenorm"

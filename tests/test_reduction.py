@@ -5,9 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from generator.analyses.reduction import (cosine_to, dequantize_int8, fit_reduction, pair_cosines,
-                                          quantize_int8, reduce_tokens, reduction_error, sample_pairs,
-                                          similarity_coordinates)
+from generator.analyses.reduction import (
+    cosine_to,
+    dequantize_int8,
+    fit_reduction,
+    pair_cosines,
+    quantize_int8,
+    reduce_tokens,
+    reduction_error,
+    sample_pairs,
+    similarity_coordinates,
+)
 from generator.errors import PatchAtlasError
 
 

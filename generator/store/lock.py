@@ -22,18 +22,22 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from filelock import FileLock, Timeout
 
 from generator.errors import PatchAtlasError
+from generator.store.layout import (  # noqa: F401 (the names are re-exported)
+    HOLDER_NAME,
+    LOCK_NAME,
+    RANK_GLOB,
+    TEMPORARY_GLOB,
+    holder_path,
+    lock_path,
+    rank_lock_path,
+)
 
-LOCK_NAME = ".patchatlas.lock"
-HOLDER_NAME = f"{LOCK_NAME}.holder"
-RANK_GLOB = f"{LOCK_NAME}.rank-*-of-*"
-# The names generator.store.atomic gives its temporary files: ".<final name>.<random>.tmp".
-TEMPORARY_GLOB = ".*.tmp"
 # A worker's check of the folder's lock holds it for microseconds; another worker checking at
 # the same moment waits this long rather than taking the other's check for a build.
 WORKER_CHECK_S = 2.0
@@ -42,7 +46,7 @@ WORKER_CHECK_S = 2.0
 def _prepare(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
-        with open(out / LOCK_NAME, "a"):
+        with open(lock_path(out), "a"):
             pass
     except OSError as err:
         raise PatchAtlasError(f"output folder {out}: cannot be written ({err.strerror}); "
@@ -52,7 +56,7 @@ def _prepare(out: Path) -> None:
 def _in_use(out: Path, holder: str | None = None) -> PatchAtlasError:
     if holder is None:
         try:
-            holder = (out / HOLDER_NAME).read_text().strip()
+            holder = holder_path(out).read_text().strip()
         except OSError:
             holder = ""
     return PatchAtlasError(f"output folder {out} is in use by {holder or 'another patchatlas process'}; wait for "
@@ -84,10 +88,10 @@ def output_lock(out: str | os.PathLike, *, worker: tuple[int, int] | None = None
     """Hold ``out`` for this process; ``worker=(rank, world_size)`` for a distributed extract's worker."""
     out = Path(out)
     _prepare(out)
-    folder_lock = FileLock(out / LOCK_NAME, timeout=0)
+    folder_lock = FileLock(lock_path(out), timeout=0)
     if worker:
         rank, world_size = worker
-        rank_lock = FileLock(out / f"{LOCK_NAME}.rank-{rank}-of-{world_size}", timeout=0)
+        rank_lock = FileLock(rank_lock_path(out, rank, world_size), timeout=0)
         try:
             rank_lock.acquire()
         except Timeout:
@@ -99,7 +103,7 @@ def output_lock(out: str | os.PathLike, *, worker: tuple[int, int] | None = None
             except Timeout:
                 raise _in_use(out) from None
             folder_lock.release()
-            yield out / LOCK_NAME
+            yield lock_path(out)
         finally:
             rank_lock.release()
         return
@@ -111,8 +115,8 @@ def output_lock(out: str | os.PathLike, *, worker: tuple[int, int] | None = None
         running = _running_worker(out)
         if running:
             raise _in_use(out, f"the workers of a distributed extract ({running} is running)")
-        (out / HOLDER_NAME).write_text(f"PID {os.getpid()} ({' '.join(sys.argv[:3])})")
+        holder_path(out).write_text(f"PID {os.getpid()} ({' '.join(sys.argv[:3])})")
         remove_stale_temporaries(out)
-        yield out / LOCK_NAME
+        yield lock_path(out)
     finally:
         folder_lock.release()
