@@ -185,7 +185,22 @@ def probes_tables(data: dict, path: Path) -> str:
     return "\n\n".join([provenance(data, path), scope, table, *notes])
 
 
+def explorer_tables(data: dict, path: Path) -> str:
+    """benchmarks/explorer_latency.py: click latency and page weight of an explorer page."""
+    kinds = _require(data, path, "page_weight_by_kind")
+    rows = [[label, _fixed(data[key]["median"], 1), _fixed(data[key]["p95"], 1), _fixed(data[key]["max"], 1)]
+            for label, key in (("click handler: recompute and redraw every panel", "update_ms"),
+                               ("event to the next frame", "frame_ms"))]
+    table = _table(["click latency (ms)", "median", "p95", "max"], rows)
+    weight = _table(["fetched", "bytes"], [[kind, _int(kinds[kind])] for kind in sorted(kinds)]
+                    + [["total", _int(_require(data, path, "page_weight_bytes"))]])
+    scope = (f"{data['dataset']}: {len(data['models'])} models side by side ({', '.join(data['models'])}), "
+             f"layer {data['layer']}, {data['images']} gallery images, {data['clicks']} clicks on random patches.")
+    return "\n\n".join([provenance(data, path), scope, table, weight])
+
+
 RENDERERS: dict[str, Callable[[dict, Path], str]] = {
+    "explorer": explorer_tables,
     "pipeline": pipeline_tables,
     "layerwise": layerwise_tables,
     "probes": probes_tables,

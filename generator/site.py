@@ -26,6 +26,7 @@ from tqdm.auto import tqdm
 
 from generator.assets import mkdocs_config, site_skeleton_dir, templates_dir
 from generator.errors import PatchAtlasError
+from generator.explorer import write_explorer_assets
 from generator.figures.maps import thumbnail, to_png_bytes, upsample_nearest
 from generator.figures.palette import PALETTE, colorize
 from generator.figures.plots import heatmap_rgb, histogram_png, line_chart_png, stacked_bars_png
@@ -56,6 +57,7 @@ from generator.summarize import (
     fmt_pct,
     is_reference,
     load_site_summary,
+    model_order,
     recorded_models,
     reference_tag,
 )
@@ -373,6 +375,7 @@ def _source_context(out: Path, docs: Path, src: dict, summary: dict, manifest: M
 
     return {
         "source": _published_source(src), "models": _model_rows(manifest, name), "families": families,
+        "images": figures.base_rows,
         "ranked": summary["ranked"],
         "gallery": {"k": options.gallery_k, "norm": gallery_norm, "by_layer": by_layer, "by_model": by_model,
                     "pca": pca, "norms": norms, "attention": attention_grids},
@@ -414,6 +417,12 @@ def render_docs(out: Path, docs: Path, options: RenderOptions) -> list[Path]:
         writer.close()
     for src in sources:
         context = contexts[src["name"]]
+        context["explorer"] = write_explorer_assets(out, docs, src, manifest, context["images"], context["families"],
+                                                    options.gallery_norm, context["dataset_dir"],
+                                                    model_order(context["families"]))
+        if context["explorer"]:
+            _write_page(docs / "explorer" / f"{src['name']}.md", env.get_template("explorer.md.j2").render(**context))
+            pages.append(docs / "explorer" / f"{src['name']}.md")
         page_rel = Path("datasets") / f"{src['name']}.md"
         _write_page(docs / page_rel, env.get_template("dataset.md.j2").render(**context))
         pages.append(docs / page_rel)

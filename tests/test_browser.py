@@ -402,3 +402,175 @@ def test_reference_rows_and_strip_show_in_both_themes(driver, base_url, artifact
         assert severe_console_messages(driver) == []
     finally:
         driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": []})
+
+
+# --- the explorer ------------------------------------------------------------------------------
+
+EXPLORER_PAGE = "explorer/synthetic-scenes/"
+
+
+def open_explorer(chrome, url: str) -> None:
+    """Open an explorer page and wait until its first view is drawn (index and layers fetched)."""
+    open_page(chrome, url)
+    _wait_until(chrome, "return !!(window.patchatlasExplorer && window.patchatlasExplorer.first());",
+                "the explorer to start")
+    state = chrome.execute_async_script(
+        "const done = arguments[arguments.length - 1];"
+        "window.patchatlasExplorer.ready().then(() => done('ready'), err => done(String(err)));")
+    assert state == "ready", f"{url}: the explorer did not load its data: {state}"
+
+
+def _reduced_cosines(site_dir: Path, n: int, entry: dict, index: int):
+    """Python's cosine of every gallery patch with patch ``index``, from the explorer's own file."""
+    import numpy as np
+
+    from generator.analyses.reduction import Reduction, cosine_to, dequantize_int8, similarity_coordinates
+
+    data = (site_dir / "assets" / "explorer" / "synthetic-scenes" / entry["file"]).read_bytes()
+    r = entry["components"]
+    z = dequantize_int8(np.frombuffer(data[:n * r], np.int8).reshape(n, r), np.array(entry["scale"], np.float32))
+    fit = Reduction(mean=None, components=np.zeros((r, 1)), offset=np.array(entry["offset"]),
+                    residual=entry["residual"], explained_variance_ratio=None)
+    return cosine_to(similarity_coordinates(z, fit), index)
+
+
+def _full_cosines(site_dir: Path, config: str, gallery_ids: list[str], image: int, row: int, col: int):
+    import numpy as np
+
+    from generator.store.manifest import Manifest
+    from generator.store.parquet import patch_grid, read_patch_table
+
+    out = site_dir.parent
+    unit = next(u for _, u in Manifest.load(out / "manifest.json").entries(prefix="extract/synthetic-scenes/")
+                if any(c["name"] == config for c in u.get("configs", [])))
+    cfg = next(c for c in unit["configs"] if c["name"] == config)
+    ids, tokens, _ = patch_grid(read_patch_table([out / "datasets" / "synthetic-scenes" / p for p in cfg["paths"]]))
+    gallery = tokens[[ids.index(i) for i in gallery_ids]].astype(np.float64)
+    flat = gallery.reshape(-1, gallery.shape[-1])
+    unit_rows = flat / np.linalg.norm(flat, axis=1, keepdims=True)
+    return unit_rows @ unit_rows[(image * gallery.shape[1] + row) * gallery.shape[2] + col]
+
+
+def test_explorer_similarities_match_python_and_the_full_tokens(driver, base_url, site_dir, artifacts_dir):
+    import json
+
+    import numpy as np
+    from selenium.webdriver.common.action_chains import ActionChains
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    index = json.loads((site_dir / "assets" / "explorer" / "synthetic-scenes" / "index.json").read_text())
+    models = {m["name"]: m for m in index["models"]}
+    assert set(models) == set(MODEL_NAMES)
+    open_explorer(driver, urljoin(base_url, EXPLORER_PAGE))
+    # Click a patch off the centre of the second image of the tiny_reg panel.
+    grid = models["tiny_reg"]["grid"]
+    tile = driver.find_elements(By.CSS_SELECTOR, '.pa-panel[data-model="tiny_reg"] .pa-tile')[1]
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", tile)
+    box = tile.rect
+    row, col = grid[0] - 1, 1
+    ActionChains(driver).move_to_element_with_offset(
+        tile, int((col + 0.5) / grid[1] * box["width"] - box["width"] / 2),
+        int((row + 0.5) / grid[0] * box["height"] - box["height"] / 2)).click().perform()
+    shown = driver.execute_script("return window.patchatlasExplorer.similarities();")
+    assert set(shown) == set(MODEL_NAMES)
+    assert (shown["tiny_reg"]["image"], shown["tiny_reg"]["row"], shown["tiny_reg"]["col"]) == (1, row, col)
+    gallery_ids = [img["id"] for img in index["images"]]
+    for name, view in shown.items():
+        model = models[name]
+        entry = next(e for e in model["layers"] if e["layer"] == view["layer"])
+        assert view["config"] == entry["config"] and view["layer"] == model["layers"][-1]["layer"]
+        query = (view["image"] * model["grid"][0] + view["row"]) * model["grid"][1] + view["col"]
+        page = np.array(view["values"])
+        expected = _reduced_cosines(site_dir, len(gallery_ids) * model["grid"][0] * model["grid"][1], entry, query)
+        assert page.shape == expected.shape
+        assert np.abs(page - expected).max() <= 1e-3, f"{name}: page and Python disagree on the reduced cosines"
+        full = _full_cosines(site_dir, entry["config"], gallery_ids, view["image"], view["row"], view["col"])
+        error = np.abs(full - page)
+        # The stated error is over random pairs; one query's row keeps to it on the whole.
+        assert error.mean() <= entry["error"]["p95"] + 1e-3, (name, error.mean(), entry["error"])
+        assert (error > entry["error"]["p95"] + 1e-3).mean() <= 0.25, (name, entry["error"])
+    # The load_dataset line names the config the panel was drawn from.
+    line = driver.find_element(By.CSS_SELECTOR, '.pa-panel[data-model="tiny_reg"] .pa-load code').text
+    assert line == f'load_dataset("YOUR_ORG/synthetic-scenes", "{shown["tiny_reg"]["config"]}", split="train")'
+
+    # The keyboard: arrow keys move the query patch, Enter keeps it.
+    clicks = driver.execute_script("return window.patchatlasExplorer.first().timings.length;")
+    tile.send_keys(Keys.ARROW_RIGHT)
+    moved = driver.execute_script("return window.patchatlasExplorer.similarities();")["tiny_reg"]
+    assert (moved["image"], moved["row"], moved["col"]) == (1, row, col + 1)
+    tile.send_keys(Keys.ENTER)
+    assert driver.execute_script("return window.patchatlasExplorer.first().timings.length;") == clicks + 1
+
+    # Every view draws, every control has a label, nothing logs an error.
+    labels = driver.execute_script(
+        "return Array.from(document.querySelectorAll('.pa-explorer input, .pa-explorer select'),"
+        " el => !!document.querySelector('label[for=\"' + el.id + '\"]'));")
+    assert labels and all(labels), "an explorer control without a label"
+    for mode in ("pca", "kmeans", "norms", "similarity"):
+        driver.execute_script("const s = document.querySelector('.pa-explorer select[id$=\"-mode\"]');"
+                              "s.value = arguments[0]; s.dispatchEvent(new Event('change'));", mode)
+        caption = driver.find_element(By.CSS_SELECTOR, ".pa-panel .pa-caption").text
+        assert caption and "no pre-norm" not in caption, (mode, caption)
+        scatter = driver.find_element(By.CSS_SELECTOR, '.pa-panel[data-model="tiny_reg"] .pa-scatter')
+        assert _shown(driver, scatter) == (mode == "pca"), f"the 2-D PCA map shows in the {mode} view only"
+        if mode == "pca":  # a point of the map is a patch: clicking it makes that patch the query
+            before = driver.execute_script("return window.patchatlasExplorer.first().timings.length;")
+            driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", scatter)
+            ActionChains(driver).move_to_element(scatter).click().perform()
+            assert driver.execute_script("return window.patchatlasExplorer.first().timings.length;") == before + 1
+    slider = driver.find_element(By.CSS_SELECTOR, '.pa-explorer input[type=range][id$="-layer"]')
+    driver.execute_script("arguments[0].value = 0; arguments[0].dispatchEvent(new Event('input'));", slider)
+    driver.execute_async_script("const done = arguments[arguments.length - 1];"
+                                "window.patchatlasExplorer.first().ready.then(() => done(), () => done());")
+    first_layer = driver.execute_script("return window.patchatlasExplorer.similarities();")["tiny_reg"]["layer"]
+    assert first_layer == models["tiny_reg"]["layers"][0]["layer"]
+    save_full_page_screenshot(driver, artifacts_dir / "explorer.png")
+    assert severe_console_messages(driver) == []
+
+
+def test_explorer_in_dark_mode_and_at_phone_width(driver, base_url, artifacts_dir):
+    from selenium.webdriver.common.by import By
+
+    driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": [{"name": "prefers-color-scheme", "value": "dark"}]})
+    try:
+        driver.set_window_size(390, 844)
+        for page in (EXPLORER_PAGE, "models/tiny_reg/"):
+            open_page(driver, urljoin(base_url, page))
+            driver.execute_script("localStorage.clear(); sessionStorage.clear();")
+            open_explorer(driver, urljoin(base_url, page))
+            assert driver.execute_script("return document.body.getAttribute('data-md-color-scheme');") == "slate"
+            panels = driver.find_elements(By.CSS_SELECTOR, ".pa-explorer .pa-panel")
+            assert panels and all(_shown(driver, p) for p in panels)
+            panels = driver.find_element(By.CSS_SELECTOR, ".pa-explorer").find_elements(By.CSS_SELECTOR, ".pa-panel")
+            shown = driver.execute_script("return Object.keys(window.patchatlasExplorer.similarities());")
+            assert len(shown) == len(panels), (page, shown, len(panels))
+            widths = driver.execute_script("return [document.documentElement.scrollWidth, document.documentElement.clientWidth];")
+            assert widths[0] <= widths[1], f"{page}: the page scrolls sideways at 390 px ({widths[0]} > {widths[1]})"
+            save_full_page_screenshot(driver, artifacts_dir / (_screenshot_name(page).replace(".png", "-dark-390.png")))
+            assert severe_console_messages(driver) == []
+    finally:
+        driver.execute_cdp_cmd("Emulation.setEmulatedMedia", {"features": []})
+        driver.set_window_size(1280, 900)
+
+
+def test_explorer_latency_benchmark_runs(site_dir, tmp_path):
+    """benchmarks/explorer_latency.py on the tiny site: every click timed, the weight counted (not judged)."""
+    import importlib.util
+    import json
+
+    try:
+        find_browser_pair()
+    except LookupError as err:
+        _unavailable(str(err))
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "explorer_latency.py"
+    spec = importlib.util.spec_from_file_location("explorer_latency_benchmark", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    report = module.main(["--out", str(site_dir.parent), "--clicks", "5", "--json", str(tmp_path / "r.json")])
+    assert json.loads((tmp_path / "r.json").read_text()) == json.loads(json.dumps(report))
+    assert report["clicks"] == 5 and report["update_ms"]["n"] == 5 and report["frame_ms"]["median"] > 0
+    assert sorted(report["models"]) == sorted(MODEL_NAMES) and report["images"] == N_IMAGES
+    index = site_dir / "assets" / "explorer" / "synthetic-scenes" / "index.json"
+    assert report["page_weight_by_kind"]["explorer data"] >= index.stat().st_size
+    assert report["console_errors"] == []
