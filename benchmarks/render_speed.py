@@ -124,7 +124,8 @@ def main() -> None:
         pages = {p.relative_to(site).as_posix(): p.stat().st_size for p in files if p.suffix == ".html"}
         biggest = max(pages.items(), key=lambda kv: kv[1])
         report = {"models": args.models, "datasets": args.datasets, "images_per_gallery": RenderOptions().gallery_images,
-                  "summarize_seconds": summarize_s, "render_seconds": render_s, "fabricate_seconds": fabricate_s, "site_files": len(files),
+                  "summarize_seconds": summarize_s, "render_seconds": render_s, "fabricate_seconds": fabricate_s,
+                  "site_files": len(files),
                   "site_mib": sum(p.stat().st_size for p in files) / 2**20, "pages": len(pages),
                   "largest_page": {"path": biggest[0], "kib": biggest[1] / 1024}}
     print(json.dumps(report, indent=2))

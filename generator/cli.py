@@ -264,7 +264,8 @@ def _extract_options(f):
                      help="Layers of the layer-wise curves (k-NN, k-means, variance, norms); those not in "
                           "--layers are streamed from the extraction pass, and their tokens are not stored."),
         click.option("--label-rule", type=_RecordChoice("extract", "label_rule"),
-                     default=_RecordDefault("extract", "label_rule"), show_default=True, help="How a patch's label is taken from the mask."),
+                     default=_RecordDefault("extract", "label_rule"), show_default=True,
+                     help="How a patch's label is taken from the mask."),
         click.option("--resize", type=_RecordChoice("extract", "resize"), default=_RecordDefault("extract", "resize"),
                      show_default=True, help="How an image becomes the square model input: 'squash' (the whole "
                           "image resized to the input square) or 'short-side-crop' (short side resized to the "
@@ -275,7 +276,8 @@ def _extract_options(f):
         click.option("--batch-size", type=click.IntRange(min=1), default=None,
                      help="Images per forward pass (default: 256 on CUDA, 16 on CPU)."),
         click.option("--embedding-dtype", type=_RecordChoice("extract", "embedding_dtype"),
-                     default=_RecordDefault("extract", "embedding_dtype"), show_default=True, help="Precision of the published embeddings."),
+                     default=_RecordDefault("extract", "embedding_dtype"), show_default=True,
+                     help="Precision of the published embeddings."),
         click.option("--decode", type=_RecordChoice("extract", "decode"), default=_RecordDefault("extract", "decode"),
                      show_default=True,
                      help="Where images are decoded: 'host' (PIL on the CPU) or 'device' (JPEGs with "
@@ -346,8 +348,9 @@ def _probe_options(f):
                      default=_RecordDefault("probe", "knn_similarity"), show_default=True,
                      help="Similarity of the k-NN probe.")(f)
     f = click.option("--miou-average", type=_RecordChoice("probe", "miou_average"),
-                     default=_RecordDefault("probe", "miou_average"), show_default=True, help="Which classes the probes' mIoU averages: those present in the "
-                                             "evaluation labels, or (cityscapesScripts) those present or predicted.")(f)
+                     default=_RecordDefault("probe", "miou_average"), show_default=True,
+                     help="Which classes the probes' mIoU averages: those present in the "
+                          "evaluation labels, or (cityscapesScripts) those present or predicted.")(f)
     f = click.option("--linear-max-steps", type=int, default=_RecordDefault("probe", "linear_max_steps"),
                      show_default=True,
                      help="Most L-BFGS iterations of the linear probe (it stops earlier once converged).")(f)

@@ -1,6 +1,9 @@
 """The explorer's static assets: the gallery's tokens, reduced, for cosine maps in the browser.
 
-For one dataset, ``write_explorer_assets`` writes under ``docs/assets/explorer/<dataset>/``:
+For one dataset, ``explorer_reductions`` (in the summarize stage, from the token tables) writes
+the ``.bin`` files under ``summary/explorer/<dataset>/``, and ``write_explorer_assets`` (in the
+render stage, reading no token table) copies them under ``docs/assets/explorer/<dataset>/``
+beside the index:
 
 - ``<model>/L<layer>.bin`` per model × published layer: the gallery images' tokens of the
   gallery's view (post-norm by default) as int8 PCA coordinates, row-major [image, row, col,
@@ -19,6 +22,7 @@ measured against the full stored tokens of the gallery.
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -35,6 +39,7 @@ from generator.analyses.reduction import (
 from generator.errors import PatchAtlasError
 from generator.figures.palette import PALETTE
 from generator.store.atomic import atomic_write_bytes, atomic_write_json
+from generator.store.layout import dataset_repo_dir, extract_prefix, key_model
 from generator.store.manifest import Manifest
 from generator.store.parquet import patch_grid, read_patch_table
 from generator.store.repo import IMAGES_CONFIG, hub_viewer_url, is_placeholder
@@ -103,23 +108,21 @@ def norm_codes(prenorm: np.ndarray) -> tuple[np.ndarray, float]:
     return np.rint(norms / top * _UINT16_MAX).astype("<u2"), top
 
 
-def write_explorer_assets(out: Path, docs: Path, src: dict, manifest: Manifest, images: list[dict],
-                          families: dict[str, str], gallery_norm: str, repo_id: str,
-                          model_order=sorted) -> dict | None:
-    """Write one dataset's explorer assets; returns what its pages show (None without tokens).
+def explorer_reductions(out: Path, name: str, manifest: Manifest, gallery_ids: list[str], families: dict[str, str],
+                        gallery_norm: str, folder: Path) -> dict | None:
+    """The summarize step of the explorer: for each model × published layer of one dataset, the
+    gallery's tokens reduced and quantized, written as ``folder/<model>/L<layer>.bin``; returns
+    how to decode each file and the measured error (None without tokens).
 
-    ``images`` are the gallery's rows (``image_id``, ``image``: the thumbnail's path from the
-    docs root), ``families`` the dataset's models (the order of ``model_order``).
+    It reads the token tables, so it runs once per change of its inputs (the summary is skipped
+    when nothing changed); the render only copies the files and writes the index.
     """
-    name = src["name"]
-    repo = Path(out) / "datasets" / name
-    folder = explorer_dir(docs, name)
-    gallery_ids = [img["image_id"] for img in images]
+    repo = dataset_repo_dir(out, name)
     if not gallery_ids:
         return None
     models, rows = [], []
-    for key, unit in sorted(manifest.entries(prefix=f"extract/{name}/")):
-        model = key.rsplit("/", 1)[-1]
+    for key, unit in sorted(manifest.entries(prefix=extract_prefix(name))):
+        model = key_model(key)
         if model == IMAGES_CONFIG or model not in families or unit.get("status") != "done":
             continue
         configs = unit.get("configs") or []
@@ -132,14 +135,14 @@ def write_explorer_assets(out: Path, docs: Path, src: dict, manifest: Manifest, 
             payload = q.tobytes()
             norm_cfg = prenorm.get(cfg["layer"])
             entry = {"layer": cfg["layer"], "config": cfg["name"], "norm_config": None, "norms_offset": None,
-                     "norm_top": None, "url": hub_viewer_url(repo_id, cfg["name"]), **decode}
+                     "norm_top": None, **decode}
             if norm_cfg is not None:
                 codes, top = norm_codes(_gallery_tokens(repo, norm_cfg, gallery_ids)[1])
                 payload += b"\0" * (len(payload) % 2)  # uint16 values start on an even byte
                 entry.update(norm_config=norm_cfg["name"], norms_offset=len(payload), norm_top=top)
                 payload += codes.tobytes()
             rel = f"{model}/L{cfg['layer']:02d}.bin"
-            atomic_write_bytes(folder / rel, payload)
+            atomic_write_bytes(Path(folder) / rel, payload)
             entry.update(file=rel, bytes=len(payload))
             layers.append(entry)
             rows.append({"model": model, "family": families[model], "layer": cfg["layer"], **decode["error"],
@@ -149,7 +152,34 @@ def write_explorer_assets(out: Path, docs: Path, src: dict, manifest: Manifest, 
                            "dim": int(gallery.shape[-1]), "layers": layers})
     if not models:
         return None
-    models.sort(key=lambda m: model_order(m["name"]))
+    return {"models": models, "rows": rows, "gallery_ids": list(gallery_ids)}
+
+
+def write_explorer_assets(docs: Path, name: str, reductions: dict | None, folder: Path, images: list[dict],
+                          gallery_norm: str, repo_id: str, model_order=sorted) -> dict | None:
+    """The render step of the explorer: copy one dataset's reduced tokens (``folder``, written by
+    :func:`explorer_reductions`) under ``docs/assets/explorer/<dataset>/`` and write the index the
+    browser reads; returns what its pages show (None without tokens).
+
+    ``images`` are the gallery's rows (``image_id``, ``image``: the thumbnail's path from the
+    docs root), the same images the reductions were made of.
+    """
+    if not reductions:
+        return None
+    if [img["image_id"] for img in images] != reductions["gallery_ids"]:
+        raise PatchAtlasError(f"{folder}: the explorer's tokens are of other gallery images than this render shows; "
+                              f"rerun `patchatlas summarize`")
+    target = explorer_dir(docs, name)
+    models = sorted(copy.deepcopy(reductions["models"]), key=lambda m: model_order(m["name"]))
+    for model in models:
+        for entry in model["layers"]:
+            source = Path(folder) / entry["file"]
+            if not source.is_file():
+                raise PatchAtlasError(f"{source}: the explorer's tokens are missing; rerun `patchatlas summarize`")
+            (target / entry["file"]).parent.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(target / entry["file"], source.read_bytes())
+            entry["url"] = hub_viewer_url(repo_id, entry["config"])
+    rows = reductions["rows"]
     defaults = [m["name"] for m in models[:DEFAULT_MODELS]]
     index = {
         "dataset": name, "repo_id": repo_id, "published": not is_placeholder(repo_id),
@@ -159,14 +189,14 @@ def write_explorer_assets(out: Path, docs: Path, src: dict, manifest: Manifest, 
         "palette": [list(map(int, c)) for c in PALETTE], "colormaps": {"similarity": _colormap("viridis"),
                                                                       "norms": _colormap("magma")},
     }
-    index_path = atomic_write_json(folder / "index.json", index)
+    index_path = atomic_write_json(target / "index.json", index)
     index_bytes = index_path.stat().st_size
     image_bytes = sum((Path(docs) / img["image"]).stat().st_size for img in images
                       if (Path(docs) / img["image"]).is_file())
     deepest = {m["name"]: m["layers"][-1]["bytes"] for m in models}
     return {
         "index": f"assets/explorer/{name}/index.json", "models": [m["name"] for m in models],
-        "default_models": defaults, "n_images": len(gallery_ids), "components": N_COMPONENTS,
+        "default_models": defaults, "n_images": len(images), "components": N_COMPONENTS,
         "error_pairs": ERROR_PAIRS, "view": gallery_norm, "errors": rows,
         "error_mean": float(np.mean([r["mean"] for r in rows])), "error_p95": float(max(r["p95"] for r in rows)),
         "weight": {"index": index_bytes, "images": image_bytes,

@@ -38,6 +38,7 @@ from generator.store.layout import (
     SOURCES_PREFIX,
     dataset_repo_dir,
     docs_dir,
+    explorer_summary_dir,
     extract_prefix,
     kmeans_maps_path,
     manifest_path,
@@ -417,9 +418,9 @@ def render_docs(out: Path, docs: Path, options: RenderOptions) -> list[Path]:
         writer.close()
     for src in sources:
         context = contexts[src["name"]]
-        context["explorer"] = write_explorer_assets(out, docs, src, manifest, context["images"], context["families"],
-                                                    options.gallery_norm, context["dataset_dir"],
-                                                    model_order(context["families"]))
+        context["explorer"] = write_explorer_assets(
+            docs, src["name"], summary["by_source"][src["name"]].get("explorer"), explorer_summary_dir(out, src["name"]),
+            context["images"], options.gallery_norm, context["dataset_dir"], model_order(context["families"]))
         if context["explorer"]:
             _write_page(docs / "explorer" / f"{src['name']}.md", env.get_template("explorer.md.j2").render(**context))
             pages.append(docs / "explorer" / f"{src['name']}.md")

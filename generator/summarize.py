@@ -20,6 +20,7 @@ import numpy as np
 from generator.analyses.position_histograms import position_cluster_histogram, position_mode_map
 from generator.analyses.protocol_fields import KNN_FIELDS
 from generator.errors import PatchAtlasError
+from generator.explorer import explorer_reductions
 from generator.store.atomic import atomic_path, atomic_write_text
 from generator.store.layout import (
     ATTENTION_FILE,
@@ -32,6 +33,7 @@ from generator.store.layout import (
     SITE_SUMMARY,
     SUMMARIZE_KEY,
     dataset_repo_dir,
+    explorer_summary_dir,
     kmeans_maps_path,
     manifest_path,
     position_modes_name,
@@ -44,7 +46,7 @@ from generator.store.parquet import read_first_images
 from generator.store.records import ModelFacts, extract_records, source_records
 
 # Bumped when what a summary file holds changes, so older summaries are recomputed.
-SUMMARY_VERSION = 1
+SUMMARY_VERSION = 2
 
 
 def missing_summary_error(out: Path, what: str) -> PatchAtlasError:
@@ -514,7 +516,8 @@ def _input_files(out: Path, source: str) -> list[Path]:
     files = [*root.glob(f"*/*/{KMEANS_FILE}"), *root.glob(f"*/*/{MAPS_FILE}"), *root.glob(f"*/*/{PROBES_FILE}"),
              *root.glob(f"*/*/{kmeans_maps_path('', '*').name}"), *root.glob(f"*/*/{MAPS_ARRAYS_FILE}"),
              *root.glob(f"*/{ATTENTION_FILE}"), *root.glob(f"*/{LAYERWISE_FILE}"),
-             *(dataset_repo_dir(out, source) / IMAGES_CONFIG).glob("train-*.parquet")]
+             # the token tables too: the explorer's reduced tokens are made from them
+             *dataset_repo_dir(out, source).rglob("*.parquet")]
     return sorted(files)
 
 
@@ -528,8 +531,8 @@ def inputs_digest(out: Path, sources: list[dict], manifest: Manifest) -> str:
     return digest.hexdigest()
 
 
-def _summarize_source(out: Path, src: dict, options: SummarizeOptions,
-                      facts: dict[str, ModelFacts]) -> tuple[dict, dict[str, np.ndarray]]:
+def _summarize_source(out: Path, src: dict, options: SummarizeOptions, facts: dict[str, ModelFacts],
+                      manifest: Manifest) -> tuple[dict, dict[str, np.ndarray]]:
     name = src["name"]
     root = results_dir(out, name)
     kmeans = [_read_json(p) for p in sorted(root.glob(f"*/*/{KMEANS_FILE}"))]
@@ -554,6 +557,8 @@ def _summarize_source(out: Path, src: dict, options: SummarizeOptions,
     probes = [_read_json(p) for p in sorted(root.glob(f"*/*/{PROBES_FILE}"))]
     layerwise = [_read_json(p) for p in sorted(root.glob(f"*/{LAYERWISE_FILE}"))]
     summary["probes"] = probe_summary(probes, layerwise, families)
+    summary["explorer"] = explorer_reductions(out, name, manifest, [img["image_id"] for img in images], families,
+                                              options.gallery_norm, explorer_summary_dir(out, name))
     summary["source"] = name
     return summary, modes
 
@@ -599,7 +604,7 @@ def run_summarize(out: Path, options: SummarizeOptions) -> bool:
         return False
     summaries, written = {}, []
     for src in sources:
-        summary, modes = _summarize_source(out, src, options, facts)
+        summary, modes = _summarize_source(out, src, options, facts, manifest)
         summaries[src["name"]] = summary
         _write_json(summary_file(out, source_summary_name(src["name"])), summary)
         _write_npz(summary_file(out, position_modes_name(src["name"])), modes)

@@ -21,7 +21,7 @@ GROUP_OF = {
     "models": "models",
     "batches": "extract", "stream": "extract", "extract": "extract",
     "analyze": "analyze",
-    "summarize": "summarize",
+    "summarize": "summarize", "explorer": "summarize",
     "site": "site",
     "cli": "commands", "cli_reference": "commands", "doctor": "commands", "config_file": "commands",
 }
@@ -38,8 +38,8 @@ ALLOWED = {
     "models": {"base", "sources", "models"},
     "extract": {"base", "analyses", "figures", "sources", "store", "models", "extract"},
     "analyze": {"base", "analyses", "sources", "store"},
-    "summarize": {"base", "analyses", "store"},
-    "site": {"base", "analyses", "figures", "store", "summarize"},
+    "summarize": {"base", "analyses", "figures", "store", "summarize"},
+    "site": {"base", "analyses", "figures", "store", "summarize", "site"},
     "commands": set(GROUP_OF.values()),
 }
 

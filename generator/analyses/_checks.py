@@ -38,7 +38,7 @@ def check_choice(value: str, what: str, choices: Sequence[str]) -> str:
     return value
 
 
-def check_features(x: "torch.Tensor", what: str, min_rows: int = 1) -> None:
+def check_features(x: torch.Tensor, what: str, min_rows: int = 1) -> None:
     """``x`` is a floating-point [rows, features] tensor with at least ``min_rows`` rows."""
     if x.ndim != 2:
         raise PatchAtlasError(f"{what} of shape {tuple(x.shape)}: expected a 2-D array [rows, features]")

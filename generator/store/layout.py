@@ -175,6 +175,11 @@ def position_modes_name(source: str) -> str:
     return f"{source}-position-modes.npz"
 
 
+def explorer_summary_dir(out: Path, source: str) -> Path:
+    """The explorer's reduced gallery tokens of one dataset, as the summarize stage wrote them."""
+    return summary_dir(out) / "explorer" / source
+
+
 # --- manifest keys ----------------------------------------------------------------------------
 
 # The images config of a dataset repository; its extract unit sits beside the models' units.
