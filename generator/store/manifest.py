@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from datetime import datetime, timezone
 from pathlib import Path, PurePath
@@ -31,7 +32,11 @@ import numpy as np
 from generator.errors import PatchAtlasError
 from generator.store.atomic import atomic_write_json
 
+log = logging.getLogger(__name__)
+
 MANIFEST_VERSION = 1
+# Where an unreadable manifest is moved by the run that finds it (``set_aside_unreadable``).
+UNREADABLE_SUFFIX = ".unreadable"
 STATUSES = ("done", "skipped")
 _READ_BLOCK = 1 << 20
 
@@ -177,6 +182,28 @@ class Manifest:
         root = Path(root)
         for rel, digest in entry.get("files", {}).items():
             path = root / rel
-            if not path.is_file() or file_sha256(path) != digest:
+            # Only a unit recorded with these very parameters gets here, so a file that is gone
+            # or has other bytes was changed behind the build's back: say so, then recompute.
+            if not path.is_file():
+                log.warning("%s: recorded in %s but missing; %s is recomputed", path, self.path.name, key)
+                return False
+            if file_sha256(path) != digest:
+                log.warning("%s: changed since it was written (its sha256 is not the one %s recorded); "
+                            "%s is recomputed", path, self.path.name, key)
                 return False
         return True
+
+
+def set_aside_unreadable(path: str | os.PathLike) -> Path | None:
+    """Move an unreadable (corrupted, truncated) manifest to ``<name>.unreadable``, so the run
+    rebuilds what it recorded rather than trusting it; returns where it went, or None."""
+    path = Path(path)
+    try:
+        Manifest.load(path)
+        return None
+    except PatchAtlasError as err:
+        aside = path.with_name(path.name + UNREADABLE_SUFFIX)
+        os.replace(path, aside)
+        log.warning("%s: the manifest is unreadable (%s); moved aside to %s, and everything it recorded is "
+                    "checked and rebuilt", path, err.__cause__ or err, aside.name)
+        return aside
