@@ -34,6 +34,8 @@ from generator.figures.maps import thumbnail, to_png_bytes, upsample_nearest
 from generator.figures.palette import PALETTE, colorize
 from generator.figures.plots import heatmap_rgb, histogram_png, line_chart_png, stacked_bars_png
 from generator.models.registry import MODELS, get_model_entry
+from generator.store.atomic import disk_full_error, is_disk_full
+from generator.store.lock import RENDER_STAGING_PREFIX
 from generator.store.manifest import Manifest
 from generator.store.parquet import read_first_images
 from generator.store.repo import IMAGES_CONFIG, hub_viewer_url, is_placeholder
@@ -891,7 +893,8 @@ def _swap_in(staged: Path, final: Path) -> None:
 def run_render(out: Path, options: RenderOptions) -> Path:
     """The stage: ``<out>/docs`` (Markdown + figures) and, unless disabled, ``<out>/site`` (HTML)."""
     out = Path(out)
-    staging = Path(tempfile.mkdtemp(prefix=".render-", dir=out))
+    # A killed render's staging folder is removed by the next lock holder (store/lock.py).
+    staging = Path(tempfile.mkdtemp(prefix=RENDER_STAGING_PREFIX, dir=out))
     try:
         docs = staging / "docs"
         shutil.copytree(site_skeleton_dir(), docs, ignore=shutil.ignore_patterns("generated", ".gitignore"))
@@ -901,6 +904,12 @@ def run_render(out: Path, options: RenderOptions) -> Path:
         _swap_in(docs, out / "docs")
         if options.build_html:
             _swap_in(staging / "site", out / "site")
+    except OSError as err:
+        # The swaps are renames, which a full disk does not stop: the write that failed came
+        # before them, so the previous docs/ and site/ are intact.
+        if is_disk_full(err):
+            raise disk_full_error(out / ("site" if options.build_html else "docs"), err) from err
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return out / "site" if options.build_html else out / "docs"

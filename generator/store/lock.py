@@ -12,15 +12,19 @@ holds the folder's lock; a build takes the folder's lock and then checks that no
 held. Whichever comes second sees the first. (Only exclusive locks: filelock's shared locks are
 not in every release this project admits.)
 
-Whoever holds the lock exclusively owns every temporary file under the folder: those left by a
-killed run are removed on entry, so an interrupted build resumed leaves the same files as an
-uninterrupted one.
+Whoever holds the lock exclusively owns every temporary file and staging folder under the
+folder (their names are declared below, in one place): those a killed run of any stage left
+are removed on entry (``remove_stale_staging``), so an interrupted build resumed leaves the
+same files as an uninterrupted one.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import os
+import shutil
 import sys
 from pathlib import Path
 from typing import Iterator
@@ -28,12 +32,26 @@ from typing import Iterator
 from filelock import FileLock, Timeout
 
 from generator.errors import PatchAtlasError
+from generator.store.manifest import file_sha256, set_aside_unreadable
 
 LOCK_NAME = ".patchatlas.lock"
 HOLDER_NAME = f"{LOCK_NAME}.holder"
 RANK_GLOB = f"{LOCK_NAME}.rank-*-of-*"
 # The names generator.store.atomic gives its temporary files: ".<final name>.<random>.tmp".
 TEMPORARY_GLOB = ".*.tmp"
+# generator.site.run_render builds docs/ and site/ in a staging folder ".render-<random>" of
+# --out, then swaps each in, keeping the previous tree as ".<name>.old" until the new one is placed.
+RENDER_STAGING_PREFIX = ".render-"
+RENDER_STAGING_GLOB = f"{RENDER_STAGING_PREFIX}*"
+SWAP_LEFTOVER_GLOB = ".*.old"
+
+# What two runs of the same command may leave differently under --out, however often either was
+# killed: the lock holder's PID and command, and when each manifest entry was recorded. Every
+# other byte is the same; ``comparable_digests`` masks exactly these.
+RUN_DEPENDENT = {
+    HOLDER_NAME: "the PID and command of the last holder",
+    "manifest.json": "updated_at (when each unit was recorded)",
+}
 # A worker's check of the folder's lock holds it for microseconds; another worker checking at
 # the same moment waits this long rather than taking the other's check for a build.
 WORKER_CHECK_S = 2.0
@@ -55,16 +73,56 @@ def _in_use(out: Path, holder: str | None = None) -> PatchAtlasError:
             holder = (out / HOLDER_NAME).read_text().strip()
         except OSError:
             holder = ""
-    return PatchAtlasError(f"output folder {out} is in use by {holder or 'another patchatlas process'}; wait for "
-                           f"it to finish or use another --out")
+    return PatchAtlasError(f"output folder {out} is in use by {holder or 'another patchatlas process'} (it holds "
+                           f"{out / LOCK_NAME}); wait for it to finish or use another --out")
 
 
-def remove_stale_temporaries(out: Path) -> list[Path]:
-    """Delete the temporary files a killed run left under ``out``; returns what was removed."""
+def remove_stale_staging(out: Path) -> list[Path]:
+    """Undo what a killed run of any stage left half-done under ``out``; returns what was removed.
+
+    Temporary files (``TEMPORARY_GLOB``, anywhere: tables, shards, variants, layer-wise curves,
+    results, manifests of workers and of the folder) and render staging folders
+    (``RENDER_STAGING_GLOB``) are deleted. A swap's previous tree (``SWAP_LEFTOVER_GLOB``) is
+    put back when the kill came between moving it aside and placing the new one, and deleted
+    otherwise, so the folder holds the last complete docs/ and site/.
+    """
     stale = [p for p in out.rglob(TEMPORARY_GLOB) if p.is_file()]
     for path in stale:
         path.unlink(missing_ok=True)
+    for folder in sorted(out.glob(RENDER_STAGING_GLOB)):
+        if folder.is_dir():
+            shutil.rmtree(folder, ignore_errors=True)
+            stale.append(folder)
+    for old in sorted(out.glob(SWAP_LEFTOVER_GLOB)):
+        final = old.with_name(old.name[1:].removesuffix(".old"))
+        if old.is_dir() and not final.exists():
+            old.rename(final)
+        elif old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+            stale.append(old)
     return stale
+
+
+def comparable_digests(out: str | os.PathLike) -> dict[str, str]:
+    """SHA-256 of every file under ``out`` (relative path → digest), ``RUN_DEPENDENT`` masked:
+    the holder file is left out, the manifest is hashed with its times blanked."""
+    out = Path(out)
+    digests = {}
+    for path in sorted(p for p in out.rglob("*") if p.is_file()):
+        rel = path.relative_to(out).as_posix()
+        if rel == HOLDER_NAME:
+            continue
+        if rel == "manifest.json":
+            try:
+                data = json.loads(path.read_text(encoding="utf-8"))
+                data["updated_at"] = {key: "<time>" for key in data.get("updated_at", {})}
+                body = json.dumps(data, sort_keys=True).encode()
+            except (ValueError, TypeError, AttributeError):
+                body = path.read_bytes()  # unreadable: compared as it is
+            digests[rel] = hashlib.sha256(body).hexdigest()
+        else:
+            digests[rel] = file_sha256(path)
+    return digests
 
 
 def _running_worker(out: Path) -> str | None:
@@ -112,7 +170,8 @@ def output_lock(out: str | os.PathLike, *, worker: tuple[int, int] | None = None
         if running:
             raise _in_use(out, f"the workers of a distributed extract ({running} is running)")
         (out / HOLDER_NAME).write_text(f"PID {os.getpid()} ({' '.join(sys.argv[:3])})")
-        remove_stale_temporaries(out)
+        remove_stale_staging(out)
+        set_aside_unreadable(out / "manifest.json")
         yield out / LOCK_NAME
     finally:
         folder_lock.release()
