@@ -48,7 +48,9 @@ $(FLOOR_VENV)/.installed:
 
 datasets-floor: $(FLOOR_VENV)/.installed
 
+# The lint first ([tool.ruff] in pyproject.toml): it takes a second and fails before the tests' minutes.
 test: install browser datasets-floor
+	$(BIN)/ruff check .
 	PATCHATLAS_DATASETS_FLOOR_PYTHON=$(abspath $(FLOOR_VENV))/bin/python $(BIN)/python -m pytest -q
 
 crash-test: install

@@ -6,8 +6,10 @@ import contextlib
 import datetime
 import os
 import platform
+import shlex
+import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import torch
 
@@ -37,13 +39,19 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def machine_info(device: torch.device, **versions: str) -> dict:
-    """The machine, the library versions given (``pyarrow=pa.__version__``, …) and how busy it was."""
-    return {
+def command_line(script: str, argv: Sequence[str] | None) -> str:
+    """The command as typed at the repository root: benchmarks/README.md's tables name it."""
+    return shlex.join(["python", f"benchmarks/{Path(script).name}", *(sys.argv[1:] if argv is None else argv)])
+
+
+def machine_info(device: torch.device, command: str | None = None, **versions: str) -> dict:
+    """The machine, the command run, the library versions given (``pyarrow=pa.__version__``, …) and
+    how busy it was."""
+    return {"command": command,
         "cpu": cpu_model(), "cpu_cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "torch": torch.__version__, **versions, "python": platform.python_version(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "date": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         # Other processes on the machine slow every measurement: the load says how busy it was.
         "load_average_start": list(os.getloadavg()),
     }

@@ -55,8 +55,8 @@ import resource
 import sys
 import time
 import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Iterator, Sequence
 
 import numpy as np
 import sklearn
@@ -68,7 +68,7 @@ from sklearn.neural_network import MLPClassifier
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import format_table, machine_info, resolve_device  # noqa: E402
+from benchmarks.common import command_line, format_table, machine_info, resolve_device  # noqa: E402
 from generator.analyses.probes import LinearProbe, knn_predict, majority_vote  # noqa: E402
 from generator.errors import PatchAtlasError  # noqa: E402
 from generator.store.atomic import atomic_write_json  # noqa: E402
@@ -201,7 +201,8 @@ def probe_side_by_side(data: dict, *, n_classes: int, n_train: int, epochs: int,
     train, train_y = data["train"][:n_train], data["train_y"][:n_train]
     test, test_y = data["test"], data["test_y"]
     device, n_queries = test.device, test.shape[0]
-    probe = LinearProbe(n_classes=n_classes, solver="adam", weight_decay=0.0, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed)
+    probe = LinearProbe(n_classes=n_classes, solver="adam", weight_decay=0.0, epochs=epochs, lr=lr,
+                        batch_size=batch_size, seed=seed)
     # The first fit in a process pays about a second of one-time set-up on a CPU; it is not training.
     warm = slice(0, WARMUP_ROWS)
     LinearProbe(n_classes=n_classes, solver="adam", epochs=1, batch_size=batch_size).fit(train[warm], train_y[warm])
@@ -343,7 +344,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     n_queries = args.queries or (PROTOCOL["queries"] if device.type == "cuda" else CPU_QUERIES)
     n_probe = min(args.probe_train or args.train, args.train)
-    machine = machine_info(device, sklearn=sklearn.__version__, numpy=np.__version__)
+    machine = machine_info(device, command_line(__file__, argv), sklearn=sklearn.__version__, numpy=np.__version__)
     data = make_data(args.train, n_queries, args.dim, args.classes, dtype=getattr(torch, args.dtype),
                      device=device, seed=args.seed)
     knn = knn_side_by_side(data, k=args.k, similarity=args.similarity, n_classes=args.classes,

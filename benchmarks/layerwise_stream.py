@@ -25,15 +25,15 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import machine_info, resolve_device, sync  # noqa: E402
+from benchmarks.common import command_line, machine_info, resolve_device, sync  # noqa: E402
 from generator.extract import ExtractOptions, run_extract  # noqa: E402
 from generator.sources.synthetic import synthetic_scenes  # noqa: E402
 from generator.store.atomic import atomic_write_json  # noqa: E402
@@ -106,7 +106,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     device = str(resolve_device(args.device))
     with tempfile.TemporaryDirectory(prefix="patchatlas-layerwise-") as work:
         report = measure(args.model, args.images, args.size, device, args.batch_size, Path(work))
-    report["machine"] = machine_info(torch.device(device))
+    report["machine"] = machine_info(torch.device(device), command_line(__file__, argv))
     print(render(report))
     if args.json:
         atomic_write_json(args.json, report)

@@ -44,9 +44,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterator, NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -56,7 +57,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from benchmarks.common import format_table, machine_info, resolve_device, sync  # noqa: E402
+from benchmarks.common import command_line, format_table, machine_info, resolve_device, sync  # noqa: E402
 from benchmarks.extract_throughput import ARCHS  # noqa: E402
 from generator.errors import PatchAtlasError  # noqa: E402
 from generator.extract import ExtractOptions, dataset_repo_dir, extract_key, run_extract  # noqa: E402
@@ -129,7 +130,7 @@ class PeakMemory:
         while not self._stop.wait(self.interval_s):
             self.rss_peak = max(self.rss_peak, _rss_bytes())
 
-    def __enter__(self) -> "PeakMemory":
+    def __enter__(self) -> PeakMemory:
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
         self.rss_start = self.rss_peak = _rss_bytes()
@@ -299,7 +300,7 @@ class TunedSettings(NamedTuple):
 
 
 def tuned_extract(entry: ModelEntry, layers: str, source: SegmentationSource, device: torch.device,
-                  batch_size: int, out: Path, settings: TunedSettings = TunedSettings()) -> dict:
+                  batch_size: int, out: Path, settings: TunedSettings = TunedSettings()) -> dict:  # noqa: B008 - a NamedTuple
     """``run_extract`` as ``patchatlas extract`` runs it, writing the same patch tables as the naive path."""
     options = ExtractOptions(layers=layers, batch_size=batch_size, device=str(device), embedding_dtype="float16",
                              last_block_attention=False, variants=False, progress=False,
@@ -326,7 +327,7 @@ def tuned_extract(entry: ModelEntry, layers: str, source: SegmentationSource, de
 
 
 def end_to_end(entry: ModelEntry, layers_spec: str, n_images: int, side: int, device: torch.device,
-               tuned_batch: int, work: Path, settings: TunedSettings = TunedSettings()) -> dict:
+               tuned_batch: int, work: Path, settings: TunedSettings = TunedSettings()) -> dict:  # noqa: B008 - a NamedTuple
     ids, jpegs, masks = jpeg_scenes(n_images, side)
     source = jpeg_source(ids, jpegs, masks, probes=settings.curves)
     layers = resolve_layers(layers_spec, model_geometry(entry).depth)
@@ -565,7 +566,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
         MODELS[model_name] = RANDOM_VITB16
     try:
         entry = get_model_entry(model_name)
-        machine = machine_info(device, pyarrow=pa.__version__)
+        machine = machine_info(device, command_line(__file__, argv), pyarrow=pa.__version__)
         depth = model_geometry(entry).depth
         gflop = forward_gflop(entry, max(resolve_layers(args.layers, depth)))
         peak = peak_bf16_flops(machine["gpu"])

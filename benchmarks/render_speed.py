@@ -2,7 +2,8 @@
 
 Writes an output folder shaped exactly like `patchatlas extract` + `analyze` leave it (manifest,
 images tables, k-means maps, positional/PCA/norm maps, attention) with random contents, then
-times `patchatlas render` (figures + pages + `mkdocs build`) on it and reports the page weight.
+times `patchatlas summarize` and `patchatlas render` (figures + pages + `mkdocs build`) on it and
+reports the page weight.
 
 Run: ``python benchmarks/render_speed.py [--models 30] [--datasets 5] [--json out.json]``.
 """
@@ -21,12 +22,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from generator.extract import record_source, write_images  # noqa: E402
+from generator.extract import SHARD_BYTES, record_source, write_images  # noqa: E402
 from generator.models.registry import MODELS  # noqa: E402
 from generator.site import RenderOptions, run_render  # noqa: E402
 from generator.sources.synthetic import synthetic_scenes  # noqa: E402
 from generator.store.atomic import atomic_write_json  # noqa: E402
 from generator.store.manifest import Manifest  # noqa: E402
+from generator.summarize import run_summarize  # noqa: E402
 
 FAMILIES = ("CL", "MIM", "CL+MIM", "supervised", "language", "random")
 LAYERS = (3, 6, 9, 12)
@@ -48,7 +50,7 @@ def fabricate(out: Path, n_models: int, n_datasets: int, n_images: int, rng: np.
         source = synthetic_scenes(n_images=n_images, size=224, seed=d)
         source.name = f"dataset{d}"
         record_source(source, manifest)
-        write_images(source, out / "datasets" / source.name, manifest)
+        write_images(source, out / "datasets" / source.name, manifest, SHARD_BYTES)
         ids = list(source.dataset["image_id"])
         labels = rng.integers(0, source.num_classes, (n_images, *GRID)).astype(np.int16)
         for model in names:
@@ -112,6 +114,9 @@ def main() -> None:
         fabricate(out, args.models, args.datasets, args.images, np.random.default_rng(0))
         fabricate_s = time.perf_counter() - start
         start = time.perf_counter()
+        run_summarize(out, RenderOptions())
+        summarize_s = time.perf_counter() - start
+        start = time.perf_counter()
         run_render(out, RenderOptions())
         render_s = time.perf_counter() - start
         site = out / "site"
@@ -119,7 +124,7 @@ def main() -> None:
         pages = {p.relative_to(site).as_posix(): p.stat().st_size for p in files if p.suffix == ".html"}
         biggest = max(pages.items(), key=lambda kv: kv[1])
         report = {"models": args.models, "datasets": args.datasets, "images_per_gallery": RenderOptions().gallery_images,
-                  "render_seconds": render_s, "fabricate_seconds": fabricate_s, "site_files": len(files),
+                  "summarize_seconds": summarize_s, "render_seconds": render_s, "fabricate_seconds": fabricate_s, "site_files": len(files),
                   "site_mib": sum(p.stat().st_size for p in files) / 2**20, "pages": len(pages),
                   "largest_page": {"path": biggest[0], "kib": biggest[1] / 1024}}
     print(json.dumps(report, indent=2))

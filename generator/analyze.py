@@ -18,9 +18,9 @@ inputs are not analysed twice.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -31,6 +31,14 @@ from generator.analyses.artifacts import high_norm_outliers, norm_histogram, tok
 from generator.analyses.attention import foreground_jaccard
 from generator.analyses.clusters import chance_miou, joint_kmeans_segmentation
 from generator.analyses.pca import pca_rgb
+from generator.analyses.position import (
+    border_map,
+    border_score,
+    locality_curve,
+    position_cluster_histogram,
+    position_decodability,
+    positional_consistency,
+)
 from generator.analyses.probes import LinearProbe, ProbeProtocol, bootstrap_miou, knn_predict, segmentation_metrics
 from generator.analyses.retrieval import retrieval_outcomes
 from generator.analyses.variance import (
@@ -40,20 +48,29 @@ from generator.analyses.variance import (
     removal_curve,
     variance_spectrum,
 )
-from generator.analyses.position import (
-    border_map,
-    border_score,
-    locality_curve,
-    position_cluster_histogram,
-    position_decodability,
-    positional_consistency,
-)
 from generator.errors import PatchAtlasError
-from generator.extract import dataset_repo_dir, extract_input, variants_dir
 from generator.sources.splits import few_shot_split
 from generator.store.atomic import atomic_path, atomic_write_json
-from generator.store.manifest import Manifest, file_sha256, params_hash
+from generator.store.layout import (
+    ATTENTION_ARRAYS_FILE,
+    ATTENTION_FILE,
+    KMEANS_FILE,
+    MAPS_ARRAYS_FILE,
+    MAPS_FILE,
+    PROBES_FILE,
+    analyze_key,
+    attention_key,
+    dataset_repo_dir,
+    kmeans_maps_path,
+    manifest_path,
+    results_dir,
+    source_key,
+    variants_dir,
+    variants_key,
+)
+from generator.store.manifest import Manifest, params_hash
 from generator.store.parquet import patch_grid, read_attention_table, read_patch_table
+from generator.store.records import SourceRecord, extract_records, source_record, variants_record
 
 ANALYSIS_VERSION = "4"  # 4: high-norm mode by log gap, cross-validated position probe, probe protocol
 STABILITY_SEEDS = 3
@@ -72,10 +89,14 @@ class AnalyzeOptions:
     device: str = "cpu"
     progress: bool = True
 
-    def validate(self) -> None:
-        if not self.ks or any(k < 2 for k in self.ks):
-            raise PatchAtlasError(f"k values {list(self.ks)}: each k must be at least 2")
+    def validate(self) -> AnalyzeOptions:
+        """Raise a PatchAtlasError naming the first option with a bad value; changes nothing."""
+        if not self.ks or any(isinstance(k, bool) or not isinstance(k, int) or k < 2 for k in self.ks):
+            raise PatchAtlasError(f"--k {list(self.ks)}: each k must be a whole number of at least 2")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise PatchAtlasError(f"--seed {self.seed!r}: expected a whole number")
         self.probe.validate()
+        return self
 
     def result_params(self) -> dict:
         """The options that change results (device and progress bars do not)."""
@@ -100,16 +121,7 @@ class AnalysisUnit:
 
     @property
     def key(self) -> str:
-        return f"analyze/{self.source}/{self.model}/{self.config}"
-
-
-def results_dir(out: Path, source: str, model: str, config: str | None = None) -> Path:
-    base = Path(out) / "results" / source / model
-    return base / config if config else base
-
-
-def kmeans_maps_path(unit_dir: Path, k: int) -> Path:
-    return unit_dir / f"kmeans-k{k}.npz"
+        return analyze_key(self.source, self.model, self.config)
 
 
 def _save_npz(path: Path, **arrays) -> None:
@@ -121,18 +133,16 @@ def _save_npz(path: Path, **arrays) -> None:
 def analysis_units(out: Path, manifest: Manifest) -> list[AnalysisUnit]:
     """Every extracted patch config recorded as done, in a stable order."""
     units = []
-    for _, entry in sorted(manifest.entries(prefix="extract/")):
-        if entry.get("status") != "done" or "configs" not in entry:
+    for _, entry in extract_records(manifest):
+        if not entry.done:
             continue
-        repo = dataset_repo_dir(out, entry["source"])
-        for cfg in entry["configs"]:
+        repo = dataset_repo_dir(out, entry.source)
+        for cfg in entry.configs:
             units.append(AnalysisUnit(
-                source=entry["source"], model=entry["model"], config=cfg["name"], layer=cfg["layer"],
-                norm=cfg["norm"], tables=[repo / rel for rel in cfg["paths"]],
-                results_dir=results_dir(out, entry["source"], entry["model"], cfg["name"]),
-                input=extract_input(entry["params"]),
-                label_rule=entry["params"].get("label_rule"),
-                probe_batchnorm=bool(entry["params"].get("model", {}).get("probe_batchnorm", False)),
+                source=entry.source, model=entry.model, config=cfg.name, layer=cfg.layer,
+                norm=cfg.norm, tables=[repo / rel for rel in cfg.paths],
+                results_dir=results_dir(out, entry.source, entry.model, cfg.name),
+                input=entry.input, label_rule=entry.label_rule, probe_batchnorm=entry.probe_batchnorm,
             ))
     return units
 
@@ -204,7 +214,7 @@ def map_results(tokens: torch.Tensor, is_prenorm: bool, seed: int) -> tuple[dict
 
 
 def analyze_unit(unit: AnalysisUnit, n_classes: int, ignore_index: int, options: AnalyzeOptions,
-                 source: dict | None = None, variants: Path | None = None) -> list[str]:
+                 source: SourceRecord | None = None, variants: Path | None = None) -> list[str]:
     """All per-config analyses; returns the files written, relative to the unit's folder.
 
     ``variants`` (the degraded/transformed tokens of this model) is given for the config they
@@ -223,15 +233,15 @@ def analyze_unit(unit: AnalysisUnit, n_classes: int, ignore_index: int, options:
     if options.stability_k in kmeans_maps:
         stability = stability_across_seeds(tokens_t, labels, n_classes, ignore_index, options,
                                            kmeans_maps[options.stability_k]["cluster_maps"])
-    atomic_write_json(unit.results_dir / "kmeans.json", {
+    atomic_write_json(unit.results_dir / KMEANS_FILE, {
         **header, "l2_normalize": options.l2_normalize, "seed": options.seed, "kmeans": kmeans_metrics,
         "stability": stability})
     maps_metrics, maps_arrays = map_results(tokens_t, unit.norm == "prenorm", options.seed)
-    _save_npz(unit.results_dir / "maps.npz", **maps_arrays, image_ids=np.asarray(image_ids))
-    atomic_write_json(unit.results_dir / "maps.json", {**header, **maps_metrics})
-    written += ["kmeans.json", "maps.npz", "maps.json"]
-    if len(image_ids) >= 2 and (source is None or source.get("probes", True)):
-        train_count = (source or {}).get("probe_train_count")
+    _save_npz(unit.results_dir / MAPS_ARRAYS_FILE, **maps_arrays, image_ids=np.asarray(image_ids))
+    atomic_write_json(unit.results_dir / MAPS_FILE, {**header, **maps_metrics})
+    written += [KMEANS_FILE, MAPS_ARRAYS_FILE, MAPS_FILE]
+    if len(image_ids) >= 2 and (source is None or source.probes):
+        train_count = source.probe_train_count if source is not None else None
         protocol = options.probe.for_unit(label_rule=unit.label_rule, train_count=train_count,
                                           batchnorm=unit.probe_batchnorm)
         data = few_shot_data(image_ids, tokens, labels, train_count, options.device)
@@ -240,8 +250,8 @@ def analyze_unit(unit: AnalysisUnit, n_classes: int, ignore_index: int, options:
             probes["variance"] = variance_results(data, n_classes, ignore_index, protocol)
             probes.update(robustness_and_retrieval(data, probe, variants, source, options, protocol))
             probes["clean"] = {"knn_miou": probes["knn_miou"], "linear_miou": probes["linear_miou"]}
-        atomic_write_json(unit.results_dir / "probes.json", {**header, **probes})
-        written.append("probes.json")
+        atomic_write_json(unit.results_dir / PROBES_FILE, {**header, **probes})
+        written.append(PROBES_FILE)
     return written
 
 
@@ -327,15 +337,15 @@ def variance_results(data: FewShotData, n_classes: int, ignore_index: int, proto
             "removal": curve, "batchnorm_knn_miou": bn["miou"]}
 
 
-def robustness_and_retrieval(data: FewShotData, probe: LinearProbe, variants: Path, source: dict,
+def robustness_and_retrieval(data: FewShotData, probe: LinearProbe, variants: Path, source: SourceRecord,
                              options: AnalyzeOptions, protocol: ProbeProtocol) -> dict:
     """Probes trained on clean train images, evaluated on degraded evaluation images (analysis 9),
     and retrieval of the original patch from transformed ones (analysis 10)."""
-    n_classes, ignore_index = len(source["classes"]), source["ignore_index"]
+    n_classes, ignore_index = len(source.classes), source.ignore_index
     dim = data.train.shape[1]
-    supers = sorted({c["super_name"] for c in source["classes"]})
-    fine_to_super = np.array([supers.index(c["super_name"]) for c in source["classes"]])
-    background = [c["id"] for c in source["classes"] if c.get("is_background")]
+    supers = sorted({c["super_name"] for c in source.classes})
+    fine_to_super = np.array([supers.index(c["super_name"]) for c in source.classes])
+    background = [c["id"] for c in source.classes if c.get("is_background")]
     originals = torch.from_numpy(data.test_grid).to(options.device)
     robustness, retrieval = [], []
     for path in sorted(variants.glob("*.npz")):
@@ -390,65 +400,66 @@ def analyze_attention(table: list[Path], labels_table: list[Path], background_id
                         "best": result["best"], "mean": result["mean"]})
     except PatchAtlasError as err:  # e.g. a dataset without foreground classes
         metrics["skipped"] = str(err)
-    _save_npz(unit_dir / "attention.npz", cls_maps=maps, image_ids=np.asarray(image_ids))
-    atomic_write_json(unit_dir / "attention.json", metrics)
-    return ["attention.npz", "attention.json"]
+    _save_npz(unit_dir / ATTENTION_ARRAYS_FILE, cls_maps=maps, image_ids=np.asarray(image_ids))
+    atomic_write_json(unit_dir / ATTENTION_FILE, metrics)
+    return [ATTENTION_ARRAYS_FILE, ATTENTION_FILE]
 
 
 def run_analyze(out: Path, options: AnalyzeOptions) -> list[str]:
     """The stage: every extracted unit whose inputs or parameters changed since last time."""
     options.validate()
     out = Path(out)
-    manifest = Manifest.load(out / "manifest.json")
+    manifest = Manifest.load(manifest_path(out))
     units = analysis_units(out, manifest)
     if not units:
         raise PatchAtlasError(f"{out}: no extracted embeddings to analyse; run `patchatlas extract --out {out}` first")
     done = []
     for unit in tqdm(units, disable=not options.progress, desc="analyses", unit="config"):
         source = _source_record(out, unit.source, manifest)
-        params = {"version": ANALYSIS_VERSION, "table_sha256": [file_sha256(t) for t in unit.tables],
-                  **options.result_params(), "n_classes": len(source["classes"]),
-                  "ignore_index": source["ignore_index"]}
-        variants_entry = manifest.get(f"variants/{unit.source}/{unit.model}")
+        # The tables' hashes, read again only for a table whose size, mtime or inode changed.
+        params = {"version": ANALYSIS_VERSION, "table_sha256": [manifest.sha256(t) for t in unit.tables],
+                  **options.result_params(), "n_classes": len(source.classes),
+                  "ignore_index": source.ignore_index}
+        variants_entry = variants_record(manifest, variants_key(unit.source, unit.model))
         variants = None
-        if variants_entry and variants_entry.get("status") == "done" and unit.norm == "postnorm" \
-                and unit.layer == variants_entry["layer"]:
+        if variants_entry and variants_entry.status == "done" and unit.norm == "postnorm" \
+                and unit.layer == variants_entry.layer:
             variants = variants_dir(out, unit.source, unit.model)
-            params["variants"] = variants_entry["params_hash"]
+            params["variants"] = variants_entry.params_hash
         if manifest.is_done(unit.key, params, out):
             continue
-        files = analyze_unit(unit, len(source["classes"]), source["ignore_index"], options, source, variants)
+        files = analyze_unit(unit, len(source.classes), source.ignore_index, options, source, variants)
         _record(manifest, unit.key, params, out, unit.results_dir, files)
         done.append(unit.key)
-    for _, entry in sorted(manifest.entries(prefix="extract/")):
-        if entry.get("status") != "done" or not entry.get("attention_paths"):
+    for _, entry in extract_records(manifest):
+        if not entry.done or not entry.attention_paths:
             continue
-        source = _source_record(out, entry["source"], manifest)
-        repo = dataset_repo_dir(out, entry["source"])
-        table = [repo / rel for rel in entry["attention_paths"]]
-        labels_table = [repo / rel for rel in entry["configs"][0]["paths"]]
-        background = [c["id"] for c in source["classes"] if c.get("is_background")]
-        key = f"analyze/{entry['source']}/{entry['model']}/attention"
-        params = {"version": ANALYSIS_VERSION, "table_sha256": [file_sha256(t) for t in table],
+        source = _source_record(out, entry.source, manifest)
+        repo = dataset_repo_dir(out, entry.source)
+        table = [repo / rel for rel in entry.attention_paths]
+        labels_table = [repo / rel for rel in entry.configs[0].paths]
+        background = [c["id"] for c in source.classes if c.get("is_background")]
+        key = attention_key(entry.source, entry.model)
+        params = {"version": ANALYSIS_VERSION, "table_sha256": [manifest.sha256(t) for t in table],
                   "mass": options.attention_mass, "background": background}
         if manifest.is_done(key, params, out):
             continue
-        unit_dir = results_dir(out, entry["source"], entry["model"])
-        files = analyze_attention(table, labels_table, background, source["ignore_index"], unit_dir, options)
+        unit_dir = results_dir(out, entry.source, entry.model)
+        files = analyze_attention(table, labels_table, background, source.ignore_index, unit_dir, options)
         _record(manifest, key, params, out, unit_dir, files)
         done.append(key)
     return done
 
 
 def _record(manifest: Manifest, key: str, params: dict, out: Path, unit_dir: Path, files: list[str]) -> None:
-    hashes = {str((unit_dir / name).relative_to(out)): file_sha256(unit_dir / name) for name in files}
+    hashes = {str((unit_dir / name).relative_to(out)): manifest.sha256(unit_dir / name) for name in files}
     manifest.set(key, {"status": "done", "params": params, "params_hash": params_hash(params), "files": hashes})
     manifest.save()
 
 
-def _source_record(out: Path, source: str, manifest: Manifest) -> dict:
+def _source_record(out: Path, source: str, manifest: Manifest) -> SourceRecord:
     """What extract recorded of a source: classes, ignore label, licence."""
-    entry = manifest.get(f"sources/{source}")
-    if entry is None:
+    record = source_record(manifest, source_key(source))
+    if record is None:
         raise PatchAtlasError(f"{out}: the manifest has no record of dataset {source!r}; rerun extract")
-    return entry
+    return record

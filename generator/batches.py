@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import datasets
 import numpy as np
@@ -33,9 +34,12 @@ from generator.concurrency import prefetched
 from generator.errors import PatchAtlasError, WeightsUnavailable
 from generator.models.encoder import Encoder, load_encoder
 from generator.models.registry import ModelEntry
-from generator.sources.geometry import DEFAULT_RESIZE, check_resize
+from generator.sources.geometry import check_resize
 from generator.sources.images import to_rgb8
 from generator.sources.labels import input_patch_labels
+
+if TYPE_CHECKING:  # for annotations only: extract imports this module
+    from generator.extract import ExtractOptions
 
 DECODE_MODES = ("host", "device")
 JPEG_MAGIC = b"\xff\xd8\xff"
@@ -169,19 +173,19 @@ def labelled_batches(dataset: datasets.Dataset, batch_size: int, encoder: Encode
     return prefetched(labelled(), depth=2)
 
 
-def load_encoder_for(entry: ModelEntry, options) -> Encoder:
+def load_encoder_for(entry: ModelEntry, options: ExtractOptions) -> Encoder:
     """The model's encoder with ``options``' checkpoint, device, cache, resize policy and compilation; raises
     ``WeightsUnavailable`` when its weights cannot be had."""
     encoder = load_encoder(entry, checkpoint=options.weights.get(entry.name), device=options.device,
                            cache_dir=options.cache_dir,
-                           trust_pickle=entry.name in getattr(options, "trust_checkpoints", ()))
-    encoder.resize = check_resize(getattr(options, "resize", DEFAULT_RESIZE))
-    if getattr(options, "compile_blocks", False):
+                           trust_pickle=entry.name in options.trust_checkpoints)
+    encoder.resize = check_resize(options.resize)
+    if options.compile_blocks:
         encoder.compile_blocks()
     return encoder
 
 
-def encoder_if_available(entry: ModelEntry, options) -> Encoder | None:
+def encoder_if_available(entry: ModelEntry, options: ExtractOptions) -> Encoder | None:
     """The model's encoder (as ``load_encoder_for`` gives it) for a pass that follows
     extraction, or None when its weights cannot be had: the extract unit has already recorded why."""
     try:

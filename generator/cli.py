@@ -1,6 +1,6 @@
 """The ``patchatlas`` command: thin wrappers over the stages, each rerunnable alone.
 
-``extract`` → ``analyze`` → ``render``, and ``build`` runs all three. Every stage reads and
+``extract`` → ``analyze`` → ``summarize`` → ``render``, and ``build`` runs all four. Every stage reads and
 writes under one output folder (``--out``, default ``./build``).
 """
 
@@ -14,6 +14,7 @@ from pathlib import Path
 import click
 
 from generator.errors import ModelsSkipped, PatchAtlasError
+from generator.store.layout import dataset_repo_dir, datasets_dir, manifest_path, results_root, source_key
 from generator.store.lock import output_lock
 
 DEFAULT_OUT = "build"
@@ -119,6 +120,14 @@ def _set_offline(offline: bool | None) -> None:
     _offline_env(True)
 
 
+def _offline_first(ctx, _param, offline):
+    # Eager: the Hub is probed before the other options' defaults are read from the option
+    # records (whose modules import torch), so an unreachable Hub with --online fails at once.
+    if not ctx.resilient_parsing:
+        _set_offline(offline)
+    return offline
+
+
 def _device(name: str, worker_rank: int | None = None) -> str:
     import torch
 
@@ -186,6 +195,54 @@ def _parse_input_size(value: str | None) -> int | dict[str, int] | None:
                               f"separated by commas (dinov2_vits14_reg=518,dino_vits16=448)") from None
 
 
+# Option choices and defaults are declared once, on the option records' fields
+# (generator/options.py); the commands read them from there when first needed: the records'
+# modules import torch, which declaring the commands (and the read-only ones) must not.
+_RECORDS = {"extract": ("generator.extract", "ExtractOptions"), "analyze": ("generator.analyze", "AnalyzeOptions"),
+            "probe": ("generator.analyses.probes", "ProbeProtocol"),
+            "summary": ("generator.summarize", "SummarizeOptions")}
+
+
+def option_record(kind: str):
+    import importlib
+
+    module, name = _RECORDS[kind]
+    return getattr(importlib.import_module(module), name)
+
+
+class _RecordDefault:
+    """A click default read from an option record's field (``to_cli`` spells it as the option
+    takes it); click calls it when the default is needed, and help shows ``str`` of it."""
+
+    def __init__(self, kind: str, name: str, to_cli=lambda value: value):
+        self.kind, self.name, self.to_cli = kind, name, to_cli
+
+    def __call__(self):
+        from generator.options import option_default
+
+        return self.to_cli(option_default(option_record(self.kind), self.name))
+
+    def __str__(self) -> str:
+        return str(self())
+
+
+class _RecordChoice(click.Choice):
+    """``click.Choice`` of an option record's field choices, read on first use."""
+
+    def __init__(self, kind: str, name: str):  # no super().__init__: ``choices`` is read lazily
+        self.kind, self.name, self.case_sensitive = kind, name, True
+
+    @property
+    def choices(self) -> tuple[str, ...]:
+        from generator.options import option_choices
+
+        return option_choices(option_record(self.kind), self.name)
+
+
+def _comma_list(values) -> str:
+    return ",".join(str(v) for v in values)
+
+
 def _out_option(f):
     return click.option("--out", type=click.Path(file_okay=False, path_type=Path), default=DEFAULT_OUT,
                         show_default=True, help="Output folder: datasets, results, docs and site.")(f)
@@ -199,15 +256,16 @@ def _extract_options(f):
                      help="Parameter of a source, e.g. n_images=32 (repeatable); applies to every "
                           "source that has that parameter."),
         click.option("--models", default=None, help="Comma-separated model names (default: the default set)."),
-        click.option("--layers", default="all", show_default=True,
+        click.option("--layers", default=_RecordDefault("extract", "layers"), show_default=True,
                      help="'all', 'last', 'quartiles' or block numbers like '4,8,12' (1-based)."),
-        click.option("--norms", default="prenorm,postnorm", show_default=True, help="Token views to write."),
-        click.option("--curve-layers", default="all", show_default=True,
+        click.option("--norms", default=_RecordDefault("extract", "norms", _comma_list), show_default=True,
+                     help="Token views to write (comma-separated)."),
+        click.option("--curve-layers", default=_RecordDefault("extract", "curve_layers"), show_default=True,
                      help="Layers of the layer-wise curves (k-NN, k-means, variance, norms); those not in "
                           "--layers are streamed from the extraction pass, and their tokens are not stored."),
-        click.option("--label-rule", type=click.Choice(["nearest", "majority"]), default="majority",
-                     show_default=True, help="How a patch's label is taken from the mask."),
-        click.option("--resize", type=click.Choice(["squash", "short-side-crop"]), default="squash",
+        click.option("--label-rule", type=_RecordChoice("extract", "label_rule"),
+                     default=_RecordDefault("extract", "label_rule"), show_default=True, help="How a patch's label is taken from the mask."),
+        click.option("--resize", type=_RecordChoice("extract", "resize"), default=_RecordDefault("extract", "resize"),
                      show_default=True, help="How an image becomes the square model input: 'squash' (the whole "
                           "image resized to the input square) or 'short-side-crop' (short side resized to the "
                           "input size, centre square kept, as timm's and DINO's eval transforms). Masks follow."),
@@ -216,15 +274,17 @@ def _extract_options(f):
                           "(448) or per model (dinov2_vits14_reg=518,dino_vits16=448); default: the registry's."),
         click.option("--batch-size", type=click.IntRange(min=1), default=None,
                      help="Images per forward pass (default: 256 on CUDA, 16 on CPU)."),
-        click.option("--embedding-dtype", type=click.Choice(["float16", "float32"]), default="float16",
-                     show_default=True, help="Precision of the published embeddings."),
-        click.option("--decode", type=click.Choice(["host", "device"]), default="host", show_default=True,
+        click.option("--embedding-dtype", type=_RecordChoice("extract", "embedding_dtype"),
+                     default=_RecordDefault("extract", "embedding_dtype"), show_default=True, help="Precision of the published embeddings."),
+        click.option("--decode", type=_RecordChoice("extract", "decode"), default=_RecordDefault("extract", "decode"),
+                     show_default=True,
                      help="Where images are decoded: 'host' (PIL on the CPU) or 'device' (JPEGs with "
                           "torchvision on the model's device, nvJPEG on CUDA; other images as on the host)."),
         click.option("--compile", "compile_blocks", is_flag=True, default=False,
                      help="torch.compile the model's blocks (all but the last, whose attention is recorded). "
                           "The first batches wait for the compiler, so it pays back only on long runs."),
-        click.option("--shard-mb", type=click.FloatRange(min=0, min_open=True), default=500, show_default=True,
+        click.option("--shard-mb", type=click.FloatRange(min=0, min_open=True),
+                     default=_RecordDefault("extract", "shard_bytes", lambda size: size / 1e6), show_default=True,
                      help="Largest Parquet shard, in MB (10^6 bytes)."),
         click.option("--weights", multiple=True, metavar="MODEL=PATH",
                      help="Local checkpoint for a model (repeatable); otherwise the Hub or its cache."),
@@ -232,7 +292,7 @@ def _extract_options(f):
                      help="Read this model's checkpoint even though it pickles Python objects (training "
                           "checkpoints with their arguments or config): unpickling runs code, so only for "
                           "files of trusted origin (repeatable)."),
-        click.option("--offline/--online", default=None,
+        click.option("--offline/--online", default=None, is_eager=True, callback=_offline_first,
                      help="Only use locally cached weights (default: follow HF_HUB_OFFLINE; an unreachable "
                           "Hub switches the run to the cache with a warning, and is an error with --online)."),
         click.option("--allow-skipped", is_flag=True, default=False,
@@ -272,22 +332,27 @@ def _common(f):
 
 
 def _analyze_options(f):
-    f = click.option("--k", "ks", default="4,8,16", show_default=True, help="Comma-separated k for k-means.")(f)
-    f = click.option("--seed", type=int, default=0, show_default=True)(f)
+    f = click.option("--k", "ks", default=_RecordDefault("analyze", "ks", _comma_list), show_default=True,
+                     help="Comma-separated k for k-means.")(f)
+    f = click.option("--seed", type=int, default=_RecordDefault("analyze", "seed"), show_default=True)(f)
     return f
 
 
 def _probe_options(f):
     """The few-shot probe protocol: extract (streamed layer-wise curves) and analyze share it."""
-    f = click.option("--knn-k", type=int, default=1, show_default=True, help="Neighbours of the k-NN probe.")(f)
-    f = click.option("--knn-similarity", type=click.Choice(["dot", "cosine", "l2"]), default="dot",
-                     show_default=True, help="Similarity of the k-NN probe.")(f)
-    f = click.option("--miou-average", type=click.Choice(["present", "cityscapes"]), default="present",
-                     show_default=True, help="Which classes the probes' mIoU averages: those present in the "
+    f = click.option("--knn-k", type=int, default=_RecordDefault("probe", "knn_k"), show_default=True,
+                     help="Neighbours of the k-NN probe.")(f)
+    f = click.option("--knn-similarity", type=_RecordChoice("probe", "knn_similarity"),
+                     default=_RecordDefault("probe", "knn_similarity"), show_default=True,
+                     help="Similarity of the k-NN probe.")(f)
+    f = click.option("--miou-average", type=_RecordChoice("probe", "miou_average"),
+                     default=_RecordDefault("probe", "miou_average"), show_default=True, help="Which classes the probes' mIoU averages: those present in the "
                                              "evaluation labels, or (cityscapesScripts) those present or predicted.")(f)
-    f = click.option("--linear-max-steps", type=int, default=500, show_default=True,
+    f = click.option("--linear-max-steps", type=int, default=_RecordDefault("probe", "linear_max_steps"),
+                     show_default=True,
                      help="Most L-BFGS iterations of the linear probe (it stops earlier once converged).")(f)
-    f = click.option("--linear-weight-decay", type=float, default=1e-4, show_default=True,
+    f = click.option("--linear-weight-decay", type=float, default=_RecordDefault("probe", "linear_weight_decay"),
+                     show_default=True,
                      help="L2 penalty (weight_decay / 2 * ||W||^2) on the linear probe's weights.")(f)
     return f
 
@@ -299,10 +364,16 @@ def _probe_protocol(knn_k, knn_similarity, miou_average, linear_max_steps, linea
                          linear_max_steps=linear_max_steps, linear_weight_decay=linear_weight_decay).validate()
 
 
+def _summary_options(f):
+    f = click.option("--gallery-images", type=int, default=_RecordDefault("summary", "gallery_images"),
+                     show_default=True, help="Images shown per gallery.")(f)
+    f = click.option("--gallery-k", type=int, default=_RecordDefault("summary", "gallery_k"), show_default=True,
+                     help="k shown in galleries.")(f)
+    return f
+
+
 def _render_options(f):
-    f = click.option("--gallery-images", type=int, default=8, show_default=True,
-                     help="Images shown per gallery.")(f)
-    f = click.option("--gallery-k", type=int, default=8, show_default=True, help="k shown in galleries.")(f)
+    f = _summary_options(f)
     f = click.option("--no-html", is_flag=True, help="Write Markdown pages only; skip `mkdocs build`.")(f)
     return f
 
@@ -335,8 +406,7 @@ def _do_extract(out, sources, source_options, models, layers, norms, curve_layer
                 input_size, batch_size,
                 embedding_dtype, decode, compile_blocks, shard_mb, weights, trust_checkpoints, offline, device, quiet, rank=0,
                 world_size=1, probe=None):
-    weights = _parse_weights(weights)  # a mistyped path fails before any work
-    _set_offline(offline)
+    weights = _parse_weights(weights)  # a mistyped path fails before any work (the Hub was probed at parsing)
     from generator.extract import ExtractOptions, run_extract
     from generator.models.registry import DEFAULT_MODELS
     from generator.sources.registry import get_source_entry, load_source
@@ -359,7 +429,7 @@ def _do_extract(out, sources, source_options, models, layers, norms, curve_layer
                              shard_bytes=int(shard_mb * 1e6), rank=rank, world_size=world_size,
                              curve_layers=curve_layers, decode=decode, compile_blocks=compile_blocks,
                              resize=resize, input_size=_parse_input_size(input_size), hub_repo=_hub_repo(),
-                             **({"probe": probe} if probe is not None else {}))
+                             **({"probe": probe} if probe is not None else {})).validate()
     outcomes = run_extract(out, loaded, _split(models) if models else list(DEFAULT_MODELS), options)
     for source, rows in outcomes.items():
         for row in rows:
@@ -394,8 +464,8 @@ def _skipped_inputs(out: Path, source_names) -> dict[str, list[dict]]:
     """The input files each source left out, as recorded in the manifest."""
     from generator.store.manifest import Manifest
 
-    manifest = Manifest.load(out / "manifest.json")
-    return {name: (manifest.get(f"sources/{name}") or {}).get("skipped_images", []) for name in source_names}
+    manifest = Manifest.load(manifest_path(out))
+    return {name: (manifest.get(source_key(name)) or {}).get("skipped_images", []) for name in source_names}
 
 
 def _do_analyze(out, ks, seed, probe, device, quiet):
@@ -406,16 +476,23 @@ def _do_analyze(out, ks, seed, probe, device, quiet):
     except ValueError:
         raise PatchAtlasError(f"--k {ks!r}: expected comma-separated integers such as 4,8,16") from None
     return run_analyze(out, AnalyzeOptions(ks=k_values, seed=seed, probe=probe, device=_device(device),
-                                           progress=_progress(quiet)))
+                                           progress=_progress(quiet)).validate())
+
+
+def _do_summarize(out, gallery_images, gallery_k):
+    from generator.summarize import SummarizeOptions, run_summarize
+
+    return run_summarize(out, SummarizeOptions(gallery_images=gallery_images, gallery_k=gallery_k).validate())
 
 
 def _do_render(out, gallery_images, gallery_k, no_html, quiet=False):
     from generator.extract import apply_hub_repo
     from generator.site import RenderOptions, run_render
 
+    options = RenderOptions(gallery_images=gallery_images, gallery_k=gallery_k, build_html=not no_html,
+                            progress=_progress(quiet)).validate()
     apply_hub_repo(out, _hub_repo())
-    return run_render(out, RenderOptions(gallery_images=gallery_images, gallery_k=gallery_k, build_html=not no_html,
-                                         progress=_progress(quiet)))
+    return run_render(out, options)
 
 
 @cli.command()
@@ -424,9 +501,11 @@ def _do_render(out, gallery_images, gallery_k, no_html, quiet=False):
 @_config_option
 @_extract_options
 @_probe_options
-@click.option("--rank", type=click.IntRange(min=0), default=0, envvar="RANK", show_default=True,
+@click.option("--rank", type=click.IntRange(min=0), default=_RecordDefault("extract", "rank"), envvar="RANK",
+              show_default=True,
               help="This worker's rank in a distributed extract (torchrun sets RANK).")
-@click.option("--world-size", type=click.IntRange(min=1), default=1, envvar="WORLD_SIZE", show_default=True,
+@click.option("--world-size", type=click.IntRange(min=1), default=_RecordDefault("extract", "world_size"),
+              envvar="WORLD_SIZE", show_default=True,
               help="Workers sharing the shards (torchrun sets WORLD_SIZE); 1 runs everything here.")
 @_common
 @_hub_repo_option
@@ -453,7 +532,7 @@ def extract(out, sources, source_options, models, layers, norms, curve_layers, l
                     click.echo(f"worker {rank}/{world_size}: {source} × {row.model}: {row.reason}")
         click.echo(f"worker {rank} of {world_size} done; when every worker is, run `patchatlas extract` with the "
                    f"same options (no RANK/WORLD_SIZE) to merge")
-    click.echo(f"datasets: {out / 'datasets'}")
+    click.echo(f"datasets: {datasets_dir(out)}")
     _check_skips(outcomes, models, weights, allow_skipped, require_pretrained)
 
 
@@ -468,7 +547,18 @@ def analyze(out, ks, seed, device, quiet, **probe_options):
     """Run the analyses on what `extract` wrote; results go to OUT/results."""
     with output_lock(out):
         done = _do_analyze(out, ks, seed, _probe_protocol(**probe_options), device, quiet)
-    click.echo(f"results: {out / 'results'} ({len(done)} configs analysed, the rest unchanged)")
+    click.echo(f"results: {results_root(out)} ({len(done)} configs analysed, the rest unchanged)")
+
+
+@cli.command()
+@_out_option
+@_config_option
+@_summary_options
+def summarize(out, gallery_images, gallery_k):
+    """Aggregate OUT/results into the tables and series the site shows (OUT/summary)."""
+    with output_lock(out):
+        redone = _do_summarize(out, gallery_images, gallery_k)
+    click.echo(f"summary: {out / 'summary'}" + ("" if redone else " (up to date)"))
 
 
 @cli.command()
@@ -478,8 +568,15 @@ def analyze(out, ks, seed, device, quiet, **probe_options):
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @_hub_repo_option
 def render(out, gallery_images, gallery_k, no_html, quiet):
-    """Render figures and pages from OUT and build the static site into OUT/site."""
+    """Render figures and pages from OUT and build the static site into OUT/site.
+
+    The summary is brought up to date first (nothing is recomputed when the results and the
+    gallery options are unchanged), so `render` alone after `analyze` shows the new results.
+    """
+    import generator.site  # noqa: F401  (the render's own dependencies are checked before any work)
+
     with output_lock(out):
+        _do_summarize(out, gallery_images, gallery_k)
         path = _do_render(out, gallery_images, gallery_k, no_html, quiet)
     click.echo(f"site: {path}")
 
@@ -498,7 +595,7 @@ def build(out, sources, source_options, models, layers, norms, curve_layers, lab
           batch_size,
           embedding_dtype, decode, compile_blocks, shard_mb, weights, trust_checkpoints, offline, allow_skipped,
           require_pretrained, ks, seed, gallery_images, gallery_k, no_html, device, quiet, **probe_options):
-    """extract + analyze + render, resuming whatever is already done."""
+    """extract + analyze + summarize + render, resuming whatever is already done."""
     probe = _probe_protocol(**probe_options)  # one protocol for the streamed curves and the analyses
     with output_lock(out):
         outcomes = _do_extract(out, sources, source_options, models, layers, norms, curve_layers, label_rule,
@@ -506,6 +603,7 @@ def build(out, sources, source_options, models, layers, norms, curve_layers, lab
                                trust_checkpoints, offline,
                                device, quiet, probe=probe)
         _do_analyze(out, ks, seed, probe, device, quiet)
+        _do_summarize(out, gallery_images, gallery_k)
         site = _do_render(out, gallery_images, gallery_k, no_html, quiet)
     click.echo("")
     click.echo("PatchAtlas build finished")
@@ -517,7 +615,7 @@ def build(out, sources, source_options, models, layers, norms, curve_layers, lab
     for source, skips in _skipped_inputs(out, outcomes).items():
         for skip in skips:
             click.echo(f"  {source}: SKIPPED input {skip['path']}: {skip['reason']}")
-    click.echo(f"  datasets: {(out / 'datasets').resolve()}")
+    click.echo(f"  datasets: {datasets_dir(out).resolve()}")
     click.echo(f"  site:     {Path(site).resolve()}" + ("/index.html" if not no_html else ""))
     _check_skips(outcomes, models, weights, allow_skipped, require_pretrained)
 
@@ -580,7 +678,7 @@ def datasets_cmd():
 @click.option("--revision", default=None, metavar="BRANCH", help="Branch to commit to (default: main).")
 def push(out, dataset, repo_id, dry_run, private, revision):
     """Publish OUT/datasets/DATASET to the Hugging Face Hub, uploading only what changed."""
-    from generator.extract import apply_hub_repo, dataset_repo_dir
+    from generator.extract import apply_hub_repo
     from generator.store.push import push_folder
     from generator.store.repo import check_repo_id
 

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import concurrent.futures
 from collections import deque
-from typing import Callable, Iterable, Iterator, TypeVar
+from collections.abc import Callable, Iterable, Iterator
+from typing import TypeVar
 
 T = TypeVar("T")
 
@@ -81,7 +82,7 @@ class BackgroundCalls:
         """Wait for what is queued (without raising) and stop the thread."""
         self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def __enter__(self) -> "BackgroundCalls":
+    def __enter__(self) -> BackgroundCalls:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> bool:

@@ -28,16 +28,17 @@ from __future__ import annotations
 
 import difflib
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import click
 
 from generator.errors import PatchAtlasError
 
-CONFIG_COMMANDS = ("extract", "analyze", "render", "build")
+CONFIG_COMMANDS = ("extract", "analyze", "summarize", "render", "build")
 # The tables each command reads, later over earlier: build runs every stage.
-TABLES_READ = {"build": ("extract", "analyze", "render", "build")}
+TABLES_READ = {"build": ("extract", "analyze", "summarize", "render", "build")}
 # Options that choose the file or the preset themselves: they belong on the command line.
 COMMAND_LINE_ONLY = ("config", "preset")
 

@@ -13,9 +13,9 @@ import dataclasses
 import io
 import math
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import datasets
 import numpy as np
@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from generator import __version__
 from generator.analyses.probes import ProbeProtocol
 from generator.batches import (
-    check_decode,
+    DECODE_MODES,
     encoder_if_available,
     grid_labels,
     labelled_batches,
@@ -35,8 +35,10 @@ from generator.batches import (
 )
 from generator.concurrency import BackgroundCalls
 from generator.errors import PatchAtlasError, WeightsUnavailable
+from generator.figures.palette import IGNORE_COLOR, PALETTE
 from generator.models.encoder import NORMS, QKV_VIEWS, Encoder, resolve_layers
 from generator.models.registry import Geometry, ModelEntry, get_model_entry, model_geometry, with_input_size
+from generator.options import check_choices, choice_field
 from generator.sources.base import SegmentationSource
 from generator.sources.degradations import (
     DEGRADATIONS,
@@ -45,13 +47,27 @@ from generator.sources.degradations import (
     apply_transform,
     patch_correspondence,
 )
-from generator.sources.geometry import DEFAULT_RESIZE, check_resize, input_geometry
+from generator.sources.geometry import DEFAULT_RESIZE, RESIZE_POLICIES, check_resize, input_geometry
 from generator.sources.labels import LABEL_RULES
 from generator.sources.splits import PROBE_TRAIN_FRACTION, few_shot_split
-from generator.figures.palette import IGNORE_COLOR, PALETTE
 from generator.store.atomic import atomic_path
-from generator.store.masks import palette_mask_png
+from generator.store.layout import (
+    WORKER_MANIFEST_GLOB,
+    dataset_repo_dir,
+    extract_key,
+    images_key,
+    manifest_path,
+    shard_key,
+    source_key,
+    variant_name,
+    variant_path,
+    variants_dir,
+    variants_key,
+    worker_manifest_path,
+    worker_manifests_dir,
+)
 from generator.store.manifest import Manifest, file_sha256, params_hash
+from generator.store.masks import palette_mask_png
 from generator.store.parquet import (
     AttentionTableWriter,
     PatchTableWriter,
@@ -59,21 +75,33 @@ from generator.store.parquet import (
     check_float16_range,
     write_images_shards,
 )
-from generator.store.schema import DEFAULT_EMBEDDING_DTYPE, check_embedding_dtype, label_names
-from generator.stream import LayerwiseAccumulator, plan_stream, run_stream_unit
+from generator.store.records import (
+    ConfigRecord,
+    ExtractRecord,
+    ModelFacts,
+    SourceRecord,
+    VariantsRecord,
+    extract_records,
+    record_hub_repo,
+    recorded_hub_repo,
+    source_record,
+    source_records,
+)
 from generator.store.repo import (
-    ATTENTION_CONFIG_SUFFIX,
     IMAGES_CONFIG,
-    PREFIX_CONFIG_SUFFIX,
     ConfigCardInfo,
+    attention_config_name,
+    attention_data_dir,
     check_hub_repo_fits,
     config_data_dir,
     config_name,
-    hub_repo_id,
-    placeholder_repo_id,
+    prefix_config_name,
+    prefix_data_dir,
     shard_name,
     write_dataset_card,
 )
+from generator.store.schema import DEFAULT_EMBEDDING_DTYPE, EMBEDDING_DTYPES, label_names
+from generator.stream import LayerwiseAccumulator, plan_stream, run_stream_unit
 
 # Bumped whenever extraction would produce different tokens or rows for the same inputs.
 EXTRACTOR_VERSION = "4"
@@ -85,15 +113,13 @@ ROW_OVERHEAD_BYTES = 16
 # Images per forward pass: large on GPUs, where small batches leave the device idle (ViT-B/16 in
 # bf16 at 256 needs about 2 GiB); moderate on CPUs, where it only bounds memory.
 DEFAULT_BATCH_SIZES = {"cuda": 256, "cpu": 16}
-# Where the workers of a distributed run record what they did, one file each.
-WORKER_MANIFESTS = "manifest.d"
 
 
 @dataclass
 class ExtractOptions:
     layers: str | Sequence[int] = "all"
-    norms: Sequence[str] = NORMS
-    label_rule: str = "majority"
+    norms: Sequence[str] = choice_field(NORMS, NORMS)
+    label_rule: str = choice_field("majority", LABEL_RULES)
     batch_size: int | None = None  # None: DEFAULT_BATCH_SIZES for the device
     device: str = "cpu"
     weights: dict[str, str] = field(default_factory=dict)  # model name -> checkpoint path
@@ -104,7 +130,7 @@ class ExtractOptions:
     variants: bool = True  # last-layer tokens of degraded and transformed evaluation images
     cache_dir: str | None = None
     progress: bool = True
-    embedding_dtype: str = DEFAULT_EMBEDDING_DTYPE  # what the published tables store
+    embedding_dtype: str = choice_field(DEFAULT_EMBEDDING_DTYPE, EMBEDDING_DTYPES)  # what the published tables store
     # The Hub repository the published files name: "ORG" (ORG/<dataset>), "ORG/NAME", or a
     # {dataset: "ORG[/NAME]"} mapping (generator.store.repo.hub_repo_id); None keeps the recorded one.
     hub_repo: str | dict[str, str] | None = None
@@ -117,21 +143,21 @@ class ExtractOptions:
     probe: ProbeProtocol = field(default_factory=ProbeProtocol)
     # Where images are decoded: "host" (PIL) or "device" (JPEGs by torchvision on the model's
     # device; see generator/batches.py).
-    decode: str = "host"
+    decode: str = choice_field("host", DECODE_MODES)
     # torch.compile the model's blocks (Encoder.compile_blocks); off by default, as the compiler's
     # start-up only pays back on long GPU runs.
     compile_blocks: bool = False
     # How an image becomes the square model input: "squash" or "short-side-crop"
     # (generator/sources/geometry.py); the masks follow the same geometry.
-    resize: str = DEFAULT_RESIZE
+    resize: str = choice_field(DEFAULT_RESIZE, RESIZE_POLICIES)
     # The input side: None keeps each model's registry size; one number sets every model's; a
     # dict sets the named models' (model name -> side). Each must be a multiple of the patch size.
     input_size: int | dict[str, int] | None = None
 
-    def validate(self) -> None:
-        check_embedding_dtype(self.embedding_dtype)
-        check_decode(self.decode)
-        check_resize(self.resize)
+    def validate(self) -> ExtractOptions:
+        """Raise a PatchAtlasError naming the first option with a bad value; changes nothing."""
+        check_resize(self.resize)  # first: its message says what each policy does
+        check_choices(self)
         sizes = self.input_size.values() if isinstance(self.input_size, dict) else [self.input_size]
         for size in sizes:
             if size is not None and (isinstance(size, bool) or not isinstance(size, int) or size < 1):
@@ -145,15 +171,17 @@ class ExtractOptions:
         if self.world_size < 1 or not 0 <= self.rank < self.world_size:
             raise PatchAtlasError(f"worker rank {self.rank} of world size {self.world_size}: expected "
                                   f"0 ≤ rank < world size (torchrun sets RANK and WORLD_SIZE)")
-        if self.label_rule not in LABEL_RULES:
-            raise PatchAtlasError(f"label rule {self.label_rule!r}: expected one of {', '.join(LABEL_RULES)}")
-        for norm in self.norms:
-            if norm not in NORMS:
-                raise PatchAtlasError(f"norm {norm!r}: expected one of {', '.join(NORMS)}")
-        if self.batch_size is None:
-            self.batch_size = DEFAULT_BATCH_SIZES["cuda" if str(self.device).startswith("cuda") else "cpu"]
-        if self.batch_size < 1:
-            raise PatchAtlasError(f"batch size {self.batch_size}: must be at least 1")
+        if self.batch_size is not None and (isinstance(self.batch_size, bool) or not isinstance(self.batch_size, int)
+                                            or self.batch_size < 1):
+            raise PatchAtlasError(f"--batch-size {self.batch_size!r}: must be a whole number of at least 1")
+        return self
+
+    def resolved(self) -> ExtractOptions:
+        """These options with the device's default batch size filled in where none was given."""
+        if self.batch_size is not None:
+            return self
+        return dataclasses.replace(self, batch_size=DEFAULT_BATCH_SIZES["cuda" if str(self.device).startswith("cuda")
+                                                                          else "cpu"])
 
     def entry_for(self, entry: ModelEntry) -> ModelEntry:
         """``entry`` at the input size these options ask for (itself when they ask for none)."""
@@ -169,19 +197,7 @@ class ModelOutcome:
     configs: list[str] = field(default_factory=list)
 
 
-def dataset_repo_dir(out: Path, source_name: str) -> Path:
-    return out / "datasets" / source_name
-
-
-def extract_key(source_name: str, model: str) -> str:
-    return f"extract/{source_name}/{model}"
-
-
-def images_key(source_name: str) -> str:
-    return f"extract/{source_name}/{IMAGES_CONFIG}"
-
-
-def _png_bytes(column_value: dict) -> bytes:
+def _cell_bytes(column_value: dict) -> bytes:
     """The encoded bytes of a ``datasets.Image`` cell read with ``decode=False``."""
     if column_value.get("bytes"):
         return column_value["bytes"]
@@ -190,13 +206,13 @@ def _png_bytes(column_value: dict) -> bytes:
 
 def record_source(source: SegmentationSource, manifest: Manifest) -> None:
     """What later stages need to know of a source without reloading it."""
-    manifest.set(f"sources/{source.name}", {
-        "name": source.name, "revision": source.revision, "license": source.license,
-        "description": source.description, "params": source.params, "ignore_index": source.ignore_index,
-        "classes": [dataclasses.asdict(c) for c in source.classes], "num_images": len(source),
-        "probes": source.probes, "probe_train_count": source.probe_train_count,
-        "skipped_images": [dict(s) for s in source.skipped],
-    })
+    manifest.set(source_key(source.name), SourceRecord(
+        name=source.name, revision=source.revision, license=source.license,
+        description=source.description, params=source.params, ignore_index=source.ignore_index,
+        classes=[dataclasses.asdict(c) for c in source.classes], num_images=len(source),
+        probes=source.probes, probe_train_count=source.probe_train_count,
+        skipped_images=[dict(s) for s in source.skipped],
+    ).to_entry())
 
 
 def write_images(source: SegmentationSource, repo: Path, manifest: Manifest, shard_bytes: int) -> None:
@@ -210,29 +226,31 @@ def write_images(source: SegmentationSource, repo: Path, manifest: Manifest, sha
 
     def rows():
         for row in raw:
-            image_png = _png_bytes(row["image"])
+            image_png = _cell_bytes(row["image"])
             # The site's palette, so a mask on the Hub shows the colours of the atlas' figures.
-            mask_png = palette_mask_png(_png_bytes(row["mask"]), PALETTE, source.ignore_index, IGNORE_COLOR)
+            mask_png = palette_mask_png(_cell_bytes(row["mask"]), PALETTE, source.ignore_index, IGNORE_COLOR)
             width, height = Image.open(io.BytesIO(image_png)).size
             yield {"image_id": row["image_id"], "image_png": image_png, "mask_png": mask_png,
                    "width": width, "height": height}
 
     paths = write_images_shards(repo / IMAGES_CONFIG, rows(), shard_bytes)
     manifest.set(key, {"status": "done", "params": params, "params_hash": params_hash(params),
-                       "files": {str(p.relative_to(repo)): file_sha256(p) for p in paths}})
+                       "files": {str(p.relative_to(repo)): manifest.sha256(p) for p in paths}})
     manifest.save()
 
 
-def token_params(entry: ModelEntry, source: SegmentationSource, options: ExtractOptions) -> dict:
+def token_params(entry: ModelEntry, source: SegmentationSource, options: ExtractOptions,
+                 sha256=file_sha256) -> dict:
     """Everything that determines the bytes of any one table of a (source, model) unit.
 
     Which tables are asked for (layers, views) is not part of it: a table already written with
     these parameters is kept when another layer is added, and only the new layers are computed.
+    ``sha256`` hashes the checkpoint (a run passes ``Manifest.sha256``, which hashes it once).
     """
     checkpoint = options.weights.get(entry.name)
     return {
         "model": dataclasses.asdict(entry),
-        "checkpoint": {"path": str(checkpoint), "sha256": file_sha256(Path(checkpoint))}
+        "checkpoint": {"path": str(checkpoint), "sha256": sha256(Path(checkpoint))}
         if checkpoint and Path(checkpoint).is_file() else None,
         "source": {"name": source.name, "revision": source.revision},
         "label_rule": options.label_rule,
@@ -258,15 +276,10 @@ def _controls_version() -> str:
     return CONTROLS_VERSION
 
 
-def extract_input(params: dict) -> dict:
-    """The input size and resize policy recorded in a unit's token parameters."""
-    return {"input_size": params["model"]["input_size"], "resize": params.get("resize", DEFAULT_RESIZE)}
-
-
 def model_params(entry: ModelEntry, source: SegmentationSource, layers: list[int] | str,
-                 options: ExtractOptions) -> dict:
+                 options: ExtractOptions, sha256=file_sha256) -> dict:
     """A (source, model) unit: its token parameters and the set of tables asked for."""
-    return {**token_params(entry, source, options), "layers": layers, "norms": list(options.norms),
+    return {**token_params(entry, source, options, sha256), "layers": layers, "norms": list(options.norms),
             "last_block_attention": options.last_block_attention}
 
 
@@ -298,10 +311,6 @@ def images_per_shard(grid: tuple[int, int], dim: int, dtype: str, shard_bytes: i
 def plan_shards(num_images: int, per_shard: int) -> list[Shard]:
     total = max(1, -(-num_images // per_shard))
     return [Shard(i, total, i * per_shard, min(num_images, (i + 1) * per_shard)) for i in range(total)]
-
-
-def shard_key(source_name: str, model: str, shard: Shard) -> str:
-    return f"shards/{source_name}/{model}/{shard.index:05d}-of-{shard.total:05d}"
 
 
 class JobCounter:
@@ -402,7 +411,7 @@ def extract_shard(source: SegmentationSource, encoder: Encoder, shard: Shard, ta
             # After the published tokens went to the host, so that their copies do not wait for
             # the accumulators' work on the device.
             if layerwise is not None:
-                layerwise.add(first_index, labels, batch)
+                layerwise.update(first_index, labels, batch)
             first_index += len(image_ids)
     return {rel: file_sha256(repo / rel) for rel in tables}
 
@@ -443,17 +452,13 @@ def shard_tables(model: str, depth: int, num_prefix_tokens: int, layers: list[in
         for norm in options.norms:
             tables[f"{config_data_dir(model, layer, norm)}/{file_name}"] = TableSpec("patches", layer, norm)
             if num_prefix_tokens:
-                tables[f"{model}/prefix/L{layer:02d}-{norm}-{file_name}"] = TableSpec("prefix", layer, norm)
+                tables[f"{prefix_data_dir(model)}/L{layer:02d}-{norm}-{file_name}"] = TableSpec("prefix", layer, norm)
     if options.last_block_attention:
         for view in QKV_VIEWS:
             tables[f"{config_data_dir(model, depth, view)}/{file_name}"] = TableSpec("patches", depth, view)
         if num_prefix_tokens:
-            tables[f"{model}/attention/{file_name}"] = TableSpec("attention", depth, "")
+            tables[f"{attention_data_dir(model)}/{file_name}"] = TableSpec("attention", depth, "")
     return tables
-
-
-def _worker_manifest_path(out: Path, rank: int, world_size: int) -> Path:
-    return out / WORKER_MANIFESTS / f"rank-{rank:04d}-of-{world_size:04d}.json"
 
 
 def open_manifest(out: Path, options: ExtractOptions) -> Manifest:
@@ -463,8 +468,8 @@ def open_manifest(out: Path, options: ExtractOptions) -> Manifest:
     owns ``manifest.json``. A worker starts from ``manifest.json`` (to reuse what is done) and
     writes its own file, so workers never write the same file.
     """
-    main = Manifest.load(out / "manifest.json")
-    workers = sorted((out / WORKER_MANIFESTS).glob("rank-*.json"))
+    main = Manifest.load(manifest_path(out))
+    workers = sorted(worker_manifests_dir(out).glob(WORKER_MANIFEST_GLOB))
     if options.world_size == 1:
         for path in workers:
             main.merge(Manifest.load(path))
@@ -473,7 +478,7 @@ def open_manifest(out: Path, options: ExtractOptions) -> Manifest:
             for path in workers:
                 path.unlink()
         return main
-    worker = Manifest(_worker_manifest_path(out, options.rank, options.world_size))
+    worker = Manifest(worker_manifest_path(out, options.rank, options.world_size))
     worker.merge(main)
     own = worker.path
     if own.exists():
@@ -490,7 +495,7 @@ def run_extract(out: Path, sources: Sequence[SegmentationSource], model_names: S
     (``patchatlas extract`` or ``build`` with the same options) merges the workers' records,
     reuses their shards and finishes the configs and cards.
     """
-    options.validate()
+    options = options.validate().resolved()
     check_hub_repo_fits(options.hub_repo, [source.name for source in sources])
     out = Path(out)
     manifest = open_manifest(out, options)
@@ -521,21 +526,22 @@ def _extract_unit(source: SegmentationSource, entry: ModelEntry, options: Extrac
                   repo: Path, manifest: Manifest, jobs: JobCounter) -> ModelOutcome:
     key = extract_key(source.name, entry.name)
     params = model_params(entry, source, options.layers if isinstance(options.layers, str)
-                          else list(options.layers), options)
-    tokens_hash = params_hash(token_params(entry, source, options))
+                          else list(options.layers), options, manifest.sha256)
+    tokens_hash = params_hash(token_params(entry, source, options, manifest.sha256))
     geometry = model_geometry(entry)
     shards = plan_shards(len(source), images_per_shard(entry.grid_size(), geometry.embed_dim,
                                                        options.embedding_dtype, options.shard_bytes))
     mine = [jobs.take() for _ in shards]
     variants_mine = jobs.take()
     worker = options.world_size > 1
+    out = repo.parent.parent
     if not worker and manifest.is_done(key, params, repo):
-        done = manifest.get(key)
+        done = _extract_record(manifest, key)
         if options.variants:
-            _variants_unit(source, entry, options, repo.parent.parent, manifest, tokens_hash, None)
-        run_stream_unit(source, entry, options, repo.parent.parent, manifest, tokens_hash, None, done["layers"],
+            _variants_unit(source, entry, options, out, manifest, tokens_hash, None)
+        run_stream_unit(source, entry, options, out, manifest, tokens_hash, None, done.layers,
                         spans=[(shard.start, shard.stop) for shard in shards])
-        return ModelOutcome(entry.name, "reused", configs=[c["name"] for c in done["configs"]])
+        return ModelOutcome(entry.name, "reused", configs=[c.name for c in done.configs])
     layers = resolve_layers(options.layers, geometry.depth)
     encoder: Encoder | None = None
     layerwise: LayerwiseAccumulator | None = None
@@ -546,7 +552,8 @@ def _extract_unit(source: SegmentationSource, entry: ModelEntry, options: Extrac
             continue
         wanted = shard_tables(entry.name, geometry.depth, geometry.num_prefix_tokens, layers, options,
                               shard.file_name)
-        record_key, shard_params = shard_key(source.name, entry.name, shard), _shard_params(tokens_hash, shard)
+        record_key = shard_key(source.name, entry.name, shard.index, shard.total)
+        shard_params = _shard_params(tokens_hash, shard)
         # Tables this shard already holds with the same token parameters, every file intact.
         held = manifest.get(record_key)["files"] if manifest.is_done(record_key, shard_params, repo) else {}
         missing = {rel: spec for rel, spec in wanted.items() if rel not in held}
@@ -554,19 +561,22 @@ def _extract_unit(source: SegmentationSource, entry: ModelEntry, options: Extrac
             todo.append((shard, record_key, shard_params, held, missing))
     # The layer-wise curves ride on the extraction pass when it sees every image in order.
     stream = None if worker or len(todo) != len(shards) else \
-        plan_stream(source, entry, options, repo.parent.parent, manifest, tokens_hash, layers)
+        plan_stream(source, entry, options, out, manifest, tokens_hash, layers)
     for shard, record_key, shard_params, held, missing in todo:
         if encoder is None:
             try:
                 encoder = load_encoder_for(entry, options)
             except WeightsUnavailable as err:
-                manifest.set(key, {"status": "skipped", "reason": str(err), "params": params,
-                                   "params_hash": params_hash(params), "files": {}})
+                manifest.set(key, ExtractRecord(status="skipped", reason=str(err), params=params,
+                                                params_hash=params_hash(params), files={},
+                                                model_facts=ModelFacts.from_model(entry)).to_entry())
                 manifest.save()
                 return ModelOutcome(entry.name, "skipped", reason=str(err))
             if stream is not None:
                 layerwise = LayerwiseAccumulator(source, stream.layers, encoder, options)
         files = extract_shard(source, encoder, shard, missing, options, repo, layerwise)
+        for rel, digest in files.items():
+            manifest.remember_sha256(repo / rel, digest)
         manifest.set(record_key, {"status": "done", "params": shard_params, "files": {**held, **files},
                                   "weights": dataclasses.asdict(encoder.weights)})
         manifest.save()
@@ -574,17 +584,21 @@ def _extract_unit(source: SegmentationSource, entry: ModelEntry, options: Extrac
     if not worker:
         _finish_unit(source, entry, geometry, layers, shards, params, tokens_hash, options, repo, manifest)
     if options.variants and variants_mine:
-        _variants_unit(source, entry, options, repo.parent.parent, manifest, tokens_hash, encoder)
+        _variants_unit(source, entry, options, out, manifest, tokens_hash, encoder)
     if not worker:  # one ordered pass over all images: the merging run does it after a distributed one
-        run_stream_unit(source, entry, options, repo.parent.parent, manifest, tokens_hash, encoder, layers,
+        run_stream_unit(source, entry, options, out, manifest, tokens_hash, encoder, layers,
                         fused=layerwise, spans=[(shard.start, shard.stop) for shard in shards])
     del encoder, layerwise
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     if worker:
         return ModelOutcome(entry.name, "worker", reason=f"{computed} of {len(shards)} shards extracted here")
-    done = manifest.get(key)
-    return ModelOutcome(entry.name, "done" if computed else "reused", configs=[c["name"] for c in done["configs"]])
+    done = _extract_record(manifest, key)
+    return ModelOutcome(entry.name, "done" if computed else "reused", configs=[c.name for c in done.configs])
+
+
+def _extract_record(manifest: Manifest, key: str) -> ExtractRecord:
+    return ExtractRecord.from_entry(manifest.get(key), f"{manifest.path}: entry {key!r}")
 
 
 def _shard_params(tokens_hash: str, shard: Shard) -> dict:
@@ -604,13 +618,13 @@ def _finish_unit(source: SegmentationSource, entry: ModelEntry, geometry: Geomet
                            shard.file_name) for shard in shards]
     records = []
     for shard, tables in zip(shards, wanted):
-        record = manifest.get(shard_key(source.name, entry.name, shard))
+        record = manifest.get(shard_key(source.name, entry.name, shard.index, shard.total))
         if record is None or not set(tables) <= set(record["files"]):
             raise PatchAtlasError(f"{entry.name} on {source.name}: shard {shard.index + 1} of {shard.total} is "
                                   f"incomplete; rerun `patchatlas extract` with the same options")
         if set(record["files"]) != set(tables):
             record = {**record, "files": {rel: record["files"][rel] for rel in tables}}
-            manifest.set(shard_key(source.name, entry.name, shard), record)
+            manifest.set(shard_key(source.name, entry.name, shard.index, shard.total), record)
         records.append(record)
     files = {rel: digest for record in records for rel, digest in record["files"].items()}
     model_dir = repo / entry.name
@@ -623,30 +637,22 @@ def _finish_unit(source: SegmentationSource, entry: ModelEntry, geometry: Geomet
         if spec.kind != "patches":
             continue
         paths = [shard_paths[spec] for shard_paths in paths_of]
-        configs.append({
-            "name": config_name(entry.name, spec.layer, spec.view), "paths": paths, "layer": spec.layer,
-            "norm": spec.view, "dim": geometry.embed_dim, "dtype": options.embedding_dtype,
-            "num_rows": len(source) * grid[0] * grid[1],
-            "num_bytes": sum((repo / path).stat().st_size for path in paths),
-        })
+        configs.append(ConfigRecord(
+            name=config_name(entry.name, spec.layer, spec.view), paths=paths, layer=spec.layer,
+            norm=spec.view, dim=geometry.embed_dim, dtype=options.embedding_dtype,
+            num_rows=len(source) * grid[0] * grid[1],
+            num_bytes=sum((repo / path).stat().st_size for path in paths),
+        ))
     prefix_paths = [rel for tables in wanted for rel, spec in tables.items() if spec.kind == "prefix"]
     attention_paths = [rel for tables in wanted for rel, spec in tables.items() if spec.kind == "attention"]
-    manifest.set(extract_key(source.name, entry.name), {
-        "status": "done", "params": params, "params_hash": params_hash(params), "files": files,
-        "configs": configs, "layers": layers, "grid": list(grid), "dim": geometry.embed_dim,
-        "prefix_paths": prefix_paths or None, "attention_paths": attention_paths or None,
-        "shards": len(shards), "weights": records[0]["weights"], "model": entry.name, "source": source.name,
-        "version": __version__,
-    })
+    manifest.set(extract_key(source.name, entry.name), ExtractRecord(
+        status="done", params=params, params_hash=params_hash(params), files=files,
+        configs=tuple(configs), layers=layers, grid=list(grid), dim=geometry.embed_dim,
+        prefix_paths=prefix_paths or None, attention_paths=attention_paths or None,
+        shards=len(shards), weights=records[0]["weights"], model=entry.name, source=source.name,
+        version=__version__, model_facts=ModelFacts.from_model(entry),
+    ).to_entry())
     manifest.save()
-
-
-def variants_dir(out: Path, source_name: str, model: str) -> Path:
-    return Path(out) / "variants" / source_name / model
-
-
-def variant_name(kind: str, name: str, level) -> str:
-    return f"{kind}-{name}-{level}"
 
 
 def _variants_unit(source: SegmentationSource, entry: ModelEntry, options: ExtractOptions, out: Path,
@@ -659,7 +665,7 @@ def _variants_unit(source: SegmentationSource, entry: ModelEntry, options: Extra
     """
     if not source.probes or len(source) < 2 or "postnorm" not in options.norms:
         return
-    key = f"variants/{source.name}/{entry.name}"
+    key = variants_key(source.name, entry.name)
     # The dtype is in tokens_hash too; it is named here because it decides these files' bytes.
     params = {"extract": tokens_hash, "embedding_dtype": options.embedding_dtype, "degradations": DEGRADATIONS,
               "transforms": {k: v for k, v in TRANSFORMS.items() if k not in DEGRADATIONS},
@@ -707,39 +713,15 @@ def _variants_unit(source: SegmentationSource, entry: ModelEntry, options: Extra
                   "image_ids": np.asarray(val_ids)}
         if correspondence is not None:
             arrays["correspondence"] = correspondence
-        path = folder / f"{variant_name(kind, name, level)}.npz"
+        path = variant_path(folder, kind, name, level)
         with atomic_path(path) as tmp:
             with open(tmp, "wb") as fh:
                 np.savez_compressed(fh, **arrays)
-        files[str(path.relative_to(out))] = file_sha256(path)
-    manifest.set(key, {"status": "done", "params": params, "params_hash": params_hash(params), "files": files,
-                       "layer": encoder.depth, "model": entry.name, "source": source.name,
-                       "val_ids": list(val_ids)})
+        files[str(path.relative_to(out))] = manifest.sha256(path)
+    manifest.set(key, VariantsRecord(status="done", params=params, params_hash=params_hash(params), files=files,
+                                     layer=encoder.depth, model=entry.name, source=source.name,
+                                     val_ids=list(val_ids)).to_entry())
     manifest.save()
-
-
-def hub_key(source_name: str) -> str:
-    return f"hub/{source_name}"
-
-
-def record_hub_repo(manifest: Manifest, source_name: str, hub_repo: str | dict[str, str] | None) -> str:
-    """Record the Hub repository ``--hub-repo`` (or ``push --repo``) names for a dataset.
-
-    Without one, the recorded repository (of an earlier run or push) stays; with none recorded
-    either, the published files name the placeholder ``YOUR_ORG/<dataset>``.
-    """
-    recorded = (manifest.get(hub_key(source_name)) or {}).get("repo_id")
-    if hub_repo is None or (isinstance(hub_repo, dict) and source_name not in hub_repo):
-        return recorded or placeholder_repo_id(source_name)
-    repo_id = hub_repo_id(source_name, hub_repo)
-    if repo_id != recorded:
-        manifest.set(hub_key(source_name), {"repo_id": repo_id})
-    return repo_id
-
-
-def recorded_hub_repo(manifest: Manifest, source_name: str) -> str:
-    """The dataset's Hub repository as recorded, or the placeholder ``YOUR_ORG/<dataset>``."""
-    return (manifest.get(hub_key(source_name)) or {}).get("repo_id") or placeholder_repo_id(source_name)
 
 
 def apply_hub_repo(out: Path, hub_repo: str | dict[str, str] | None) -> list[str]:
@@ -749,11 +731,12 @@ def apply_hub_repo(out: Path, hub_repo: str | dict[str, str] | None) -> list[str
     """
     if hub_repo is None:
         return []
-    manifest = Manifest.load(Path(out) / "manifest.json")
-    check_hub_repo_fits(hub_repo, [source["name"] for _, source in manifest.entries(prefix="sources/")])
+    manifest = Manifest.load(manifest_path(out))
+    sources = source_records(manifest)
+    check_hub_repo_fits(hub_repo, [source.name for source in sources])
     changed = []
-    for _, source in sorted(manifest.entries(prefix="sources/")):
-        name = source["name"]
+    for source in sources:
+        name = source.name
         before = recorded_hub_repo(manifest, name)
         if record_hub_repo(manifest, name, hub_repo) != before:
             changed.append(name)
@@ -764,38 +747,37 @@ def apply_hub_repo(out: Path, hub_repo: str | dict[str, str] | None) -> list[str
 
 def write_card(source_name: str, repo: Path, manifest: Manifest) -> Path:
     """Re-render the dataset card from what the manifest records for this source."""
-    source = manifest.get(f"sources/{source_name}")
+    source = source_record(manifest, source_key(source_name))
     if source is None:
         raise PatchAtlasError(f"{repo}: no record of dataset {source_name!r}; run `patchatlas extract` first")
     cards: list[ConfigCardInfo] = []
     extra_configs: list[dict] = []
-    for key, unit in sorted(manifest.entries(prefix=f"extract/{source_name}/")):
-        if unit.get("status") != "done" or "configs" not in unit:
+    for name, unit in extract_records(manifest, source_name):
+        if not unit.done:
             continue
-        entry = get_model_entry(unit["model"])
-        weights = unit.get("weights", {})
-        recorded = extract_input(unit["params"])
-        if unit.get("prefix_paths"):
-            extra_configs.append({"name": f"{entry.name}{PREFIX_CONFIG_SUFFIX}", "model": entry.timm_id,
-                                  "kind": "CLS and register tokens", "license": entry.license,
-                                  "data_files": str(Path(unit["prefix_paths"][0]).parent / "*.parquet")})
-        if unit.get("attention_paths"):
-            extra_configs.append({"name": f"{entry.name}{ATTENTION_CONFIG_SUFFIX}", "model": entry.timm_id,
-                                  "kind": "last-block CLS attention", "license": entry.license,
-                                  "data_files": str(Path(unit["attention_paths"][0]).parent / "*.parquet")})
-        for cfg in unit["configs"]:
+        facts = unit.model_facts
+        weights = unit.weights or {}
+        if unit.prefix_paths:
+            extra_configs.append({"name": prefix_config_name(name), "model": facts.timm_id,
+                                  "kind": "CLS and register tokens", "license": facts.license,
+                                  "data_files": str(Path(unit.prefix_paths[0]).parent / "*.parquet")})
+        if unit.attention_paths:
+            extra_configs.append({"name": attention_config_name(name), "model": facts.timm_id,
+                                  "kind": "last-block CLS attention", "license": facts.license,
+                                  "data_files": str(Path(unit.attention_paths[0]).parent / "*.parquet")})
+        for cfg in unit.configs:
             cards.append(ConfigCardInfo(
-                name=cfg["name"], data_files=str(Path(cfg["paths"][0]).parent / "*.parquet"),
-                model=entry.name, model_id=entry.published_id,
-                revision=weights.get("revision", ""), layer=cfg["layer"], norm=cfg["norm"],
-                input_size=recorded["input_size"], patch_size=entry.patch_size, resize=recorded["resize"],
-                label_rule=unit["params"]["label_rule"], dim=cfg["dim"], num_rows=cfg["num_rows"],
-                num_bytes=cfg["num_bytes"], license=entry.license, dtype=cfg["dtype"],
+                name=cfg.name, data_files=str(Path(cfg.paths[0]).parent / "*.parquet"),
+                model=name, model_id=facts.published_id,
+                revision=weights.get("revision", ""), layer=cfg.layer, norm=cfg.norm,
+                input_size=unit.input_size, patch_size=facts.patch_size, resize=unit.resize,
+                label_rule=unit.label_rule, dim=cfg.dim, num_rows=cfg.num_rows,
+                num_bytes=cfg.num_bytes, license=facts.license, dtype=cfg.dtype,
             ))
     info = {
-        "name": source["name"], "description": source["description"], "license": source["license"],
-        "revision": source["revision"], "repo_id": recorded_hub_repo(manifest, source_name),
-        "num_images": source["num_images"], "classes": source["classes"], "ignore_index": source["ignore_index"],
+        "name": source.name, "description": source.description, "license": source.license,
+        "revision": source.revision, "repo_id": recorded_hub_repo(manifest, source_name),
+        "num_images": source.num_images, "classes": source.classes, "ignore_index": source.ignore_index,
         "extra_configs": extra_configs,
     }
     return write_dataset_card(repo, info, cards)

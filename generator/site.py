@@ -19,26 +19,47 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import jinja2
-from tqdm.auto import tqdm
 import markupsafe
 import numpy as np
 from PIL import Image
+from tqdm.auto import tqdm
 
 from generator.assets import mkdocs_config, site_skeleton_dir, templates_dir
 from generator.errors import PatchAtlasError
-from generator.extract import extract_input, recorded_hub_repo
-from generator.sources.geometry import DEFAULT_RESIZE
-from generator.analyses.position import position_cluster_histogram, position_mode_map
-from generator.analyses.probes import ProbeProtocol
 from generator.figures.maps import thumbnail, to_png_bytes, upsample_nearest
 from generator.figures.palette import PALETTE, colorize
 from generator.figures.plots import heatmap_rgb, histogram_png, line_chart_png, stacked_bars_png
-from generator.models.registry import MODELS, get_model_entry
 from generator.store.atomic import disk_full_error, is_disk_full
-from generator.store.lock import RENDER_STAGING_PREFIX
+from generator.store.layout import (
+    ATTENTION_ARRAYS_FILE,
+    IMAGES_CONFIG,
+    MAPS_ARRAYS_FILE,
+    RENDER_STAGING_PREFIX,
+    SOURCES_PREFIX,
+    dataset_repo_dir,
+    docs_dir,
+    extract_prefix,
+    kmeans_maps_path,
+    manifest_path,
+    position_modes_name,
+    results_dir,
+    site_dir,
+    summary_file,
+)
 from generator.store.manifest import Manifest
 from generator.store.parquet import read_first_images
-from generator.store.repo import IMAGES_CONFIG, hub_viewer_url, is_placeholder
+from generator.store.records import extract_records, recorded_hub_repo, source_records
+from generator.store.repo import hub_viewer_url, is_placeholder
+from generator.summarize import (
+    RETRIEVAL_OUTCOMES,
+    SummarizeOptions,
+    fmt_num,
+    fmt_pct,
+    is_reference,
+    load_site_summary,
+    recorded_models,
+    reference_tag,
+)
 
 # Characters that would start Markdown or HTML syntax when they come from data (names, labels).
 _MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+!|~])")
@@ -50,37 +71,10 @@ def md_escape(value) -> markupsafe.Markup:
     return markupsafe.Markup(_MD_SPECIAL.sub(r"\\\1", html_safe))
 
 
-# Families whose rows are references, with the word a reader sees beside them: the untrained
-# network and the calibration controls (models with a known answer) give each metric its scale.
-# They stand beside the models in every table and chart, never in a ranking.
-REFERENCE_FAMILIES = {"random": "baseline", "control": "control"}
-
-
-def is_reference(family: str | None) -> bool:
-    return family in REFERENCE_FAMILIES
-
-
-def reference_tag(family: str | None) -> str:
-    return REFERENCE_FAMILIES.get(family, "")
-
-
-def model_order(families: dict[str, str]):
-    """Sort key for model names: real models first (by family, name), references after them."""
-    return lambda model: (is_reference(families.get(model)), families.get(model, "?"), model)
-
-
-def _fmt_pct(value) -> str:
-    return "—" if value is None else f"{100 * value:.1f}"
-
-
-def _fmt_num(value) -> str:
-    return "—" if value is None else f"{value:.2f}"
-
-
 def with_interval(row: dict, key: str, as_percent: bool = True) -> str:
     """``row[key]`` with its interval ``row[key + "_ci"]`` (``[lo, hi]``) when the result has one:
     "53.0 (49.0–57.0)"."""
-    fmt = _fmt_pct if as_percent else _fmt_num
+    fmt = fmt_pct if as_percent else fmt_num
     text = fmt(row.get(key))
     interval = row.get(f"{key}_ci")
     if row.get(key) is not None and interval and None not in interval:
@@ -97,7 +91,7 @@ def template_env() -> jinja2.Environment:
     env.filters["md"] = md_escape
     # Front matter is YAML, not Markdown: a JSON string is a safe YAML scalar for any name.
     env.filters["yaml_str"] = lambda value: markupsafe.Markup(json.dumps(str(value)))
-    env.filters["pct"] = _fmt_pct
+    env.filters["pct"] = fmt_pct
     env.filters["with_interval"] = with_interval
     env.filters["reference_tag"] = reference_tag
     env.tests["reference"] = is_reference
@@ -107,13 +101,19 @@ def template_env() -> jinja2.Environment:
 
 
 @dataclass
-class RenderOptions:
-    gallery_images: int = 8
-    gallery_k: int = 8
-    gallery_norm: str = "postnorm"
+class RenderOptions(SummarizeOptions):
+    """The summary's options (which images, k and view the galleries show) and how pages are drawn."""
+
     thumb_side: int = 224  # stored size; pages show them smaller and open them full size on click
     build_html: bool = True
     progress: bool = True
+
+    def validate(self) -> RenderOptions:
+        """Raise a PatchAtlasError naming the first option with a bad value; changes nothing."""
+        super().validate()
+        if isinstance(self.thumb_side, bool) or not isinstance(self.thumb_side, int) or self.thumb_side < 16:
+            raise PatchAtlasError(f"thumb_side {self.thumb_side!r}: expected a whole number of pixels, at least 16")
+        return self
 
 
 @dataclass
@@ -131,34 +131,16 @@ class ModelRow:
     resize: str = "squash"  # how images became the input (generator/sources/geometry.py)
 
 
-def _weights_label(entry) -> str:
-    """What a page says the weights are: the timm id, or how a reference model got its own."""
-    if entry.construction:
-        return f"constructed in code ({entry.construction})"
-    return entry.timm_id if entry.pretrained else "untrained"
-
-
 def _model_rows(manifest: Manifest, source: str | None = None) -> list[ModelRow]:
     rows: dict[str, ModelRow] = {}
-    prefix = f"extract/{source}/" if source else "extract/"
-    for key, unit in sorted(manifest.entries(prefix=prefix)):
-        name = key.rsplit("/", 1)[-1]
-        if name == IMAGES_CONFIG or name not in MODELS:
+    for name, unit in extract_records(manifest, source):
+        facts = unit.model_facts
+        if facts is None or (name in rows and rows[name].status == "done"):
             continue
-        entry = get_model_entry(name)
-        status = unit.get("status", "unknown")
-        if name in rows and rows[name].status == "done":
-            continue
-        recorded = extract_input(unit["params"]) if "params" in unit else {"input_size": entry.input_size}
-        rows[name] = ModelRow(name, entry.family, entry.description, entry.patch_size, recorded["input_size"],
-                              entry.license, _weights_label(entry),
-                              status, unit.get("reason", ""), unit.get("weights", {}),
-                              recorded.get("resize", DEFAULT_RESIZE))
+        rows[name] = ModelRow(name, facts.family, facts.description, facts.patch_size, unit.input_size,
+                              facts.license, facts.weights_label, unit.status, unit.reason, unit.weights or {},
+                              unit.resize)
     return list(rows.values())
-
-
-def _load_json(paths) -> list[dict]:
-    return [json.loads(p.read_text()) for p in sorted(paths)]
 
 
 def _decode_png(data: bytes) -> np.ndarray:
@@ -210,39 +192,22 @@ class PngWriter:
             self._pool.shutdown()
 
 
-def labelled_class_count(mask: np.ndarray, ignore_index: int) -> int:
-    """How many ground-truth classes one image's mask holds (ignored pixels are no class)."""
-    values = np.unique(np.asarray(mask))
-    return int((values != ignore_index).sum())
-
-
-def ranks_by_segmentation(classes_per_image: list[int]) -> bool:
-    """Whether a dataset's segmentation scores may rank models: some image holds two or more classes.
-
-    Where every image is a single class (the content-free inputs: each image labelled by its
-    kind), a Hungarian-matched mIoU rewards telling images apart, which an untrained network
-    does perfectly on constant colours; it says nothing about segmenting.
-    """
-    return any(count >= 2 for count in classes_per_image)
-
-
 class SourceFigures:
     """Writes the figures of one source under ``docs/assets/<source>`` and returns their paths.
 
     Paths are relative to the docs root; templates prefix them for the page's depth.
     """
 
-    def __init__(self, out: Path, docs: Path, source: dict, options: RenderOptions, writer: "PngWriter"):
+    def __init__(self, out: Path, docs: Path, source: dict, options: RenderOptions, writer: PngWriter):
         self.out, self.docs, self.source, self.options, self.writer = out, docs, source, options, writer
         self.name = source["name"]
         self.assets = Path("assets") / self.name
         self.ignore_index = source["ignore_index"]
-        repo = out / "datasets" / self.name
+        repo = dataset_repo_dir(out, self.name)
         self.images = read_first_images(repo / IMAGES_CONFIG, options.gallery_images)
         self.ids = [img["image_id"] for img in self.images]
         self.base_rows = []
         self.sizes = {}
-        self.classes_per_image = []
         for img in self.images:
             rgb = _decode_png(img["image_png"])
             rgb = thumbnail(rgb.reshape(img["height"], img["width"], -1)[..., :3], options.thumb_side)
@@ -251,9 +216,7 @@ class SourceFigures:
             # The stored original opens on click; galleries show the thumbnail.
             full_rel = (self.assets / "full" / f"{img['image_id']}.png").as_posix()
             self.writer.submit_bytes(img["image_png"], self.docs / full_rel)
-            raw_mask = _decode_png(img["mask_png"])
-            self.classes_per_image.append(labelled_class_count(raw_mask, self.ignore_index))
-            mask = upsample_nearest(colorize(raw_mask, self.ignore_index), rgb.shape[:2])
+            mask = upsample_nearest(colorize(_decode_png(img["mask_png"]), self.ignore_index), rgb.shape[:2])
             mask_rel = self._save_rgb(mask, "masks", img["image_id"])
             self.base_rows.append({"image_id": img["image_id"], "image": image_rel, "image_full": full_rel,
                                    "mask": mask_rel})
@@ -272,9 +235,7 @@ class SourceFigures:
                 paths[image_id] = self._save_rgb(rgb, *parts, image_id)
         return paths
 
-    def cluster_maps(self, model: str, config: str, k: int) -> dict[str, str]:
-        with np.load(self.out / "results" / self.name / model / config / f"kmeans-k{k}.npz") as npz:
-            display, ids = npz["display_maps"], [str(v) for v in npz["image_ids"]]
+    def cluster_maps(self, model: str, config: str, k: int, display: np.ndarray, ids: list[str]) -> dict[str, str]:
         return self._per_image(ids, display, lambda m: colorize(m, self.ignore_index), model, config, f"clusters-k{k}")
 
     def pca_maps(self, model: str, config: str, maps: dict) -> dict[str, str]:
@@ -285,11 +246,8 @@ class SourceFigures:
         top = float(norms.max()) if norms.size else 1.0  # one scale per config: images compare
         return self._per_image(maps["ids"], norms, lambda a: heatmap_rgb(a, 0.0, top, "magma"), model, config, "norms")
 
-    def position_mode_map(self, model: str, config: str, k: int) -> str:
+    def position_mode_map(self, model: str, config: str, k: int, mode: np.ndarray) -> str:
         """The most frequent cluster at each position over all images (positional bias made visible)."""
-        with np.load(self.out / "results" / self.name / model / config / f"kmeans-k{k}.npz") as npz:
-            display = npz["display_maps"].astype(np.int64)
-        mode, _ = position_mode_map(position_cluster_histogram(display, int(display.max()) + 1))
         rgb = upsample_nearest(colorize(mode, self.ignore_index), (96, 96))
         return self._save_rgb(rgb, model, config, f"position-mode-k{k}")
 
@@ -312,48 +270,55 @@ class SourceFigures:
         return Grid(title, columns, rows, caption)
 
 
+class NpzCache:
+    """The arrays a render reads from ``.npz`` files: each file is opened (and its members
+    decompressed) once, on first use, however many figures draw from it. One cache per source
+    keeps only that source's arrays in memory; no file belongs to two sources."""
+
+    def __init__(self):
+        self._arrays: dict[Path, dict[str, np.ndarray]] = {}
+
+    def arrays(self, path: Path, keys: tuple[str, ...] | None = None) -> dict[str, np.ndarray]:
+        """``keys`` of ``path`` (all of them when None); later calls must ask for no more."""
+        path = Path(path)
+        if path not in self._arrays:
+            with np.load(path) as npz:
+                self._arrays[path] = {key: npz[key] for key in (keys or npz.files)}
+        return self._arrays[path]
+
+
 def _column_label(model: str, family: str) -> str:
     """A gallery column's heading: a reference model says it is one."""
     return f"{model} ({reference_tag(family)})" if is_reference(family) else model
 
 
-def _load_maps(out: Path, source: str, model: str, config: str) -> dict:
-    path = out / "results" / source / model / config / "maps.npz"
-    with np.load(path) as npz:
-        maps = {key: npz[key] for key in npz.files}
+def _load_maps(npz: NpzCache, out: Path, source: str, model: str, config: str) -> dict:
+    maps = dict(npz.arrays(results_dir(out, source, model, config) / MAPS_ARRAYS_FILE))
     maps["ids"] = [str(v) for v in maps.pop("image_ids")]
     return maps
 
 
-def _source_context(out: Path, docs: Path, src: dict, manifest: Manifest, options: RenderOptions,
+def _source_context(out: Path, docs: Path, src: dict, summary: dict, manifest: Manifest, options: RenderOptions,
                     writer: PngWriter) -> dict:
-    """Figures and tables of one source: galleries, positional and artifact maps, attention."""
+    """Figures and tables of one source from its summary: galleries, positional and artifact
+    maps, attention, charts."""
     name = src["name"]
     figures = SourceFigures(out, docs, src, options, writer)
-    loaded_maps: dict[tuple[str, str], dict] = {}
+    npz = NpzCache()
+    families, models, layers = summary["families"], summary["models"], summary["layers"]
 
-    def maps_of(model: str, config: str) -> dict:  # each maps.npz is decompressed once
-        if (model, config) not in loaded_maps:
-            loaded_maps[(model, config)] = _load_maps(out, name, model, config)
-        return loaded_maps[(model, config)]
+    def maps_of(model: str, config: str) -> dict:
+        return _load_maps(npz, out, name, model, config)
 
-    kmeans = _load_json((out / "results" / name).glob("*/*/kmeans.json"))
-    maps_json = {(m["model"], m["config"]): m for m in _load_json((out / "results" / name).glob("*/*/maps.json"))}
-    attention = {p.parent.name: json.loads(p.read_text()) for p in (out / "results" / name).glob("*/attention.json")}
-    families = {m: get_model_entry(m).family if m in MODELS else "?" for m in {r["model"] for r in kmeans}}
-    k = options.gallery_k
-
-    def nearest_k(metric: dict) -> int | None:
-        ks = [r["k"] for r in metric["kmeans"]]
-        return min(ks, key=lambda v: (abs(v - k), v)) if ks else None
-
-    gallery_norm = options.gallery_norm
-    post = [m for m in kmeans if m["norm"] == gallery_norm]
-    pre = [m for m in kmeans if m["norm"] == "prenorm"]
-    models = sorted({m["model"] for m in kmeans}, key=model_order(families))
-    layers = sorted({m["layer"] for m in post})
-    cluster_paths = {(m["model"], m["layer"]): figures.cluster_maps(m["model"], m["config"], nearest_k(m))
-                     for m in post if nearest_k(m) is not None}
+    cluster_paths, mode_cells = {}, {}
+    modes = npz.arrays(summary_file(out, position_modes_name(name)))
+    for cell in summary["gallery"]:
+        kmeans_npz = kmeans_maps_path(results_dir(out, name, cell["model"], cell["config"]), cell["k"])
+        arrays = npz.arrays(kmeans_npz, ("display_maps", "image_ids"))
+        cluster_paths[(cell["model"], cell["layer"])] = figures.cluster_maps(
+            cell["model"], cell["config"], cell["k"], arrays["display_maps"], [str(v) for v in arrays["image_ids"]])
+        mode_cells[(cell["model"], cell["layer"])] = figures.position_mode_map(
+            cell["model"], cell["config"], cell["k"], modes[cell["position_mode"]])
 
     by_layer = []
     for layer in layers:
@@ -365,87 +330,55 @@ def _source_context(out: Path, docs: Path, src: dict, manifest: Manifest, option
         model_layers = [layer for layer in layers if (model, layer) in cluster_paths]
         by_model.append(figures.grid(model, [f"layer {layer}" for layer in model_layers],
                                      [cluster_paths[(model, layer)] for layer in model_layers]))
-        post_cfgs = sorted((m for m in post if m["model"] == model), key=lambda m: m["layer"])
+        post_cfgs = [m for m in summary["post"] if m["model"] == model]
         pca.append(figures.grid(model, [f"layer {m['layer']}" for m in post_cfgs],
                                 [figures.pca_maps(model, m["config"], maps_of(model, m["config"]))
                                  for m in post_cfgs]))
-        pre_cfgs = sorted((m for m in pre if m["model"] == model), key=lambda m: m["layer"])
+        pre_cfgs = [m for m in summary["pre"] if m["model"] == model]
         if pre_cfgs:
             norms.append(figures.grid(model, [f"layer {m['layer']}" for m in pre_cfgs],
                                       [figures.norm_maps(model, m["config"], maps_of(model, m["config"]))
                                        for m in pre_cfgs]))
 
+    attention = summary["attention"]
     attention_grids = []
     for model in models:
         att = attention.get(model)
         if not att:
             continue
-        with np.load(out / "results" / name / model / "attention.npz") as npz:
-            maps, ids = npz["cls_maps"], [str(v) for v in npz["image_ids"]]
-        paths = figures.attention_maps(model, maps, ids, att["heads"])
+        arrays = npz.arrays(results_dir(out, name, model) / ATTENTION_ARRAYS_FILE)
+        ids = [str(v) for v in arrays["image_ids"]]
+        paths = figures.attention_maps(model, arrays["cls_maps"], ids, att["heads"])
         per_head = att.get("per_head") or [None] * att["heads"]
         columns = [f"head {h}" + (f" · J={100 * j:.0f}" if j is not None else "") for h, j in enumerate(per_head)]
         cells = [{image_id: paths.get((image_id, h)) for image_id in ids} for h in range(att["heads"])]
         attention_grids.append(figures.grid(model, columns, cells))
 
-    # Positional bias and artifacts: one row per (model, layer, view), CL and MIM grouped.
-    rows = []
-    border_top = max((float(np.max(maps_of(m["model"], m["config"])["border_map"]))
-                      for m in post), default=1.0) or 1.0
-    border_cells: dict[tuple[str, int], str] = {}
-    mode_cells: dict[tuple[str, int], str] = {}
-    for m in sorted(kmeans, key=lambda m: (families[m["model"]], m["model"], m["layer"], m["norm"])):
-        mj = maps_json.get((m["model"], m["config"]), {})
-        chosen = next((r for r in m["kmeans"] if r["k"] == nearest_k(m)), None)
-        position = mj.get("position") or {}
-        rows.append({
-            "model": m["model"], "family": families[m["model"]], "layer": m["layer"], "norm": m["norm"],
-            "registers": get_model_entry(m["model"]).num_registers if m["model"] in MODELS else None,
-            "border_score": mj.get("border_score"), "row_r2": position.get("row_r2"), "col_r2": position.get("col_r2"),
-            "row_chance_r2": position.get("row_chance_r2"), "col_chance_r2": position.get("col_chance_r2"),
-            "consistency": chosen.get("positional_consistency") if chosen else None,
-            "stability": (m.get("stability") or {}).get("mean_ari"),
-            "outlier_share": (mj.get("norms") or {}).get("outlier_share"),
-            "miou": chosen["miou"] if chosen else None, "chance": chosen["chance_miou"] if chosen else None,
-        })
-        if m["norm"] == gallery_norm:
-            border_cells[(m["model"], m["layer"])] = figures.border_map(
-                m["model"], m["config"], maps_of(m["model"], m["config"])["border_map"], border_top)
-            if nearest_k(m) is not None:
-                mode_cells[(m["model"], m["layer"])] = figures.position_mode_map(m["model"], m["config"], nearest_k(m))
+    border_cells = {(m["model"], m["layer"]): figures.border_map(
+        m["model"], m["config"], maps_of(m["model"], m["config"])["border_map"], summary["border_top"])
+        for m in summary["post"]}
 
     charts = {}
-    last = {model: max((m for m in post if m["model"] == model), key=lambda m: m["layer"]) for model in models
-            if any(m["model"] == model for m in post)}
-    if last:
-        series, baselines = [], []
-        for model, m in last.items():
-            loc = maps_json[(model, m["config"])]["locality"]
-            series.append({"label": f"{model} L{m['layer']}", "x": loc["distance"], "y": loc["mean_cosine"],
-                           "family": families[model], "reference": is_reference(families[model])})
-            baselines.append(loc["random_baseline"])
+    gallery_norm = options.gallery_norm
+    if summary["locality"]:
         rel = figures.assets / "charts" / "locality.png"
-        line_chart_png(series, docs / rel, xlabel="Patch distance (Chebyshev)", ylabel="Mean cosine similarity",
-                       title=f"Locality on {name} (last layer, {gallery_norm})", baseline=float(np.mean(baselines)))
+        line_chart_png(summary["locality"]["series"], docs / rel, xlabel="Patch distance (Chebyshev)",
+                       ylabel="Mean cosine similarity", title=f"Locality on {name} (last layer, {gallery_norm})",
+                       baseline=summary["locality"]["baseline"])
         charts["locality"] = rel.as_posix()
-    last_pre = {model: max((m for m in pre if m["model"] == model), key=lambda m: m["layer"]) for model in models
-                if any(m["model"] == model for m in pre)}
-    if last_pre:
-        hists = {}
-        for model, m in last_pre.items():
-            h = maps_json[(model, m["config"])]["norms"]["histogram"]
-            hists[f"{model} L{m['layer']}"] = {**h, "family": families[model], "reference": is_reference(families[model])}
+    if summary["norm_histograms"]:
         rel = figures.assets / "charts" / "norms.png"
-        histogram_png(hists, docs / rel, xlabel="L2 norm of pre-norm patch tokens", title=f"Token norms on {name}")
+        histogram_png(summary["norm_histograms"], docs / rel, xlabel="L2 norm of pre-norm patch tokens",
+                      title=f"Token norms on {name}")
         charts["norms"] = rel.as_posix()
 
     return {
         "source": _published_source(src), "models": _model_rows(manifest, name), "families": families,
-        "ranked": ranks_by_segmentation(figures.classes_per_image),
-        "gallery": {"k": k, "norm": gallery_norm, "by_layer": by_layer, "by_model": by_model, "pca": pca,
-                    "norms": norms, "attention": attention_grids},
-        "metrics": sorted(kmeans, key=lambda m: (families[m["model"]], m["model"], m["layer"], m["norm"])),
-        "attention": attention, "positional_rows": rows, "charts": charts,
+        "ranked": summary["ranked"],
+        "gallery": {"k": options.gallery_k, "norm": gallery_norm, "by_layer": by_layer, "by_model": by_model,
+                    "pca": pca, "norms": norms, "attention": attention_grids},
+        "metrics": summary["metrics"], "attention": attention, "positional_rows": summary["positional_rows"],
+        "charts": charts, "notes": summary["notes"],
         "border": {"models": models, "layers": layers, "cells": border_cells},
         "position_modes": {"models": models, "layers": layers, "cells": mode_cells},
     }
@@ -463,19 +396,20 @@ def _legend(docs: Path, source: str, classes: list[dict], writer: PngWriter) -> 
 
 def render_docs(out: Path, docs: Path, options: RenderOptions) -> list[Path]:
     """Write every generated page and figure under ``docs``; returns the pages written."""
-    manifest = Manifest.load(out / "manifest.json")
-    sources = [entry for _, entry in sorted(manifest.entries(prefix="sources/"))]
+    manifest = Manifest.load(manifest_path(out))
+    # The pages take a source's entry as recorded (dict form); reading it as a record checks it first.
+    sources = [record.to_entry() for record in source_records(manifest)]
     if not sources:
         raise PatchAtlasError(f"{out}: nothing has been extracted yet; run `patchatlas extract --out {out}` first")
+    summary = load_site_summary(out, options, [src["name"] for src in sources])
     env = template_env()
     pages, dataset_pages, contexts = [], [], {}
     writer = PngWriter()
     try:
         for src in tqdm(sources, disable=not options.progress, desc="figures", unit="dataset"):
-            context = _source_context(out, docs, src, manifest, options, writer)
+            context = _source_context(out, docs, src, summary["by_source"][src["name"]], manifest, options, writer)
             context.update(legend=_legend(docs, src["name"], src["classes"], writer),
-                           dataset_dir=recorded_hub_repo(manifest, src["name"]), page_depth="../",
-                           notes=source_reference_notes(context))
+                           dataset_dir=recorded_hub_repo(manifest, src["name"]), page_depth="../")
             contexts[src["name"]] = context
     finally:
         writer.close()
@@ -492,13 +426,11 @@ def render_docs(out: Path, docs: Path, options: RenderOptions) -> list[Path]:
     pages.append(docs / "positional-artifacts.md")
     probe_contexts = {}
     for src in sources:
-        probe = _probe_context(out, docs, src, contexts[src["name"]]["families"])
-        if probe:
-            probe["notes"] = metric_references(
-                [{**p, "family": probe["families"].get(p["model"])} for p in probe["last"]], PROBE_METRICS)
-            probe_contexts[src["name"]] = probe
+        probes = summary["by_source"][src["name"]]["probes"]
+        if probes:
+            probe_contexts[src["name"]] = _probe_context(docs, src["name"], probes)
     _write_page(docs / "probe-metrics.md", env.get_template("probes.md.j2").render(
-        contexts=probe_contexts, overlaps=_top_variance_overlaps(probe_contexts), page_depth=""))
+        contexts=probe_contexts, overlaps=summary["overlaps"], page_depth=""))
     pages.append(docs / "probe-metrics.md")
     _write_page(docs / "downloads.md", env.get_template("downloads.md.j2").render(
         datasets=_downloads(out, manifest), page_depth=""))
@@ -507,15 +439,14 @@ def render_docs(out: Path, docs: Path, options: RenderOptions) -> list[Path]:
     for model in models:
         if model.status != "done":
             continue
-        entry = get_model_entry(model.name)
+        entry = recorded_models(manifest)[model.name]
         per_source = {name: ctx for name, ctx in contexts.items() if model.name in ctx["families"]}
         page = env.get_template("model.md.j2").render(model=model, entry=entry, contexts=per_source, page_depth="../")
         _write_page(docs / "models" / f"{model.name}.md", page)
         pages.append(docs / "models" / f"{model.name}.md")
     home = env.get_template("index.md.j2").render(
         models=models, datasets=dataset_pages, out=str(out), headline=_headline_figures(docs, contexts),
-        leaderboards=leaderboard_tables(_leaderboards(contexts), {n: c["ranked"] for n, c in contexts.items()}),
-        strip=gallery_strip(contexts))
+        leaderboards=summary["leaderboards"], strip=gallery_strip(contexts))
     _write_page(docs / "index.md", home)
     pages.append(docs / "index.md")
     return pages
@@ -528,189 +459,42 @@ DEGRADATION_LABELS = {"blur": "Box blur kernel (px)", "noise": "Gaussian noise s
                       "frequency_band": "Noise frequency band (0 = lowest)"}
 
 
-def _interval_band(rows: list[dict], key: str) -> dict:
-    """``y_lo``/``y_hi`` of a chart series from the rows' ``<key>_ci`` intervals, when all have one."""
-    intervals = [r.get(f"{key}_ci") for r in rows]
-    if not rows or any(not ci or None in ci for ci in intervals):
-        return {}
-    return {"y_lo": [ci[0] for ci in intervals], "y_hi": [ci[1] for ci in intervals]}
-
-
-def _probe_context(out: Path, docs: Path, src: dict, families: dict[str, str]) -> dict | None:
-    """Tables and charts of the few-shot probes of one source (analyses 6–10)."""
-    name = src["name"]
-    probes = _load_json((out / "results" / name).glob("*/*/probes.json"))
-    if not probes:
-        return None
+def _probe_context(docs: Path, name: str, probes: dict) -> dict:
+    """The probe page's section of one source: its summary's tables, and its charts drawn."""
     assets = Path("assets") / name / "charts"
-    layer_rows = sorted(probes, key=lambda p: (families.get(p["model"], "?"), p["model"], p["layer"], p["norm"]))
-    last = {}
-    for p in probes:
-        if p["norm"] == "postnorm" and p["layer"] >= last.get(p["model"], {}).get("layer", -1):
-            last[p["model"]] = p
+    series = probes["series"]
     charts = {}
-
-    def series(model_rows, x_key, y_key):
-        order = model_order(families)
-        return [{"label": model, "family": families.get(model, ""), "reference": is_reference(families.get(model)),
-                 "x": [r[x_key] for r in rows], "y": [r[y_key] for r in rows], **_interval_band(rows, y_key)}
-                for model, rows in sorted(model_rows.items(), key=lambda item: order(item[0]))]
-
-    by_model: dict[str, list[dict]] = {}
-    for p in layer_rows:
-        if p["norm"] == "postnorm":
-            by_model.setdefault(p["model"], []).append(p)
-    # Layers that were not published: their curves were streamed while extracting (generator/stream.py).
-    # They join a model's published curve only when both were scored by the same k-NN protocol;
-    # otherwise they are drawn as a series of their own, named by their protocol.
-    streamed, mismatched = [], []
-    knn_by_model = {m: list(rows) for m, rows in by_model.items()}
-    for record in _load_json((out / "results" / name).glob("*/layerwise.json")):
-        model = record["model"]
-        published = {p["layer"] for p in by_model.get(model, [])}
-        analysed = {_knn_protocol_key(p.get("protocol")) for p in by_model.get(model, [])}
-        key = _knn_protocol_key(record.get("protocol"))
-        series_name = model
-        if analysed and analysed != {key}:
-            series_name = f"{model} (streamed, {_knn_protocol_label(record.get('protocol'))})"
-            mismatched.append({"model": model, "streamed": _knn_protocol_label(record.get("protocol")),
-                               "analysed": ", ".join(sorted(_knn_protocol_label(dict(k) if k else None)
-                                                            for k in analysed))})
-        for row in record["layers"]:
-            if row["layer"] not in published:
-                streamed.append({"model": model, **row, "protocol": record.get("protocol")})
-                knn_by_model.setdefault(series_name, []).append(row)
-    for rows in knn_by_model.values():
-        rows.sort(key=lambda r: r["layer"])
     for metric in ("knn_miou", "linear_miou"):
         rel = assets / f"layers-{metric}.png"
-        rows_by_model = knn_by_model if metric == "knn_miou" else by_model
         label = METRIC_LABELS[metric]
-        line_chart_png(series(rows_by_model, "layer", metric), docs / rel, xlabel="Layer", ylabel=label,
+        line_chart_png(series[f"layers_{metric}"], docs / rel, xlabel="Layer", ylabel=label,
                        title=f"{label} by layer on {name}", ylim=MIOU_SCALE)
         charts[f"layers_{metric}"] = rel.as_posix()
-    with_variance = {m: p for m, p in last.items() if "variance" in p}
-    if with_variance:
+    if "spectrum" in series:
         rel = assets / "variance-spectrum.png"
-        line_chart_png([{"label": m, "family": families.get(m, ""), "reference": is_reference(families.get(m)),
-                         "x": list(range(1, len(p["variance"]["spectrum"]) + 1)),
-                         "y": p["variance"]["spectrum"]} for m, p in with_variance.items()], docs / rel,
-                       xlabel="Dimension (sorted by train variance)", ylabel="Variance",
-                       title=f"Feature variance spectrum on {name}", log_y=True)
+        line_chart_png(series["spectrum"], docs / rel, xlabel="Dimension (sorted by train variance)",
+                       ylabel="Variance", title=f"Feature variance spectrum on {name}", log_y=True)
         charts["spectrum"] = rel.as_posix()
         rel = assets / "variance-removal.png"
-        line_chart_png(series({m: p["variance"]["removal"] for m, p in with_variance.items()}, "n_removed",
-                              "knn_miou"), docs / rel, xlabel="Top-variance dimensions removed",
+        line_chart_png(series["removal"], docs / rel, xlabel="Top-variance dimensions removed",
                        ylabel="k-NN mIoU", title=f"Removing high-variance dimensions on {name}", ylim=MIOU_SCALE)
         charts["removal"] = rel.as_posix()
         for degradation in ("blur", "noise", "frequency_band"):
-            rows = {m: [r for r in p.get("robustness", []) if r["degradation"] == degradation]
-                    for m, p in with_variance.items()}
-            if any(rows.values()):
+            if f"robustness_{degradation}" in series:
                 rel = assets / f"robustness-{degradation}.png"
-                line_chart_png(series(rows, "level", "knn_miou"), docs / rel, xlabel=DEGRADATION_LABELS[degradation],
-                               ylabel="k-NN mIoU", title=f"Robustness to {degradation.replace('_', ' ')} on {name}",
-                               ylim=MIOU_SCALE)
+                line_chart_png(series[f"robustness_{degradation}"], docs / rel,
+                               xlabel=DEGRADATION_LABELS[degradation], ylabel="k-NN mIoU",
+                               title=f"Robustness to {degradation.replace('_', ' ')} on {name}", ylim=MIOU_SCALE)
                 charts[f"robustness_{degradation}"] = rel.as_posix()
-    retrieval_rows = []
-    for model, p in with_variance.items():
-        for r in p.get("retrieval", []):
-            if "shares" in r:
-                retrieval_rows.append({"model": model, "family": families.get(model, ""), **r})
-    strongest = {}
-    for r in retrieval_rows:
-        key = (r["model"], r["transform"], r["exclude_same_image"])
-        if key not in strongest or r["level"] > strongest[key]["level"] and r["transform"] != "scale":
-            strongest[key] = r
-    if retrieval_rows:
-        outcomes = ("same_patch", "same_fine", "same_super", "background", "wrong")
-        bars = [r for r in strongest.values() if not r["exclude_same_image"]]
-        bars.sort(key=lambda r: (r["transform"], model_order(families)(r["model"])))
+    if "retrieval" in series:
+        bars = series["retrieval"]
         rel = assets / "retrieval.png"
         stacked_bars_png([_column_label(r["model"], r["family"]) + f" · {r['transform']} {r['level']:g}" for r in bars],
-                         {o.replace("_", " "): [r["shares"][o] for r in bars] for o in outcomes}, docs / rel,
+                         {o.replace("_", " "): [r["shares"][o] for r in bars] for o in RETRIEVAL_OUTCOMES}, docs / rel,
                          xlabel="Share of query patches", title=f"Nearest original patch on {name} (strongest level)",
                          value_lim=(0, 1))
         charts["retrieval"] = rel.as_posix()
-    return {"last": sorted(last.values(), key=lambda p: (families.get(p["model"], "?"), p["model"])),
-            "layers": layer_rows, "charts": charts, "families": families,
-            "protocols": _recorded_protocols(probes, streamed), "protocol_mismatch": mismatched,
-            "streamed": sorted(streamed, key=lambda r: (r["model"], r["layer"])),
-            "knn_by_layer": {m: [(r["layer"], r["knn_miou"]) for r in rows] for m, rows in knn_by_model.items()},
-            "retrieval": sorted(retrieval_rows, key=lambda r: (r["model"], r["transform"], r["level"],
-                                                               r["exclude_same_image"]))}
-
-
-def _knn_protocol_key(protocol: dict | None) -> tuple | None:
-    """What a k-NN number depends on (``ProbeProtocol.KNN_FIELDS``), hashable; None if not recorded."""
-    if not protocol:
-        return None
-    return tuple((field, protocol.get(field)) for field in ProbeProtocol.KNN_FIELDS)
-
-
-def _knn_protocol_label(protocol: dict | None) -> str:
-    if not protocol:
-        return "protocol not recorded"
-    return (f"k = {protocol['knn_k']}, {protocol['knn_similarity']}, {protocol.get('label_rule') or '?'} labels, "
-            f"mIoU over {protocol['miou_average']} classes")
-
-
-def _recorded_protocols(probes: list[dict], streamed: list[dict]) -> list[dict]:
-    """Each distinct recorded probe protocol of a source, with the models and layers scored by it."""
-    groups: dict[str, dict] = {}
-    for kind, rows in (("analysed", probes), ("streamed", streamed)):
-        for row in rows:
-            protocol = row.get("protocol")
-            key = json.dumps(protocol, sort_keys=True)
-            group = groups.setdefault(key, {"protocol": protocol, "models": set(), "kinds": set()})
-            group["models"].add(row["model"])
-            group["kinds"].add(kind)
-    return [{"protocol": g["protocol"], "models": sorted(g["models"]), "kinds": sorted(g["kinds"])}
-            for _, g in sorted(groups.items())]
-
-
-def _top_variance_overlaps(probe_contexts: dict[str, dict], n: int = 200) -> list[dict]:
-    """How many of a model's top-n variance dimensions two datasets share (the paper: 196/200)."""
-    tops: dict[str, dict[str, list[int]]] = {}
-    for name, ctx in probe_contexts.items():
-        for p in ctx["last"]:
-            if "variance" in p:
-                tops.setdefault(p["model"], {})[name] = p["variance"]["top_dims"][:n]
-    rows = []
-    for model, by_source in sorted(tops.items()):
-        names = sorted(by_source)
-        for i, a in enumerate(names):
-            for b in names[i + 1:]:
-                size = min(len(by_source[a]), len(by_source[b]))
-                rows.append({"model": model, "a": a, "b": b, "n": size,
-                             "shared": len(set(by_source[a][:size]) & set(by_source[b][:size]))})
-    return rows
-
-
-def _leaderboards(contexts: dict[str, dict]) -> dict[str, list[dict]]:
-    """Per dataset, one row per model: its best layer by k-means mIoU and its last-layer artifacts."""
-    boards = {}
-    for name, ctx in contexts.items():
-        rows = {}
-        for r in ctx["positional_rows"]:
-            if r["norm"] not in ("postnorm", "prenorm"):
-                continue
-            row = rows.setdefault(r["model"], {"model": r["model"], "family": r["family"], "best_miou": None,
-                                               "best_layer": None, "border": None, "outliers": None,
-                                               "chance": None, "last_layer": -1})
-            if r["norm"] == "postnorm" and r["miou"] is not None and (row["best_miou"] is None or r["miou"] > row["best_miou"]):
-                row.update(best_miou=r["miou"], best_layer=r["layer"], chance=r["chance"])
-            if r["layer"] >= row["last_layer"]:
-                row["last_layer"] = r["layer"]
-                if r["norm"] == "postnorm":
-                    row["border"] = r["border_score"]
-                if r["norm"] == "prenorm":
-                    row["outliers"] = r["outlier_share"]
-        for model, att in ctx["attention"].items():
-            if model in rows:
-                rows[model]["attention"] = att.get("best")
-        boards[name] = sorted(rows.values(), key=lambda r: -(r["best_miou"] or 0))
-    return boards
+    return {**{key: value for key, value in probes.items() if key != "series"}, "charts": charts}
 
 
 def _headline_figures(docs: Path, contexts: dict[str, dict]) -> list[dict]:
@@ -718,94 +502,6 @@ def _headline_figures(docs: Path, contexts: dict[str, dict]) -> list[dict]:
     return [{"title": f"Locality on {name}", "path": ctx["charts"]["locality"]}
             for name, ctx in contexts.items() if "locality" in ctx["charts"]]
 
-
-# What each metric's 0 (and 1) mean, shown with the reference values under every table.
-METRIC_SCALES = {
-    "miou": "0–100", "best_miou": "0–100", "knn_miou": "0–100, untrained network = floor",
-    "linear_miou": "0–100, untrained network = floor", "attention": "0–100",
-    "border_score": "0 = no boundary artifact", "border": "0 = no boundary artifact",
-    "row_r2": "0 = no position information, 1 = exact", "col_r2": "0 = no position information, 1 = exact",
-    "consistency": "0 = independent of position, 1 = purely positional",
-    "stability": "1 = the same clusters for every seed",
-    "outlier_share": "0 = no high-norm tokens", "outliers": "0 = no high-norm tokens",
-}
-LEADERBOARD_METRICS = (("best_miou", "Best mIoU", "pct"), ("border", "Border", "num"),
-                       ("outliers", "Outliers", "pct"), ("attention", "Attention J", "pct"))
-POSITIONAL_METRICS = (("border_score", "Border", "num"), ("row_r2", "Row R²", "num"), ("col_r2", "Col R²", "num"),
-                      ("consistency", "Consistency", "num"), ("outlier_share", "Outliers", "pct"),
-                      ("miou", "mIoU", "pct"))
-PROBE_METRICS = (("knn_miou", "k-NN mIoU", "pct"), ("linear_miou", "Linear mIoU", "pct"))
-
-
-def _last_layer_values(rows: list[dict], keys: list[str]) -> dict[str, dict]:
-    """One summary row per model: each metric at the model's deepest layer, post-norm first
-    (outlier shares exist on pre-norm rows only)."""
-    summary: dict[str, dict] = {}
-    for model in dict.fromkeys(r["model"] for r in rows):
-        own = [r for r in rows if r["model"] == model]
-        deepest = max((r.get("layer", 0) for r in own), default=0)
-        at_last = sorted((r for r in own if r.get("layer", 0) == deepest), key=lambda r: r.get("norm") != "postnorm")
-        row = {"model": model, "family": own[0]["family"]}
-        for key in keys:
-            row[key] = next((r[key] for r in at_last if r.get(key) is not None), None)
-        summary[model] = row
-    return summary
-
-
-def metric_references(rows: list[dict], metrics, chance: dict[str, str] | None = None,
-                      per_layer: bool = False) -> list[dict]:
-    """The scale of each metric column of a table: its meaning at 0 (and 1), the chance level
-    where one is computed (``chance`` maps a column to the rows' chance key, e.g. the shuffled-
-    cluster mIoU), and every reference model's value (at its deepest layer when ``per_layer``).
-
-    Returns one dict per metric: ``label``, ``scale``, ``chance`` (text or None) and ``controls``
-    (``model``, ``tag``, ``value`` as text).
-    """
-    chance = chance or {}
-    fmt = {"pct": _fmt_pct, "num": _fmt_num}
-    references = [r for r in rows if is_reference(r.get("family"))]
-    if per_layer:
-        references = list(_last_layer_values(references, [key for key, _, _ in metrics]).values())
-    notes = []
-    for key, label, kind in metrics:
-        chances = sorted({r[chance[key]] for r in rows if key in chance and r.get(chance[key]) is not None})
-        chance_text = None
-        if chances:
-            lo, hi = fmt[kind](chances[0]), fmt[kind](chances[-1])
-            chance_text = lo if lo == hi else f"{lo}–{hi}"
-        controls = [{"model": r["model"], "tag": reference_tag(r["family"]), "value": fmt[kind](r[key])}
-                    for r in references if r.get(key) is not None]
-        notes.append({"label": label, "scale": METRIC_SCALES.get(key, ""), "chance": chance_text,
-                      "controls": controls})
-    return notes
-
-
-def source_reference_notes(ctx: dict) -> dict[str, list[dict]]:
-    """The references under a dataset's tables: the positional/artifact columns and the k-means
-    scores (at the gallery's k, with the shuffled-cluster chance of every row)."""
-    rows = ctx["positional_rows"]
-    return {"positional": metric_references(rows, POSITIONAL_METRICS, chance={"miou": "chance"}, per_layer=True),
-            "scores": metric_references(rows, (("miou", f"mIoU (k = {ctx['gallery']['k']})", "pct"),
-                                               ("stability", "Stability", "num")),
-                                        chance={"miou": "chance"}, per_layer=True)}
-
-
-def leaderboard_tables(boards: dict[str, list[dict]], ranked: dict[str, bool]) -> dict[str, dict]:
-    """Per dataset: the real models ranked by best mIoU, the reference rows apart, and each
-    column's references. ``ranked[name]`` False (a dataset without regions to segment, see
-    :func:`ranks_by_segmentation`) leaves the dataset out of the ranking altogether."""
-    tables = {}
-    # Ranked datasets first: the leaderboard opens on a ranking, not on a dataset left out.
-    for name, rows in sorted(boards.items(), key=lambda item: not ranked.get(item[0], True)):
-        models = [r for r in rows if not is_reference(r["family"])]
-        reference = [r for r in rows if is_reference(r["family"])]
-        tables[name] = {
-            "ranked": ranked.get(name, True),
-            "models": sorted(models, key=lambda r: (r["best_miou"] is None, -(r["best_miou"] or 0), r["model"])),
-            "reference": sorted(reference, key=lambda r: (r["family"], r["model"])),
-            "notes": metric_references(rows, LEADERBOARD_METRICS, chance={"best_miou": "chance"}),
-        }
-    return tables
 
 
 def gallery_strip(contexts: dict[str, dict], n_images: int = 3) -> dict | None:
@@ -851,9 +547,9 @@ def _published_source(src: dict) -> dict:
 def _downloads(out: Path, manifest: Manifest) -> list[dict]:
     """Every published config of every dataset repository, with size and schema."""
     datasets_ = []
-    for _, src in sorted(manifest.entries(prefix="sources/")):
+    for _, src in sorted(manifest.entries(prefix=SOURCES_PREFIX)):
         configs = [{"name": IMAGES_CONFIG, "rows": src["num_images"], "bytes": None, "schema": "images"}]
-        for key, unit in sorted(manifest.entries(prefix=f"extract/{src['name']}/")):
+        for _key, unit in sorted(manifest.entries(prefix=extract_prefix(src["name"]))):
             if unit.get("status") != "done" or "configs" not in unit:
                 continue
             for cfg in unit["configs"]:
@@ -862,7 +558,7 @@ def _downloads(out: Path, manifest: Manifest) -> list[dict]:
             for path_key, suffix, schema in (("prefix_paths", "-prefix", "prefix tokens"),
                                              ("attention_paths", "-attention", "CLS attention")):
                 if unit.get(path_key):
-                    size = sum((out / "datasets" / src["name"] / rel).stat().st_size for rel in unit[path_key])
+                    size = sum((dataset_repo_dir(out, src["name"]) / rel).stat().st_size for rel in unit[path_key])
                     configs.append({"name": f"{unit['model']}{suffix}", "rows": None, "bytes": size, "schema": schema})
         repo_id = recorded_hub_repo(manifest, src["name"])
         for c in configs:
@@ -893,26 +589,27 @@ def _swap_in(staged: Path, final: Path) -> None:
 def run_render(out: Path, options: RenderOptions) -> Path:
     """The stage: ``<out>/docs`` (Markdown + figures) and, unless disabled, ``<out>/site`` (HTML)."""
     out = Path(out)
+    options.validate()
     # A killed render's staging folder is removed by the next lock holder (store/lock.py).
     staging = Path(tempfile.mkdtemp(prefix=RENDER_STAGING_PREFIX, dir=out))
     try:
-        docs = staging / "docs"
+        docs = docs_dir(staging)
         shutil.copytree(site_skeleton_dir(), docs, ignore=shutil.ignore_patterns("generated", ".gitignore"))
         render_docs(out, docs, options)
         if options.build_html:
-            build_site(docs, staging / "site")
-        _swap_in(docs, out / "docs")
+            build_site(docs, site_dir(staging))
+        _swap_in(docs, docs_dir(out))
         if options.build_html:
-            _swap_in(staging / "site", out / "site")
+            _swap_in(site_dir(staging), site_dir(out))
     except OSError as err:
         # The swaps are renames, which a full disk does not stop: the write that failed came
         # before them, so the previous docs/ and site/ are intact.
         if is_disk_full(err):
-            raise disk_full_error(out / ("site" if options.build_html else "docs"), err) from err
+            raise disk_full_error(site_dir(out) if options.build_html else docs_dir(out), err) from err
         raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-    return out / "site" if options.build_html else out / "docs"
+    return site_dir(out) if options.build_html else docs_dir(out)
 
 
 def build_site(docs: Path, site: Path) -> None:

@@ -19,9 +19,10 @@ protocol (``ProbeProtocol``, recorded in the file) stay the same.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -36,24 +37,23 @@ from generator.models.registry import ModelEntry, model_geometry
 from generator.sources.base import SegmentationSource
 from generator.sources.splits import few_shot_split
 from generator.store.atomic import atomic_write_json
-from generator.store.manifest import Manifest, file_sha256, params_hash
+from generator.store.layout import layerwise_path, stream_key
+from generator.store.manifest import Manifest, params_hash
+
+if TYPE_CHECKING:  # for annotations only: extract imports this module
+    from generator.extract import ExtractOptions
 
 # 4: a pass of its own cuts its batches at the extraction's shard boundaries.
 STREAM_VERSION = "4"
 # Rows the layer-wise k-means is fitted on (the first ones: the train images' tokens); enough for
 # k = the number of classes, small enough that the fit stays a fraction of the pass.
 KMEANS_FIT_ROWS = 65536
-LAYERWISE_FILE = "layerwise.json"
 
 
-def unit_protocol(source: SegmentationSource, entry: ModelEntry, options) -> ProbeProtocol:
+def unit_protocol(source: SegmentationSource, entry: ModelEntry, options: ExtractOptions) -> ProbeProtocol:
     """The build's probe protocol with this (source, model)'s label rule, train count and BatchNorm flag."""
     return options.probe.for_unit(label_rule=options.label_rule, train_count=source.probe_train_count,
                                   batchnorm=entry.probe_batchnorm)
-
-
-def stream_key(source_name: str, model: str) -> str:
-    return f"stream/{source_name}/{model}"
 
 
 def streamed_layers(curve_layers, depth: int, published: list[int]) -> list[int]:
@@ -71,13 +71,13 @@ class StreamPlan:
     params: dict
 
 
-def plan_stream(source: SegmentationSource, entry: ModelEntry, options, out: Path, manifest: Manifest,
-                tokens_hash: str, published: list[int]) -> StreamPlan | None:
+def plan_stream(source: SegmentationSource, entry: ModelEntry, options: ExtractOptions, out: Path,
+                manifest: Manifest, tokens_hash: str, published: list[int]) -> StreamPlan | None:
     """The unit's plan, or None when there is nothing to compute: its record is current, or every
     asked-for layer is published (then an earlier stream result is removed, as the analyses
     cover those layers)."""
     key = stream_key(source.name, entry.name)
-    path = Path(out) / "results" / source.name / entry.name / LAYERWISE_FILE
+    path = layerwise_path(out, source.name, entry.name)
     layers = streamed_layers(options.curve_layers, model_geometry(entry).depth, published) \
         if source.probes and len(source) >= 2 else []
     if not layers:
@@ -93,9 +93,9 @@ def plan_stream(source: SegmentationSource, entry: ModelEntry, options, out: Pat
     return StreamPlan(key, path, layers, params)
 
 
-def run_stream_unit(source: SegmentationSource, entry: ModelEntry, options, out: Path, manifest: Manifest,
-                    tokens_hash: str, encoder: Encoder | None, published: list[int],
-                    fused: "LayerwiseAccumulator | None" = None,
+def run_stream_unit(source: SegmentationSource, entry: ModelEntry, options: ExtractOptions, out: Path,
+                    manifest: Manifest, tokens_hash: str, encoder: Encoder | None, published: list[int],
+                    fused: LayerwiseAccumulator | None = None,
                     spans: Sequence[tuple[int, int]] | None = None) -> None:
     """Compute (or reuse) the layer-wise results of the unpublished layers of one (source, model).
 
@@ -107,7 +107,7 @@ def run_stream_unit(source: SegmentationSource, entry: ModelEntry, options, out:
     if plan is None:
         return
     if fused is not None and fused.layers == plan.layers and fused.complete:
-        results = fused.results()
+        results = fused.result()
     else:
         encoder = encoder or encoder_if_available(entry, options)
         if encoder is None:
@@ -116,7 +116,7 @@ def run_stream_unit(source: SegmentationSource, entry: ModelEntry, options, out:
     atomic_write_json(plan.path, {"source": source.name, "model": entry.name, "streamed": True,
                                   "protocol": plan.params["protocol"], "layers": results})
     manifest.set(plan.key, {"status": "done", "params": plan.params, "params_hash": params_hash(plan.params),
-                            "files": {str(plan.path.relative_to(out)): file_sha256(plan.path)}})
+                            "files": {str(plan.path.relative_to(out)): manifest.sha256(plan.path)}})
     manifest.save()
 
 
@@ -127,7 +127,7 @@ class LayerwiseAccumulator:
     order, by the extraction pass or by a pass of its own. Tokens of a batch are dropped once
     counted."""
 
-    def __init__(self, source: SegmentationSource, layers: list[int], encoder: Encoder, options):
+    def __init__(self, source: SegmentationSource, layers: list[int], encoder: Encoder, options: ExtractOptions):
         dim, device, (grid_h, grid_w) = encoder.embed_dim, encoder.device, encoder.grid
         self.layers, self.dim, self.total, self.model = list(layers), dim, len(source), encoder.entry.name
         # The train bank is the one thing kept; half precision halves it on GPUs.
@@ -151,7 +151,7 @@ class LayerwiseAccumulator:
     def complete(self) -> bool:
         return self.seen == self.total
 
-    def add(self, first_index: int, labels: np.ndarray, batch: TokenBatch) -> None:
+    def update(self, first_index: int, labels: np.ndarray, batch: TokenBatch) -> None:
         """Count the tokens of images ``first_index`` … (labels [B, gh, gw]); the images must come
         in dataset order, as the few-shot train images are the first ones."""
         if first_index != self.seen:
@@ -177,32 +177,32 @@ class LayerwiseAccumulator:
         for layer in self.layers:
             post, pre = posts[layer], pres[layer]
             if split:
-                self._knn[layer].add_train(post[:split].to(self._bank_dtype), y[:split])
+                self._knn[layer].update(post[:split].to(self._bank_dtype), y[:split], train=True)
                 self._moments[layer].update(post[:split])
             if split < len(post):
-                self._knn[layer].add_eval(post[split:].to(self._bank_dtype), y[split:])
-            self._kmeans[layer].add(post, y)
+                self._knn[layer].update(post[split:].to(self._bank_dtype), y[split:])
+            self._kmeans[layer].update(post, y)
             self._norms[layer].update(pre)
         self.seen += n_images
 
-    def results(self) -> list[dict]:
+    def result(self) -> list[dict]:
         rows = []
         for layer in self.layers:
-            metrics = self._knn[layer].metrics()
-            spectrum = torch.sort(self._moments[layer].variance(), descending=True).values
+            metrics = self._knn[layer].result()
+            spectrum = torch.sort(self._moments[layer].result(), descending=True).values
             kmeans = self._kmeans[layer].result()
             rows.append({
                 "layer": layer, "knn_miou": metrics["miou"], "knn_pixel_accuracy": metrics["pixel_accuracy"],
                 "per_class_iou": [None if np.isnan(v) else float(v) for v in metrics["per_class_iou"]],
                 "n_train_images": self.n_train, "n_val_images": self.seen - self.n_train,
-                "variance_spectrum": spectrum.cpu().tolist(), "prenorm_norms": self._norms[layer].summary(),
+                "variance_spectrum": spectrum.cpu().tolist(), "prenorm_norms": self._norms[layer].result(),
                 "kmeans": {key: kmeans[key] for key in ("k", "miou", "pixel_accuracy", "fit_rows")},
             })
         return rows
 
 
-def layerwise_results(source: SegmentationSource, encoder: Encoder, layers: list[int], options,
-                      spans: Sequence[tuple[int, int]] | None = None) -> list[dict]:
+def layerwise_results(source: SegmentationSource, encoder: Encoder, layers: list[int],
+                      options: ExtractOptions, spans: Sequence[tuple[int, int]] | None = None) -> list[dict]:
     """A pass of its own over the source, for when extraction did not feed the accumulators
     (its shards were already written, or a distributed run wrote them).
 
@@ -219,8 +219,8 @@ def layerwise_results(source: SegmentationSource, encoder: Encoder, layers: list
         for start, stop in spans:
             batches = labelled_batches(source.dataset.select(range(start, stop)), options.batch_size, encoder,
                                        options.label_rule, source.ignore_index, decode=options.decode)
-            for image_ids, images, labels in batches:
-                accumulator.add(accumulator.seen, labels,
-                                encoder.tokens(encoder.preprocess(images), layers, list(NORMS)))
+            for _image_ids, images, labels in batches:
+                accumulator.update(accumulator.seen, labels,
+                                   encoder.tokens(encoder.preprocess(images), layers, list(NORMS)))
                 progress.update()
-    return accumulator.results()
+    return accumulator.result()

@@ -6,6 +6,7 @@ anything imports it, as it would be on a machine without network access.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 os.environ["HF_HUB_OFFLINE"] = "1"
@@ -31,6 +32,9 @@ TINY_RANDOM = ModelEntry(
     model_kwargs={"depth": 2}, description="untrained two-block ViT for tests",
 )
 TINY_ENTRIES = (TINY_SUPERVISED, TINY_REGISTERS, TINY_RANDOM)
+# Untrained rows of the MIM family: the probe protocol gives MAE (only) BatchNorm before the linear probe.
+TINY_MAE = dataclasses.replace(TINY_RANDOM, name="tiny_mae", family="MIM", probe_batchnorm=True)
+TINY_SIMMIM = dataclasses.replace(TINY_RANDOM, name="tiny_simmim", family="MIM")
 
 
 @pytest.fixture
@@ -108,3 +112,31 @@ def _cli_logging_reset():
     reset()
     yield
     reset()
+
+
+# The tiny build the layer-wise tests share: six synthetic scenes at 64 px, float32 tables (the
+# streamed curves are compared with analyses of the published tables), k = 2, k-NN k = 5, no HTML.
+TINY_BUILD = ("--source", "synthetic-scenes", "--source-option", "n_images=6", "--source-option", "size=64",
+              "--embedding-dtype", "float32", "--k", "2", "--knn-k", "5", "--no-html", "--device", "cpu", "--quiet")
+
+
+@pytest.fixture(scope="session")
+def tiny_builds(tmp_path_factory) -> dict:
+    """Two builds shared by the session's tests, to read, never to change (copy the folder
+    first): ``streamed`` publishes only the last layer of tiny_random, tiny_mae and tiny_simmim
+    (layer 1 comes from the streaming pass), ``published`` every layer of tiny_random and
+    tiny_mae. Built once: each build costs more than most of the tests that read it."""
+    from generator.cli import main
+
+    mp = offline_tiny_zoo(tmp_path_factory)
+    for entry in (TINY_MAE, TINY_SIMMIM):
+        mp.setitem(MODELS, entry.name, entry)
+    root = tmp_path_factory.mktemp("tiny-builds")
+    builds = {"streamed": ("tiny_random,tiny_mae,tiny_simmim", "last"), "published": ("tiny_random,tiny_mae", "all")}
+    try:
+        for name, (models, layers) in builds.items():
+            assert main(["build", "--out", str(root / name), "--models", models, "--layers", layers,
+                         *TINY_BUILD]) == 0, f"the shared tiny build {name!r} failed"
+    finally:
+        mp.undo()
+    return {name: root / name for name in builds}

@@ -64,6 +64,8 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 from safetensors.torch import save_file
+from test_site import _tags
+from test_sources_real import CLASSES, H, W, _mask_array, _write_folder
 
 from generator.cli import cli, main
 from generator.config_file import config_defaults
@@ -79,8 +81,6 @@ from generator.store.atomic import atomic_write_json
 from generator.store.parquet import PatchTableWriter
 
 from conftest import TINY_REGISTERS, save_untrained_weights
-from test_site import _tags
-from test_sources_real import CLASSES, H, W, _mask_array, _write_folder
 
 COVERAGE = {
     "corrupt PNG / JPEG": ["test_unusable_pair_is_skipped_and_recorded"],
@@ -256,7 +256,7 @@ def test_every_mode_becomes_8_bit_rgb_the_same_way(tmp_path, monkeypatch):
         "LA": (Image.merge("LA", [grey, Image.fromarray(alpha)]), np.repeat(rgb[..., :1], 3, axis=2)),
         "RGBA": (Image.fromarray(np.dstack([rgb, alpha]), "RGBA"), rgb),
         "1-bit": (Image.fromarray(rgb[..., 0] > 127), np.repeat(np.where(rgb[..., :1] > 127, 255, 0), 3, axis=2)),
-        "16-bit": (Image.fromarray((rgb[..., 0].astype(np.uint16) * 257)), np.repeat(rgb[..., :1], 3, axis=2)),
+        "16-bit": (Image.fromarray(rgb[..., 0].astype(np.uint16) * 257), np.repeat(rgb[..., :1], 3, axis=2)),
         "CMYK": (Image.fromarray(rgb).convert("CMYK"), rgb),
     }
     for name, (img, expected) in cases.items():
@@ -583,7 +583,7 @@ def test_config_loses_to_the_command_line_and_wins_over_the_preset(tmp_path):
     ('modles = "dino_vits16"\n', r"unknown key 'modles'\. Did you mean 'models'\?"),
     ('label-rul = "nearest"\n', r"unknown key 'label-rul'\. Did you mean 'label-rule'\?"),
     ('[analyse]\nk = 4\n', r"unknown key 'analyse'\. Did you mean 'analyze'\?"),
-    ('[analyze]\ngallery-k = 4\n', r"unknown key 'gallery-k' in \[analyze\]\. It is an option of render, build"),
+    ('[analyze]\ngallery-k = 4\n', r"unknown key 'gallery-k' in \[analyze\]\. It is an option of summarize, render, build"),
     ('preset = "paper-cityscapes"\n', r"'preset' cannot be set in a config file; pass --preset"),
 ])
 def test_config_typo_is_rejected_with_the_closest_keys(tmp_path, capsys, text, match):

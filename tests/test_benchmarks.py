@@ -48,7 +48,7 @@ def report(pipeline, tmp_path_factory):
                                      "--writer-dim", "32", "--writer-repeats", "1", "--json", str(path)])
     finally:
         mp.undo()
-    return {"printed": printed, "json": json.loads(path.read_text()), "stdout": stdout.getvalue()}
+    return {"printed": printed, "json": json.loads(path.read_text()), "stdout": stdout.getvalue(), "json_path": path}
 
 
 def _positive(value) -> bool:
@@ -60,6 +60,9 @@ def test_json_is_the_printed_report(report):
     assert set(report["json"]) == {"machine", "config", "model", "end_to_end", "writer"}
     machine = report["json"]["machine"]
     assert machine["cpu"] and machine["cpu_cores"] >= 1 and machine["torch"] and machine["date"]
+    # The command as run, arguments and all: benchmarks/README.md heads each table with it.
+    assert machine["command"].startswith("python benchmarks/pipeline.py --device cpu --model tiny_random ")
+    assert machine["command"].endswith(f"--json {report['json_path']}")
     assert machine["gpu"] is None
 
 
@@ -141,7 +144,7 @@ def knn_report(knn_scale, tmp_path_factory):
     stdout = io.StringIO()
     with contextlib.redirect_stdout(stdout):
         printed = knn_scale.main([*TINY_KNN, "--json", str(path)])
-    return {"printed": printed, "json": json.loads(path.read_text()), "stdout": stdout.getvalue()}
+    return {"printed": printed, "json": json.loads(path.read_text()), "stdout": stdout.getvalue(), "json_path": path}
 
 
 def test_knn_json_is_the_printed_report(knn_report):

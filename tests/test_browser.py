@@ -121,6 +121,8 @@ def find_browser_pair() -> tuple[str, str]:
 @pytest.fixture(scope="module")
 def site_dir(tmp_path_factory) -> Path:
     """A small built site: two tiny models (one from a local checkpoint) over both sources."""
+    # Its own build, not conftest's shared tiny_builds: HTML, and 160 px images, so that a stored image is
+    # wider than its gallery thumbnail (the lightbox test).
     mp = offline_tiny_zoo(tmp_path_factory)
     root = tmp_path_factory.mktemp("browser-build")
     ckpt = root / "tiny_reg.safetensors"
@@ -384,7 +386,8 @@ def test_reference_rows_and_strip_show_in_both_themes(driver, base_url, artifact
         rows = [row for row in driver.find_elements(By.CSS_SELECTOR, "article tr.reference-row") if _shown(driver, row)]
         assert rows, f"{page or 'home'}: no visible reference row"
         colours = driver.execute_script(
-            "const row = arguments[0]; const model = row.parentElement.querySelector('tr:not(.reference-row):not(.reference-divider)');"
+            "const row = arguments[0]; "
+            "const model = row.parentElement.querySelector('tr:not(.reference-row):not(.reference-divider)');"
             "return [getComputedStyle(row).color, model ? getComputedStyle(model).color : null];", rows[0])
         assert colours[1] is None or colours[0] != colours[1], "reference rows are not set apart from the models"
         # Sorting a column, either way, never lifts a reference row above a model.

@@ -184,6 +184,7 @@ def test_junkdims_control_puts_its_noise_at_the_top_of_the_variance_spectrum(enc
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
+    # Its own build, not conftest's shared tiny_builds: the five constructed controls at their own input size.
     mp = offline_tiny_zoo(tmp_path_factory)
     out = tmp_path_factory.mktemp("controls") / "out"
     code = main(["build", "--out", str(out), "--models", ",".join(CONTROLS),

@@ -1,10 +1,10 @@
 """`patchatlas build` killed with SIGKILL at random moments, then rerun, ends with the same bytes.
 
 An uninterrupted reference build is timed; then, for seeded moments drawn uniformly over its
-duration (stratified: one in each of N equal slices), the same build is started in a process group of its own, killed (the whole group,
-SIGKILL) at that moment and rerun with the same command to completion. Every file is compared
-by sha256 with the reference, masking only what ``generator.store.lock.RUN_DEPENDENT``
-declares. The resume of the first kill is itself killed once before it is rerun.
+duration (stratified: one in each of N equal slices), the same build is started in a process
+group of its own, killed (the whole group, SIGKILL) at that moment and rerun with the same
+command to completion. Every file is compared by sha256 with the reference, masking only what
+``generator.store.layout.RUN_DEPENDENT`` declares. The resume of the first kill is itself killed once before it is rerun.
 
 Each build runs at the same path (the reference is moved aside), so nothing path-dependent
 needs masking. The phase a kill hit is read from what the killed run left: the manifest's
@@ -30,7 +30,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from generator.store.lock import LOCK_NAME, RENDER_STAGING_GLOB, SWAP_LEFTOVER_GLOB, comparable_digests
+from generator.store.layout import LOCK_NAME, RENDER_STAGING_GLOB, SWAP_LEFTOVER_GLOB
+from generator.store.lock import comparable_digests
 from generator.store.manifest import UNREADABLE_SUFFIX
 
 from test_push import PLANTED_TOKEN, hub  # noqa: F401  (the local stand-in for the Hub, a fixture)
@@ -98,14 +99,14 @@ def phase_left(out: Path, reference_keys: set[str]) -> str:
             return phase
     if list(out.glob(RENDER_STAGING_GLOB)):
         return "render (swap)" if list(out.glob(SWAP_LEFTOVER_GLOB)) else "render"
-    return "render (outside staging) or exiting"
+    return "summarize, render outside staging, or exiting"
 
 
 def _differing(a: dict[str, str], b: dict[str, str]) -> list[str]:
     return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
 
 
-def run_random_kills(ref: "Reference", kills: int, html: bool, seed: int = SEED) -> list[dict]:
+def run_random_kills(ref: Reference, kills: int, html: bool, seed: int = SEED) -> list[dict]:
     """Kill the build at ``ref.out`` at ``kills`` seeded moments within the reference's duration,
     rerun it to completion each time, and compare every file with the reference."""
     out, expected, duration = ref.out, ref.digests, ref.duration

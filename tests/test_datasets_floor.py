@@ -37,6 +37,8 @@ def floor_python():
 
 @pytest.fixture(scope="module")
 def extracted(tmp_path_factory):
+    # Its own build, not conftest's shared tiny_builds: extract only, two images at the default table
+    # dtype: the smallest folder the oldest datasets release has to load.
     mp = offline_tiny_zoo(tmp_path_factory)
     out = tmp_path_factory.mktemp("floor") / "out"
     code = main(["extract", "--out", str(out), "--models", "tiny_random", "--layers", "last",

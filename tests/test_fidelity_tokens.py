@@ -167,22 +167,27 @@ def test_dinov2_with_registers_keeps_the_antialiased_exact_size_rule(tmp_path):
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-5)
 
 
-def test_rows_declare_a_resize_rule_exactly_when_they_have_a_position_embedding():
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_row_declares_a_resize_rule_exactly_when_it_has_a_position_embedding(name):
     from generator.models.checkpoints import CHECKPOINT_FORMATS
+
+    entry = MODELS[name]
+    # One block shows whether the architecture has the embedding, at a fraction of the cost.
+    fmt = CHECKPOINT_FORMATS[entry.checkpoint_format].model_kwargs if entry.checkpoint_format else {}
+    with torch.device("meta"):
+        model = timm.create_model(entry.architecture, pretrained=False, num_classes=0,
+                                  **{**fmt, **entry.create_kwargs(), "depth": 1})
+    has_pos_embed = getattr(model, "pos_embed", None) is not None
+    assert (entry.pos_embed_resample is not None) == has_pos_embed
+    # timm's own step stays wherever the row's rule is timm's or nothing is resized.
+    use_pos_embed_rule(entry, model)
+    replaced = "_pos_embed" in vars(model)
+    assert replaced == ("dinov2" in entry.timm_id and not entry.num_registers)
+
+
+def test_dinov2_rows_resize_their_position_embedding_by_their_own_rule():
     from generator.models.registry import DINO_POS_EMBED, TIMM_POS_EMBED
 
-    for entry in MODELS.values():
-        # One block shows whether the architecture has the embedding, at a fraction of the cost.
-        fmt = CHECKPOINT_FORMATS[entry.checkpoint_format].model_kwargs if entry.checkpoint_format else {}
-        with torch.device("meta"):
-            model = timm.create_model(entry.architecture, pretrained=False, num_classes=0,
-                                      **{**fmt, **entry.create_kwargs(), "depth": 1})
-        has_pos_embed = getattr(model, "pos_embed", None) is not None
-        assert (entry.pos_embed_resample is not None) == has_pos_embed, entry.name
-        # timm's own step stays wherever the row's rule is timm's or nothing is resized.
-        use_pos_embed_rule(entry, model)
-        replaced = "_pos_embed" in vars(model)
-        assert replaced == ("dinov2" in entry.timm_id and not entry.num_registers), entry.name
     dinov2 = [e for e in MODELS.values() if "dinov2" in e.timm_id]
     assert len(dinov2) == 8
     for entry in dinov2:

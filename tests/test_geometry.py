@@ -12,7 +12,6 @@ import timm
 import torch
 from PIL import Image
 
-from conftest import TINY_RANDOM, TINY_SUPERVISED, save_untrained_weights
 from generator.batches import grid_labels
 from generator.errors import PatchAtlasError
 from generator.extract import ExtractOptions, token_params
@@ -21,6 +20,8 @@ from generator.models.registry import MODELS, with_input_size
 from generator.sources.geometry import input_geometry
 from generator.sources.labels import patch_labels, patch_labels_nearest, resize_mask
 from generator.store.manifest import params_hash
+
+from conftest import TINY_RANDOM, TINY_SUPERVISED, save_untrained_weights
 
 
 def opencv4_nearest_exact(mask: np.ndarray, grid_hw: tuple[int, int]) -> np.ndarray:

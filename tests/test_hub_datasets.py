@@ -74,6 +74,7 @@ def _write_folder(root: Path) -> dict[str, np.ndarray]:
 def built(tmp_path_factory):
     mp = offline_tiny_zoo(tmp_path_factory)
     mp.setitem(MODELS, TINY_NC.name, TINY_NC)
+    # Its own build, not conftest's shared tiny_builds: a local folder of its own and a model without a class token.
     root = tmp_path_factory.mktemp("hubdata")
     folder = root / "my-scenes"
     masks = _write_folder(folder)

@@ -74,7 +74,7 @@ def test_workers_run_together_but_never_beside_a_build(tmp_path):
 
 
 def test_the_holder_removes_what_a_killed_run_of_any_stage_left(tmp_path):
-    from generator.store.lock import RENDER_STAGING_PREFIX
+    from generator.store.layout import RENDER_STAGING_PREFIX
 
     kept = {"datasets/s/m/L01-prenorm/train-00000-of-00001.parquet": b"PAR1", "docs/index.md": b"# old",
             "manifest.d/rank-0000-of-0002.json": b"{}"}

@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import save_file
 
 from generator.errors import PatchAtlasError, UnknownName, WeightsUnavailable
+from generator.models.checkpoints import CHECKPOINT_FORMATS
 from generator.models.encoder import load_encoder, resolve_layers
 from generator.models.registry import DEFAULT_MODELS, FAMILIES, MODELS, ModelEntry, get_model_entry
 
@@ -28,25 +29,29 @@ def _images(n=2, side=80, seed=0):
 
 # --- registry -------------------------------------------------------------------------------
 
-def test_registry_rows_agree_with_timm_pretrained_configs():
-    for entry in MODELS.values():
-        assert entry.family in FAMILIES, entry.name
-        if not entry.pretrained or entry.checkpoint_format:  # mapped checkpoints have no timm tag
-            continue
-        cfg = timm.models.get_pretrained_cfg(entry.timm_id)
-        assert cfg is not None, f"{entry.timm_id} is not a timm pretrained tag"
-        assert tuple(cfg.mean) == pytest.approx(entry.mean), entry.name
-        assert tuple(cfg.std) == pytest.approx(entry.std), entry.name
-        assert cfg.interpolation == entry.interpolation, entry.name
-        assert cfg.input_size[-1] == entry.native_size, entry.name
-        assert cfg.license == entry.license, entry.name
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_registry_row_agrees_with_its_timm_pretrained_config(name):
+    entry = MODELS[name]
+    assert entry.family in FAMILIES
+    if not entry.pretrained or entry.checkpoint_format:  # mapped checkpoints have no timm tag
+        return
+    cfg = timm.models.get_pretrained_cfg(entry.timm_id)
+    assert cfg is not None, f"{entry.timm_id} is not a timm pretrained tag"
+    assert tuple(cfg.mean) == pytest.approx(entry.mean)
+    assert tuple(cfg.std) == pytest.approx(entry.std)
+    assert cfg.interpolation == entry.interpolation
+    assert cfg.input_size[-1] == entry.native_size
+    assert cfg.license == entry.license
 
 
-@pytest.mark.parametrize("name", ["dino_vits16", "dinov2_vits14_reg", "mae_vitb16", "random", "siglip_vitb16"])
+@pytest.mark.parametrize("name", sorted(MODELS))
 def test_registry_prefix_tokens_and_patch_size_match_the_architecture(name):
     entry = MODELS[name]
+    fmt = CHECKPOINT_FORMATS[entry.checkpoint_format].model_kwargs if entry.checkpoint_format else {}
+    # One block on the meta device: the token layout without the cost of building every block.
     with torch.device("meta"):
-        model = timm.create_model(entry.architecture, pretrained=False, num_classes=0, **entry.create_kwargs())
+        model = timm.create_model(entry.architecture, pretrained=False, num_classes=0,
+                                  **{**fmt, **entry.create_kwargs(), "depth": 1})
     assert model.num_prefix_tokens == entry.num_prefix_tokens
     assert model.patch_embed.patch_size[0] == entry.patch_size
 

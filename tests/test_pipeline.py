@@ -34,6 +34,8 @@ def _tree_digest(root: Path) -> dict[str, tuple[int, int]]:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     """One build: tiny_random runs, tiny_reg loads a local checkpoint, tiny_vit has no weights."""
+    # Its own build, not conftest's shared tiny_builds: a checkpoint and a skipped model, galleries and HTML, and
+    # tests that rerun and re-render it in place.
     mp = offline_tiny_zoo(tmp_path_factory)
     root = tmp_path_factory.mktemp("build")
     ckpt = root / "tiny_reg.safetensors"

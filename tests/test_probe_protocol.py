@@ -3,13 +3,13 @@ result and printed on the probe page; BatchNorm only for the models the paper gi
 
 from __future__ import annotations
 
-import dataclasses
 import json
+import shutil
 
 from generator.cli import main
 from generator.models.registry import MODELS
 
-from conftest import TINY_RANDOM
+from conftest import TINY_MAE, TINY_SIMMIM
 
 
 def test_only_the_mae_rows_put_batchnorm_before_the_linear_probe():
@@ -20,25 +20,16 @@ def test_only_the_mae_rows_put_batchnorm_before_the_linear_probe():
         assert MODELS[name].family == "MIM" and not MODELS[name].probe_batchnorm
 
 
-def _build(out, models, layers, *extra):
-    assert main(["build", "--out", str(out), "--models", models, "--source", "synthetic-scenes",
-                 "--source-option", "n_images=6", "--source-option", "size=64", "--layers", layers,
-                 "--embedding-dtype", "float32", "--k", "2", "--no-html", "--device", "cpu", "--quiet",
-                 *extra]) == 0
-
-
 def _json(path):
     return json.loads(path.read_text())
 
 
-def test_knn_k_reaches_streamed_and_analysed_layers_and_the_page(tiny_models, tmp_path, monkeypatch):
-    mae_like = dataclasses.replace(TINY_RANDOM, name="tiny_mae", family="MIM", probe_batchnorm=True)
-    simmim_like = dataclasses.replace(TINY_RANDOM, name="tiny_simmim", family="MIM")
-    monkeypatch.setitem(MODELS, "tiny_mae", mae_like)
-    monkeypatch.setitem(MODELS, "tiny_simmim", simmim_like)
-    out, published_out = tmp_path / "streamed", tmp_path / "published"
-    _build(out, "tiny_mae,tiny_simmim", "last", "--knn-k", "5")
-    _build(published_out, "tiny_mae", "all", "--knn-k", "5")
+def test_knn_k_reaches_streamed_and_analysed_layers_and_the_page(tiny_models, tiny_builds, tmp_path, monkeypatch):
+    # The shared builds (k-NN k = 5); the streamed one is copied, as this test analyses it again.
+    monkeypatch.setitem(MODELS, "tiny_mae", TINY_MAE)
+    monkeypatch.setitem(MODELS, "tiny_simmim", TINY_SIMMIM)
+    out, published_out = tmp_path / "streamed", tiny_builds["published"]
+    shutil.copytree(tiny_builds["streamed"], out)
     results = out / "results/synthetic-scenes"
     for model, batchnorm in (("tiny_mae", True), ("tiny_simmim", False)):
         layerwise = _json(results / model / "layerwise.json")
@@ -65,13 +56,13 @@ def test_knn_k_reaches_streamed_and_analysed_layers_and_the_page(tiny_models, tm
     assert main(["analyze", "--out", str(out), "--knn-k", "3", "--device", "cpu", "--quiet"]) == 0
     reanalysed = _json(results / "tiny_mae/tiny_mae-L02-postnorm/probes.json")
     assert reanalysed["protocol"]["knn_k"] == 3 and reanalysed["protocol"]["batchnorm"] is True
-    monkeypatch.setitem(MODELS, "tiny_mae", mae_like)
+    monkeypatch.setitem(MODELS, "tiny_mae", TINY_MAE)
     assert main(["render", "--out", str(out), "--no-html", "--quiet"]) == 0
     page = (out / "docs/probe-metrics.md").read_text()
     assert "k-NN with k = 3" in page and "k-NN with k = 5" in page and "Not joined" in page
-    from generator.site import _probe_context
+    from generator.summarize import read_source_summary
 
-    context = _probe_context(out, tmp_path / "docs", {"name": "synthetic-scenes"}, {})
+    context = read_source_summary(out, "synthetic-scenes")["probes"]
     assert [layer for layer, _ in context["knn_by_layer"]["tiny_mae"]] == [2]
     separate = [name for name in context["knn_by_layer"] if name.startswith("tiny_mae (streamed, k = 5")]
     assert len(separate) == 1 and [layer for layer, _ in context["knn_by_layer"][separate[0]]] == [1]

@@ -32,8 +32,8 @@ from PIL import Image
 
 from generator.errors import PatchAtlasError
 from generator.store.parquet import PatchTableWriter, write_images_shards
-from generator.store.repo import ConfigCardInfo, write_dataset_card
 from generator.store.push import compare, local_files, plan_push, push_folder, scrub, validate_folder
+from generator.store.repo import ConfigCardInfo, write_dataset_card
 
 # Not shaped like a Hub token, so only scrubbing the token in use (not the pattern) can hide it.
 PLANTED_TOKEN = "hf_Planted-Secret-Token-0123456789"

@@ -79,7 +79,7 @@ def test_names_from_data_are_escaped_everywhere(hostile_site):
 
 
 def test_top_variance_overlap_counts_shared_dimensions():
-    from generator.site import _top_variance_overlaps
+    from generator.summarize import _top_variance_overlaps
 
     def ctx(model, dims):
         return {"last": [{"model": model, "variance": {"top_dims": dims}}]}

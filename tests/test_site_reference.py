@@ -18,10 +18,11 @@ import pytest
 
 from generator import site as site_module
 from generator.cli import main
-from generator.site import (gallery_strip, labelled_class_count, leaderboard_tables, metric_references,
-                            ranks_by_segmentation, with_interval)
+from generator.models.registry import MODELS
+from generator.site import gallery_strip, with_interval
 from generator.sources.content_free import content_free_source
 from generator.sources.synthetic import synthetic_scenes
+from generator.summarize import labelled_class_count, leaderboard_tables, metric_references, ranks_by_segmentation
 
 from conftest import TINY_RANDOM, TINY_REGISTERS, offline_tiny_zoo, save_untrained_weights
 
@@ -110,7 +111,8 @@ def divider_index(table: list[dict]) -> int | None:
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
     mp = offline_tiny_zoo(tmp_path_factory)
-    mp.setitem(site_module.MODELS, TINY_CONTROL.name, TINY_CONTROL)
+    # Its own build, not conftest's shared tiny_builds: reference rows and a recorder around the site's charts.
+    mp.setitem(MODELS, TINY_CONTROL.name, TINY_CONTROL)
     charts = []
     real_line_chart = site_module.line_chart_png
 

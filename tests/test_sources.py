@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import io
 from collections import Counter
 from fractions import Fraction
 
@@ -11,9 +12,11 @@ import datasets
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from scipy import ndimage
 
 from generator.errors import PatchAtlasError, UnknownName
+from generator.png import mask_png_bytes, png_bytes, png_cell
 from generator.sources import synthetic
 from generator.sources.base import SegmentationSource
 from generator.sources.labels import (
@@ -352,13 +355,17 @@ def test_bad_label_inputs_are_refused(mask, grid, match):
 # Registry
 
 
-def test_registry_rows_are_frozen_entries_whose_defaults_fit_their_loader():
+def test_source_names_are_the_registry_rows_sorted():
     assert source_names() == sorted(SOURCES) and "synthetic-scenes" in source_names()
-    for name, entry in SOURCES.items():
-        assert isinstance(entry, SourceEntry) and entry.name == name and entry.description
-        inspect.signature(entry.loader).bind(**entry.default_params)
-        with pytest.raises(dataclasses.FrozenInstanceError):
-            entry.name = "other"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize("name", sorted(SOURCES))
+def test_registry_row_is_a_frozen_entry_whose_defaults_fit_its_loader(name):
+    entry = SOURCES[name]
+    assert isinstance(entry, SourceEntry) and entry.name == name and entry.description
+    inspect.signature(entry.loader).bind(**entry.default_params)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        entry.name = "other"  # type: ignore[misc]
 
 
 def test_load_source_applies_params_over_defaults():
@@ -380,3 +387,16 @@ def test_unknown_source_suggests_near_matches_and_lists_known_names():
 def test_unknown_source_parameter_names_the_key_and_the_valid_keys():
     with pytest.raises(PatchAtlasError, match=r"'n_image'.*n_images, seed, size"):
         load_source("synthetic-scenes", n_image=3)
+
+
+def test_png_bytes_is_lossless_and_deterministic_and_mask_png_bytes_widens_past_255():
+    rgb = np.random.default_rng(0).integers(0, 256, size=(5, 7, 3), dtype=np.uint8)
+    data = png_bytes(rgb)
+    assert data == png_bytes(Image.fromarray(rgb)) == png_bytes(rgb.copy())
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(data))), rgb)
+    assert png_cell(rgb) == {"path": None, "bytes": data}
+    small = np.array([[0, 3], [255, 1]])
+    wide = np.array([[0, 300], [1000, 1]])
+    assert Image.open(io.BytesIO(mask_png_bytes(small))).mode == "L"
+    assert Image.open(io.BytesIO(mask_png_bytes(wide))).mode.startswith("I")
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(mask_png_bytes(wide)))), wide)

@@ -14,12 +14,22 @@ from PIL import Image
 from generator.errors import PatchAtlasError
 from generator.sources import hub
 from generator.sources.hub import (
-    ADE20K_CLASSES, CITYSCAPES_CLASSES, CITYSCAPES_LABELS, HUB_DATASETS, VOC_CLASSES, hub_source, label_lut,
+    ADE20K_CLASSES,
+    CITYSCAPES_CLASSES,
+    CITYSCAPES_LABELS,
+    HUB_DATASETS,
+    VOC_CLASSES,
+    hub_source,
+    label_lut,
     remap_mask,
 )
 from generator.sources.local_folder import local_folder_source
 from generator.sources.presets import (
-    CITYSCAPES_TRAIN_CITIES, CITYSCAPES_VAL_CITIES, ade20k_fewshot_split, cityscapes_72_30_split, tile_256,
+    CITYSCAPES_TRAIN_CITIES,
+    CITYSCAPES_VAL_CITIES,
+    ade20k_fewshot_split,
+    cityscapes_72_30_split,
+    tile_256,
     tile_image,
 )
 

@@ -41,13 +41,13 @@ def test_running_moments_equal_the_whole_array_variance_and_find_planted_junk(si
     moments = RunningMoments(64)
     for chunk in _chunks(x, sizes):
         moments.update(chunk)
-    torch.testing.assert_close(moments.variance(), feature_variance(x), rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(moments.result(), feature_variance(x), rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(moments.mean, x.double().mean(0), rtol=1e-12, atol=1e-9)
-    assert sorted(top_variance_dims(moments.variance(), 3).tolist()) == junk.tolist()
+    assert sorted(top_variance_dims(moments.result(), 3).tolist()) == junk.tolist()
     # Control: without planted dimensions, the three largest variances are not those.
     control = RunningMoments(64)
     control.update(torch.randn(1000, 64, generator=g))
-    assert set(top_variance_dims(control.variance(), 3).tolist()) != set(junk.tolist())
+    assert set(top_variance_dims(control.result(), 3).tolist()) != set(junk.tolist())
 
 
 def test_norm_histogram_adds_up_over_chunks_and_flags_planted_high_norm_tokens():
@@ -58,7 +58,7 @@ def test_norm_histogram_adds_up_over_chunks_and_flags_planted_high_norm_tokens()
     whole.update(x)
     for chunk in _chunks(x, [7, 993, 1000]):
         streamed.update(chunk)
-    assert streamed.summary() == whole.summary()
+    assert streamed.result() == whole.result()
     norms = x.norm(dim=1).numpy()
     assert streamed.max == pytest.approx(norms.max(), rel=1e-6)
     assert streamed.count == 2000 and streamed.total == pytest.approx(norms.sum(), rel=1e-6)
@@ -98,12 +98,12 @@ def test_streaming_knn_equals_knn_on_all_rows_at_once(k, similarity, drop_unlabe
     eval_x, eval_y = sample(700)
     stream = StreamingKNN(n_classes, k=k, similarity=similarity)
     for x, y in zip(_chunks(train_x, [100, 200]), _chunks(train_y, [100, 200])):
-        stream.add_train(x, y)
+        stream.update(x, y, train=True)
     for x, y in zip(_chunks(eval_x, [1, 99, 600]), _chunks(eval_y, [1, 99, 600])):
-        stream.add_eval(x, y)
+        stream.update(x, y)
     pred = knn_predict(train_x, train_y, eval_x, k=k, similarity=similarity, n_classes=n_classes)
     reference = segmentation_metrics(pred.numpy(), eval_y.numpy(), n_classes)
-    got = stream.metrics()
+    got = stream.result()
     assert got["miou"] == reference["miou"] and got["pixel_accuracy"] == reference["pixel_accuracy"]
     np.testing.assert_array_equal(got["confusion"], reference["confusion"])
     assert got["miou"] > 0.9  # the planted classes are separable
@@ -117,38 +117,38 @@ def test_streaming_knn_averages_miou_by_the_protocol_rule(average):
     train_x, train_y = torch.randn(200, 6, generator=g), torch.randint(0, 4, (200,), generator=g)
     eval_x, eval_y = torch.randn(300, 6, generator=g), torch.randint(0, 2, (300,), generator=g)
     stream = StreamingKNN(4, average=average)
-    stream.add_train(train_x, train_y)
-    stream.add_eval(eval_x, eval_y)
+    stream.update(train_x, train_y, train=True)
+    stream.update(eval_x, eval_y)
     pred = knn_predict(train_x, train_y, eval_x, n_classes=4)
     assert set(pred.tolist()) >= {2, 3}
     reference = segmentation_metrics(pred.numpy(), eval_y.numpy(), 4, average=average)
-    assert stream.metrics()["miou"] == reference["miou"]
+    assert stream.result()["miou"] == reference["miou"]
     other = segmentation_metrics(pred.numpy(), eval_y.numpy(), 4,
                                  average="present" if average == "cityscapes" else "cityscapes")
-    assert stream.metrics()["miou"] != other["miou"]
+    assert stream.result()["miou"] != other["miou"]
 
 
 def test_streaming_knn_on_unrelated_features_scores_about_chance():
     g = torch.Generator().manual_seed(3)
     stream = StreamingKNN(4)
-    stream.add_train(torch.randn(400, 8, generator=g), torch.randint(0, 4, (400,), generator=g))
-    stream.add_eval(torch.randn(800, 8, generator=g), torch.randint(0, 4, (800,), generator=g))
-    assert stream.metrics()["miou"] < 0.25
+    stream.update(torch.randn(400, 8, generator=g), torch.randint(0, 4, (400,), generator=g), train=True)
+    stream.update(torch.randn(800, 8, generator=g), torch.randint(0, 4, (800,), generator=g))
+    assert stream.result()["miou"] < 0.25
 
 
 def test_streaming_knn_refuses_train_rows_after_evaluation_and_evaluation_without_train():
     stream = StreamingKNN(2)
     with pytest.raises(PatchAtlasError, match="no labelled train rows"):
-        stream.add_eval(torch.zeros(3, 4), torch.zeros(3, dtype=torch.long))
-    stream.add_train(torch.zeros(3, 4), torch.zeros(3, dtype=torch.long))
-    stream.add_eval(torch.zeros(3, 4), torch.zeros(3, dtype=torch.long))
+        stream.update(torch.zeros(3, 4), torch.zeros(3, dtype=torch.long))
+    stream.update(torch.zeros(3, 4), torch.zeros(3, dtype=torch.long), train=True)
+    stream.update(torch.zeros(3, 4), torch.zeros(3, dtype=torch.long))
     with pytest.raises(PatchAtlasError, match="train images come first"):
-        stream.add_train(torch.zeros(3, 4), torch.zeros(3, dtype=torch.long))
+        stream.update(torch.zeros(3, 4), torch.zeros(3, dtype=torch.long), train=True)
 
 
 def _feed(stream: StreamingKMeans, x: torch.Tensor, y: torch.Tensor, sizes: list[int]) -> dict:
     for x_chunk, y_chunk in zip(_chunks(x, sizes), _chunks(y, sizes)):
-        stream.add(x_chunk, y_chunk)
+        stream.update(x_chunk, y_chunk)
     return stream.result()
 
 
@@ -219,13 +219,13 @@ def test_streaming_kmeans_holds_at_most_fit_rows_whatever_it_is_fed():
     stream = StreamingKMeans(3, 4, fit_rows=200, n_init=1)
     # Before the fit, a chunk larger than the buffer leaves only copies of what it needs.
     big = torch.randn(150, 8, generator=g)
-    stream.add(big, torch.randint(0, 4, (150,), generator=g))
+    stream.update(big, torch.randint(0, 4, (150,), generator=g))
     held = list(_held_tensors(stream))
     assert sum(len(t) for t in held if t.ndim == 2) == 150
     assert all(t.untyped_storage().data_ptr() != big.untyped_storage().data_ptr() for t in held)
     for _ in range(20):
         x = torch.randn(256, 8, generator=g)
-        stream.add(x, torch.randint(0, 4, (256,), generator=g))
+        stream.update(x, torch.randint(0, 4, (256,), generator=g))
         for tensor in _held_tensors(stream):
             assert len(tensor) <= 200
             assert tensor.untyped_storage().nbytes() <= 200 * 8 * 8
@@ -239,27 +239,27 @@ def test_streaming_kmeans_rejects_bad_input():
     with pytest.raises(PatchAtlasError, match="k=5 exceeds fit_rows=4"):
         StreamingKMeans(5, 3, fit_rows=4)
     few = StreamingKMeans(4, 3)
-    few.add(torch.randn(3, 8), torch.zeros(3, dtype=torch.long))
+    few.update(torch.randn(3, 8), torch.zeros(3, dtype=torch.long))
     with pytest.raises(PatchAtlasError, match="k=4 exceeds the 3 rows"):
         few.result()
     # Labels outside the classes are counted as they come and refused when the result is read.
     mislabelled = StreamingKMeans(2, 3)
-    mislabelled.add(torch.randn(4, 8), torch.tensor([0, 1, 3, 255]))
+    mislabelled.update(torch.randn(4, 8), torch.tensor([0, 1, 3, 255]))
     with pytest.raises(PatchAtlasError, match=r"labels \[3\] outside \[0, 3\)"):
         mislabelled.result()
-    mislabelled.add(torch.randn(2, 8), torch.tensor([-1, 0]))
+    mislabelled.update(torch.randn(2, 8), torch.tensor([-1, 0]))
     with pytest.raises(PatchAtlasError, match=r"labels \[-1, 3\] outside \[0, 3\)"):
         mislabelled.result()
     stream = StreamingKMeans(2, 3)
     with pytest.raises(PatchAtlasError, match="expected a tensor"):
-        stream.add(torch.randn(8), torch.zeros(8, dtype=torch.long))
+        stream.update(torch.randn(8), torch.zeros(8, dtype=torch.long))
     with pytest.raises(PatchAtlasError, match="one per row"):
-        stream.add(torch.randn(4, 8), torch.zeros(5, dtype=torch.long))
+        stream.update(torch.randn(4, 8), torch.zeros(5, dtype=torch.long))
     with pytest.raises(PatchAtlasError, match="one per row"):
-        stream.add(torch.randn(4, 8), torch.zeros(4))
-    stream.add(torch.randn(4, 8), torch.full((4,), 255))
+        stream.update(torch.randn(4, 8), torch.zeros(4))
+    stream.update(torch.randn(4, 8), torch.full((4,), 255))
     with pytest.raises(PatchAtlasError, match=r"expected a tensor \[rows, 8\]"):
-        stream.add(torch.randn(4, 9), torch.zeros(4, dtype=torch.long))
+        stream.update(torch.randn(4, 9), torch.zeros(4, dtype=torch.long))
     with pytest.raises(PatchAtlasError, match="none of the 4 rows is labelled"):
         stream.result()
     with pytest.raises(PatchAtlasError, match="collides"):
@@ -285,24 +285,16 @@ def test_match_from_confusion_equals_hungarian_match():
         match_from_confusion(np.array([[1, -1]]))
 
 
-def test_unpublished_layers_get_streamed_curves_equal_to_the_analysis_of_published_ones(tiny_models, tmp_path):
+def test_unpublished_layers_get_streamed_curves_equal_to_the_analysis_of_published_ones(tiny_models, tiny_builds,
+                                                                                      tmp_path):
     """`--layers last` publishes one layer; the other layer's k-NN and variance spectrum come from
     the streaming pass and equal what analysing that layer's published table gives."""
     import json
 
-    from generator.cli import main
     from generator.store.parquet import patch_grid, read_patch_table
     from generator.stream import KMEANS_FIT_ROWS
 
-    def build(out, layers):
-        assert main(["build", "--out", str(out), "--models", "tiny_random", "--source", "synthetic-scenes",
-                     "--source-option", "n_images=6", "--source-option", "size=64", "--layers", layers,
-                     "--embedding-dtype", "float32", "--k", "2", "--no-html", "--device", "cpu",
-                     "--quiet"]) == 0
-
-    streamed_out, published_out = tmp_path / "streamed", tmp_path / "published"
-    build(streamed_out, "last")
-    build(published_out, "all")
+    streamed_out, published_out = tiny_builds["streamed"], tiny_builds["published"]
     record = json.loads((streamed_out / "results/synthetic-scenes/tiny_random/layerwise.json").read_text())
     assert [row["layer"] for row in record["layers"]] == [1]  # tiny models have two blocks
     row = record["layers"][0]
@@ -319,7 +311,7 @@ def test_unpublished_layers_get_streamed_curves_equal_to_the_analysis_of_publish
     # k-means with one cluster per class, as the accumulator computes it on the whole table at once.
     _, _, labels = patch_grid(table)
     whole = StreamingKMeans(row["kmeans"]["k"], 8, fit_rows=KMEANS_FIT_ROWS)
-    whole.add(torch.from_numpy(tokens).reshape(-1, tokens.shape[-1]), torch.from_numpy(labels).reshape(-1).long())
+    whole.update(torch.from_numpy(tokens).reshape(-1, tokens.shape[-1]), torch.from_numpy(labels).reshape(-1).long())
     assert row["kmeans"] == {key: whole.result()[key] for key in ("k", "miou", "pixel_accuracy", "fit_rows")}
     assert row["kmeans"]["k"] == 8 and 0 < row["kmeans"]["miou"] <= 1
     # Nothing of layer 1 was stored, and the published build has no streamed record.
@@ -331,12 +323,12 @@ def test_unpublished_layers_get_streamed_curves_equal_to_the_analysis_of_publish
                       and "(8)" in line)
     assert f"{100 * row['kmeans']['miou']:.1f}" in kmeans_row
     # The k-NN-by-layer chart has one point per layer: the streamed layer 1, the published layer 2.
-    from generator.site import _probe_context
+    from generator.summarize import read_source_summary
 
     last = json.loads((streamed_out / "results/synthetic-scenes/tiny_random/tiny_random-L02-postnorm"
                        / "probes.json").read_text())
-    context = _probe_context(streamed_out, tmp_path / "docs", {"name": "synthetic-scenes"}, {})
-    assert context["knn_by_layer"]["tiny_random"] == [(1, row["knn_miou"]), (2, last["knn_miou"])]
+    context = read_source_summary(streamed_out, "synthetic-scenes")["probes"]
+    assert [tuple(p) for p in context["knn_by_layer"]["tiny_random"]] == [(1, row["knn_miou"]), (2, last["knn_miou"])]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,26 +392,26 @@ def test_accumulators_keep_their_state_on_the_rows_device_and_read_nothing_back_
     knn, moments, norms = StreamingKNN(4), RunningMoments(16), NormHistogram()
     fitted, buffering = StreamingKMeans(4, 4, fit_rows=300, n_init=1), StreamingKMeans(4, 4, fit_rows=2000, n_init=1)
     # Once per run, read-backs are allowed: building the k-NN train bank, fitting the k-means.
-    knn.add_train(x[:300], y[:300])
-    knn.add_eval(x[300:400], y[300:400])
-    fitted.add(x[:300], y[:300])
+    knn.update(x[:300], y[:300], train=True)
+    knn.update(x[300:400], y[300:400])
+    fitted.update(x[:300], y[:300])
     with _read_backs() as seen:
         for start in range(400, 1200, 200):
             chunk, labels = x[start:start + 200], y[start:start + 200]
-            knn.add_eval(chunk, labels)
+            knn.update(chunk, labels)
             moments.update(chunk)
             norms.update(chunk)
-            fitted.add(chunk, labels)
-            buffering.add(chunk, labels)
+            fitted.update(chunk, labels)
+            buffering.update(chunk, labels)
     assert seen == []
     state = [knn._counts, knn._bad_labels, moments.mean, norms._counts, norms._total, norms._max,
              fitted._confusion, fitted._problems, fitted._bad_labels, fitted._centroids, buffering._confusion,
              *buffering._buffer_x, *buffering._buffer_y]
     assert all(tensor.device == x.device for tensor in state)
     # What they counted is right: the planted classes are found, every row is there.
-    assert knn.metrics()["miou"] > 0.9 and knn.counts.sum() == (y[300:] != 255).sum()
-    torch.testing.assert_close(moments.variance(), feature_variance(x[400:]), rtol=1e-9, atol=1e-9)
-    assert norms.count == 800 and norms.summary()["count"] == 800
+    assert knn.result()["miou"] > 0.9 and knn.counts.sum() == (y[300:] != 255).sum()
+    torch.testing.assert_close(moments.result(), feature_variance(x[400:]), rtol=1e-9, atol=1e-9)
+    assert norms.count == 800 and norms.result()["count"] == 800
     assert fitted.result()["miou"] > 0.9 and fitted.result()["rows"] == 1100
     assert buffering.result()["fit_rows"] == 800
 
@@ -434,25 +426,25 @@ def test_bad_labels_and_nan_tokens_counted_while_streaming_are_refused_when_resu
     # k-NN: an evaluation label outside the classes, counted into nothing, refused by metrics().
     knn, control = StreamingKNN(3), StreamingKNN(3)
     for stream, labels in ((knn, bad_y), (control, y)):
-        stream.add_train(x[:300], labels[:300])
+        stream.update(x[:300], labels[:300], train=True)
         for start in range(300, 600, 100):
-            stream.add_eval(x[start:start + 100], labels[start:start + 100])
+            stream.update(x[start:start + 100], labels[start:start + 100])
     with pytest.raises(PatchAtlasError, match=r"StreamingKNN: labels outside \[0, 3\) that are not the ignore label"):
-        knn.metrics()
-    assert control.metrics()["miou"] > 0.9
+        knn.result()
+    assert control.result()["miou"] > 0.9
     assert knn.counts.sum() == control.counts.sum() - 3  # the bad rows were not counted
     # k-means: labels and NaN after the fit are refused by result(); a NaN in the fit rows by the fit.
     for tokens, labels, message in ((x, bad_y, r"labels \[-2, 7\] outside \[0, 3\)"),
                                     (nan_x, y, "the tokens hold NaN or infinite values")):
         stream = StreamingKMeans(3, 3, fit_rows=300, n_init=1)
         for start in range(0, 600, 150):
-            stream.add(tokens[start:start + 150], labels[start:start + 150])
+            stream.update(tokens[start:start + 150], labels[start:start + 150])
         with pytest.raises(PatchAtlasError, match=message):
             stream.result()
     late_fit = StreamingKMeans(3, 3, fit_rows=500, n_init=1)
-    late_fit.add(nan_x[:400], y[:400])
+    late_fit.update(nan_x[:400], y[:400])
     with pytest.raises(PatchAtlasError, match="NaN or infinite"):
-        late_fit.add(nan_x[400:], y[400:])  # fills the fit rows
+        late_fit.update(nan_x[400:], y[400:])  # fills the fit rows
     clean = StreamingKMeans(3, 3, fit_rows=300, n_init=1)
     assert _feed(clean, x, y, [150] * 4)["miou"] > 0.9
 
@@ -476,11 +468,11 @@ def test_layerwise_accumulator_reads_back_once_per_batch_and_names_the_first_bro
 
     labels = np.random.default_rng(0).integers(0, 8, (2, 2, 2))
     for first in (0, 2, 4):  # train images, then the bank is built on the first evaluation rows
-        accumulator.add(first, labels, batch())
+        accumulator.update(first, labels, batch())
     with pytest.raises(PatchAtlasError, match=r"^tiny_x on images 6\.\.7, layer 2: NaN/inf tokens; the weights "):
-        accumulator.add(6, labels, batch({(3, "prenorm"): float("nan"), (2, "postnorm"): float("inf")}))
+        accumulator.update(6, labels, batch({(3, "prenorm"): float("nan"), (2, "postnorm"): float("inf")}))
     assert accumulator.seen == 6  # nothing of the broken batch was counted
     with _read_backs() as seen:
-        accumulator.add(6, labels, batch())
+        accumulator.update(6, labels, batch())
     assert seen == ["tolist"]  # the one check of all layers
-    assert accumulator.complete and [row["layer"] for row in accumulator.results()] == [1, 2, 3]
+    assert accumulator.complete and [row["layer"] for row in accumulator.result()] == [1, 2, 3]

@@ -16,6 +16,7 @@ import re
 import shutil
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -342,3 +343,14 @@ def test_summary_fails_loudly_when_the_build_failed(runner, nightly_wf):
     assert "Nightly build: FAILED" in summary and "No manifest" in summary
     # A build step that never ran (install failed) is a failed night too.
     assert runner["run"](step, BUILD_OUTCOME="", PUSH_OUTCOME="").returncode == 1
+
+
+def test_make_test_lints_with_ruff_before_the_tests():
+    makefile = (ROOT / "Makefile").read_text()
+    recipe = re.search(r"^test:.*\n((?:\t.*\n)+)", makefile, re.M)
+    assert recipe, "Makefile has no test target"
+    commands = [line.strip() for line in recipe.group(1).splitlines()]
+    assert commands[0] == "$(BIN)/ruff check ." and "pytest" in commands[-1]
+    pyproject = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert any(req.startswith("ruff") for req in pyproject["project"]["optional-dependencies"]["test"])
+    assert pyproject["tool"]["ruff"]["lint"]["select"]

@@ -15,6 +15,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import conftest  # noqa: E402  (sets HF_HUB_OFFLINE before the Hub is imported)
 
+# isort: split
+
 from generator.cli import main  # noqa: E402
 from generator.models.registry import MODELS  # noqa: E402
 

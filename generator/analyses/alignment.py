@@ -12,7 +12,7 @@ Everything here is pure numpy: label arrays in, label arrays and numbers out.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

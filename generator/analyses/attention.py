@@ -10,7 +10,7 @@ Maps and masks stay torch tensors on the input's device; scores are numpy arrays
 
 from __future__ import annotations
 
-from typing import Iterable
+from collections.abc import Iterable
 
 import numpy as np
 import torch

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
+from generator.analyses._checks import check_positive_int
 from generator.errors import PatchAtlasError
 
 __all__ = [
@@ -167,7 +168,7 @@ def _lloyd(
     """Lloyd iterations from ``centroids``; returns centroids, labels, inertia, iterations."""
     k = centroids.shape[0]
     n_iter = 0
-    for n_iter in range(1, max_iter + 1):
+    for n_iter in range(1, max_iter + 1):  # noqa: B007 - read after the loop: the iterations run
         labels, min_dist = _nearest_centroid(x, x_sq, centroids, chunk_size)
         counts = torch.bincount(labels, minlength=k)
         sums = _cluster_sums(x, labels, k, chunk_size)
@@ -210,11 +211,6 @@ def _mean_feature_variance(x: torch.Tensor, chunk_size: int) -> float:
     return float((squares / x.shape[0]).mean())
 
 
-def _check_positive_int(name: str, value: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise PatchAtlasError(f"k-means: {name} must be a positive integer, got {value!r}")
-
-
 def kmeans(
     x: torch.Tensor,
     k: int,
@@ -239,10 +235,10 @@ def kmeans(
         raise PatchAtlasError(f"k-means: x must be 2-D [N, D], got shape {tuple(x.shape)}")
     if not x.is_floating_point():
         x = x.to(torch.float32)
-    _check_positive_int("k", k)
-    _check_positive_int("n_init", n_init)
-    _check_positive_int("max_iter", max_iter)
-    _check_positive_int("chunk_size", chunk_size)
+    check_positive_int(k, "k")
+    check_positive_int(n_init, "n_init")
+    check_positive_int(max_iter, "max_iter")
+    check_positive_int(chunk_size, "chunk_size")
     n = x.shape[0]
     if k > n:
         raise PatchAtlasError(f"k-means: k={k} exceeds the number of points N={n}; lower k")
@@ -334,8 +330,8 @@ def hungarian_match(
     - mIoU is the mean IoU over classes present in the target; pixel accuracy is the matched
       (TP) fraction of non-ignored pixels.
     """
-    _check_positive_int("n_clusters", n_clusters)
-    _check_positive_int("n_classes", n_classes)
+    check_positive_int(n_clusters, "n_clusters")
+    check_positive_int(n_classes, "n_classes")
     pred = _as_int_array("pred", pred)
     target = _as_int_array("target", target)
     if pred.shape != target.shape:
@@ -413,7 +409,7 @@ def display_ids(labels: np.ndarray, cluster_to_class: np.ndarray, n_classes: int
     Because matched clusters take their class's id, the same class gets the same colour in
     every image of a joint fit and across models and layers.
     """
-    _check_positive_int("n_classes", n_classes)
+    check_positive_int(n_classes, "n_classes")
     labels = _as_int_array("labels", labels)
     mapping = _as_int_array("cluster_to_class", cluster_to_class)
     if mapping.ndim != 1:
@@ -491,8 +487,8 @@ def joint_kmeans_segmentation(
         raise PatchAtlasError(
             f"labels shape {labels.shape} does not match the token grid {tuple(tokens.shape[:3])}"
         )
-    _check_positive_int("n_classes", n_classes)
-    _check_positive_int("k", k)
+    check_positive_int(n_classes, "n_classes")
+    check_positive_int(k, "k")
     if n_classes + k > _INT16_MAX:
         raise PatchAtlasError(f"n_classes + k = {n_classes + k} does not fit the int16 display ids")
 
@@ -533,7 +529,7 @@ def chance_miou(
     ``n_permutations`` draws is the control baseline: the Hungarian matching picks the best of
     many pairings, so even uninformative clusters score above zero.
     """
-    _check_positive_int("n_permutations", n_permutations)
+    check_positive_int(n_permutations, "n_permutations")
     target = _as_int_array("target", target)
     keep = target != ignore_index
     if pred is not None:

@@ -24,6 +24,14 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from generator.analyses._checks import check_int, check_positive_int
+
+# Numpy only, so that the render stage draws the position-mode maps without torch.
+from generator.analyses.position_histograms import (
+    position_cluster_histogram,
+    position_mode_map,
+    positional_consistency,
+)
 from generator.errors import PatchAtlasError
 
 __all__ = [
@@ -59,76 +67,6 @@ def _images_per_chunk(per_image_elements: int) -> int:
 # --------------------------------------------------------------------------------------------
 # Cluster maps per position
 # --------------------------------------------------------------------------------------------
-
-
-def position_cluster_histogram(cluster_maps: np.ndarray, k: int) -> np.ndarray:
-    """Share of images in which each grid position falls in each cluster.
-
-    ``cluster_maps`` [n_img, gh, gw] holds ids in [0, k) from one joint fit (or display ids
-    aligned across fits). Returns float64 [gh, gw, k]; every position's row sums to 1.
-    """
-    maps = np.asarray(cluster_maps)
-    if maps.ndim != 3 or not np.issubdtype(maps.dtype, np.integer):
-        raise PatchAtlasError(
-            f"cluster_maps must be integer ids [n_img, gh, gw], got {maps.dtype} {maps.shape}"
-        )
-    if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
-        raise PatchAtlasError(f"k must be a positive integer, got {k!r}")
-    if maps.size and (maps.min() < 0 or maps.max() >= k):
-        raise PatchAtlasError(
-            f"cluster_maps hold ids in [{maps.min()}, {maps.max()}], outside [0, {k}); pass the k of the fit"
-        )
-    n, gh, gw = maps.shape
-    if n == 0:
-        raise PatchAtlasError("cluster_maps hold no image")
-    position = np.arange(gh * gw).reshape(1, gh, gw)
-    codes = (position * k + maps.astype(np.int64)).ravel()
-    counts = np.bincount(codes, minlength=gh * gw * k).reshape(gh, gw, k)
-    return counts / float(n)
-
-
-def _entropy(p: np.ndarray, axis: int = -1) -> np.ndarray:
-    safe = np.where(p > 0, p, 1.0)
-    return -(p * np.log(safe)).sum(axis=axis)
-
-
-def positional_consistency(hist: np.ndarray) -> float:
-    """How much of a clustering is decided by position alone, from a
-    :func:`position_cluster_histogram` [gh, gw, k].
-
-    Defined as the share of the cluster entropy that the position explains,
-
-        consistency = I(position; cluster) / H(cluster)
-                    = 1 − mean_p H(hist[p]) / H(mean_p hist[p]),
-
-    with positions weighted equally (every image has every position). It is 1 when each
-    position always gets the same cluster (a purely positional clustering: stripes, rings) and
-    0 when every position sees the same cluster distribution (position-independent clusters).
-    Unlike "mean of the largest share" it does not grow with cluster imbalance. With n images
-    the plug-in entropies leave a small positive bias of about (k − 1) / (2 n H(cluster)) for
-    position-independent clusterings. A clustering that uses a single cluster has no entropy to
-    explain and scores 0.
-    """
-    h = np.asarray(hist, dtype=np.float64)
-    if h.ndim != 3:
-        raise PatchAtlasError(f"hist must be [gh, gw, k] shares, got shape {h.shape}")
-    per_position = h.reshape(-1, h.shape[-1])
-    if not np.allclose(per_position.sum(axis=1), 1.0, atol=1e-6):
-        raise PatchAtlasError("hist rows must sum to 1 per position; pass position_cluster_histogram's output")
-    total_entropy = float(_entropy(per_position.mean(axis=0)))
-    if total_entropy <= 1e-12:
-        return 0.0
-    conditional = float(_entropy(per_position, axis=1).mean())
-    return float(np.clip(1.0 - conditional / total_entropy, 0.0, 1.0))
-
-
-def position_mode_map(hist: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The cluster each position falls in most often [gh, gw] (int64) and how often [gh, gw]:
-    the "cluster map averaged over images" of the positional-bias figure."""
-    h = np.asarray(hist, dtype=np.float64)
-    if h.ndim != 3:
-        raise PatchAtlasError(f"hist must be [gh, gw, k] shares, got shape {h.shape}")
-    return h.argmax(axis=-1).astype(np.int64), h.max(axis=-1)
 
 
 # --------------------------------------------------------------------------------------------
@@ -171,7 +109,7 @@ class _Moments:
         self.yy = torch.zeros(n_targets, dtype=f64, device=device)
         self.count = 0
 
-    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:  # x [m, D], y [m, T], float64
+    def update(self, x: torch.Tensor, y: torch.Tensor) -> None:  # x [m, D], y [m, T], float64
         self.gram += x.T @ x
         self.x += x.sum(dim=0)
         self.xy += x.T @ y
@@ -179,7 +117,7 @@ class _Moments:
         self.yy += (y * y).sum(dim=0)
         self.count += x.shape[0]
 
-    def __add__(self, other: "_Moments") -> "_Moments":
+    def __add__(self, other: _Moments) -> _Moments:
         total = _Moments(self.x.numel(), self.y.numel(), self.x.device)
         for name in ("gram", "x", "xy", "y", "yy"):
             setattr(total, name, getattr(self, name) + getattr(other, name))
@@ -261,8 +199,7 @@ def position_decodability(
     grid = np.asarray(ridge_grid, dtype=np.float64)
     if grid.ndim != 1 or grid.size < 1 or not (np.isfinite(grid) & (grid >= 0)).all():
         raise PatchAtlasError(f"ridge_grid must be a non-empty sequence of finite strengths >= 0, got {ridge_grid!r}")
-    if isinstance(cv_folds, bool) or not isinstance(cv_folds, (int, np.integer)) or cv_folds < 2:
-        raise PatchAtlasError(f"cv_folds must be an integer >= 2, got {cv_folds!r}")
+    check_int(cv_folds, "cv_folds", 2)
     if gh < 2 and gw < 2:
         raise PatchAtlasError(f"a {gh}×{gw} grid has no position to decode")
 
@@ -284,7 +221,7 @@ def position_decodability(
     fold_of = {int(img): rank % max(folds, 1) for rank, img in enumerate(train_order)}
     for img in train_order:
         x = tokens[int(img)].reshape(gh * gw, dim).to(torch.float64)
-        moments[fold_of[int(img)]].add(x, torch.cat([targets, shuffled[int(img)]], dim=1))
+        moments[fold_of[int(img)]].update(x, torch.cat([targets, shuffled[int(img)]], dim=1))
     train = moments[0]
     for extra in moments[1:]:
         train = train + extra
@@ -377,8 +314,7 @@ def locality_curve(
         raise PatchAtlasError(f"a {gh}×{gw} grid has no pair of patches")
     if max_distance is None:
         max_distance = largest
-    if isinstance(max_distance, bool) or not isinstance(max_distance, (int, np.integer)) or max_distance < 1:
-        raise PatchAtlasError(f"max_distance must be a positive integer, got {max_distance!r}")
+    check_positive_int(max_distance, "max_distance")
     max_distance = min(int(max_distance), largest)
     if n < 2:
         raise PatchAtlasError("locality_curve needs at least 2 images for the between-image baseline")
@@ -460,8 +396,7 @@ def border_score(tokens: torch.Tensor, ring: int = 1) -> float:
     """
     tokens = _check_tokens(tokens, "border_score")
     n, gh, gw, dim = tokens.shape
-    if isinstance(ring, bool) or not isinstance(ring, (int, np.integer)) or ring < 1:
-        raise PatchAtlasError(f"ring must be a positive integer, got {ring!r}")
+    check_positive_int(ring, "ring")
     if gh <= 2 * ring or gw <= 2 * ring:
         raise PatchAtlasError(f"a {gh}×{gw} grid has no interior inside a ring of width {ring}")
     border = _ring_mask(gh, gw, ring, tokens.device)

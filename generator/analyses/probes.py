@@ -18,14 +18,18 @@ Everything is pure: arrays/tensors in, arrays/tensors/metrics out, on the inputs
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
-from typing import ClassVar, Sequence
+from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from generator.analyses._checks import check_choice, check_features, check_positive_int
+from generator.analyses.protocol_fields import KNN_FIELDS
 from generator.errors import PatchAtlasError
+from generator.options import check_choices, choice_field
 
 __all__ = [
     "MIOU_AVERAGES",
@@ -76,7 +80,7 @@ def segmentation_metrics(
     - ``confusion`` int64 [n_classes, n_classes] (rows target, columns prediction) and
       ``n_pixels`` (the number of scored pixels).
     """
-    n_classes = _check_n_classes(n_classes)
+    n_classes = check_positive_int(n_classes, "n_classes")
     pred = pred.detach().cpu().numpy() if isinstance(pred, torch.Tensor) else np.asarray(pred)
     target = target.detach().cpu().numpy() if isinstance(target, torch.Tensor) else np.asarray(target)
     if pred.shape != target.shape:
@@ -144,8 +148,8 @@ def bootstrap_miou(
     counts as ``metrics_from_counts`` does; the interval holds the central ``level`` of those
     mIoUs. Draws where no averaged class is left (mIoU undefined) are skipped; [nan, nan] if all are.
     """
-    n_classes = _check_n_classes(n_classes)
-    resamples = _check_positive_int(resamples, "resamples")
+    n_classes = check_positive_int(n_classes, "n_classes")
+    resamples = check_positive_int(resamples, "resamples")
     if not 0 < level < 1:
         raise PatchAtlasError(f"level {level!r}: expected a number strictly between 0 and 1")
     pred, target = _as_label_array(pred, "pred"), _as_label_array(target, "target")
@@ -213,12 +217,6 @@ def metrics_from_counts(full: np.ndarray, eval_classes: Sequence[int] | None = N
     }
 
 
-def _check_n_classes(n_classes) -> int:
-    if isinstance(n_classes, bool) or not isinstance(n_classes, (int, np.integer)) or n_classes < 1:
-        raise PatchAtlasError(f"n_classes {n_classes!r}: expected a positive integer")
-    return int(n_classes)
-
-
 def _check_eval_classes(eval_classes, n_classes: int) -> np.ndarray:
     if eval_classes is None:
         return np.arange(n_classes)
@@ -248,27 +246,6 @@ def _as_tensor(x, what: str, device=None) -> torch.Tensor:
 def _working_dtype(x: torch.Tensor) -> torch.dtype:
     # Half precision dot products over 768 dims lose neighbours; float64 input keeps its precision.
     return torch.float64 if x.dtype == torch.float64 else torch.float32
-
-
-def _check_features(x: torch.Tensor, what: str) -> None:
-    if x.ndim != 2:
-        raise PatchAtlasError(f"{what} of shape {tuple(x.shape)}: expected a 2-D array [rows, features]")
-    if not torch.is_floating_point(x):
-        raise PatchAtlasError(f"{what} of dtype {x.dtype}: expected floating point features")
-    if x.shape[0] == 0:
-        raise PatchAtlasError(f"{what} of shape {tuple(x.shape)}: it has no rows")
-
-
-def _check_similarity(similarity: str) -> str:
-    if similarity not in SIMILARITIES:
-        raise PatchAtlasError(f"similarity {similarity!r}: expected one of {', '.join(SIMILARITIES)}")
-    return similarity
-
-
-def _check_positive_int(value, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise PatchAtlasError(f"{what} {value!r}: expected a positive integer")
-    return int(value)
 
 
 def _prepare(x: torch.Tensor, similarity: str, dtype: torch.dtype) -> torch.Tensor:
@@ -303,15 +280,15 @@ def nearest_neighbours(
 
     Returns (similarities [M, k] float, indices [M, k] int64), tensors on the queries' device.
     """
-    similarity = _check_similarity(similarity)
-    k = _check_positive_int(k, "k")
-    chunk_size = _check_positive_int(chunk_size, "chunk_size")
-    key_chunk_size = _check_positive_int(key_chunk_size, "key_chunk_size")
+    similarity = check_choice(similarity, "similarity", SIMILARITIES)
+    k = check_positive_int(k, "k")
+    chunk_size = check_positive_int(chunk_size, "chunk_size")
+    key_chunk_size = check_positive_int(key_chunk_size, "key_chunk_size")
     q = _as_tensor(queries, "queries")
     device = q.device
     t = _as_tensor(keys, "keys", device)
-    _check_features(q, "queries")
-    _check_features(t, "keys")
+    check_features(q, "queries")
+    check_features(t, "keys")
     if q.shape[1] != t.shape[1]:
         raise PatchAtlasError(
             f"queries have {q.shape[1]} features but keys have {t.shape[1]}: use the same model, layer and view"
@@ -379,7 +356,7 @@ def _labelled_rows(y: torch.Tensor, n_classes: int | None, ignore_index: int, wh
     labels = y[keep]
     if n_classes is None:
         n_classes = int(labels.max()) + 1
-    n_classes = _check_n_classes(n_classes)
+    n_classes = check_positive_int(n_classes, "n_classes")
     if int(labels.min()) < 0 or int(labels.max()) >= n_classes:
         raise PatchAtlasError(
             f"{what} holds class ids outside [0, {n_classes}) other than the ignore label "
@@ -432,7 +409,7 @@ def knn_predict(
     q = _as_tensor(test_x, "test_x")
     device = q.device
     x = _as_tensor(train_x, "train_x", device)
-    _check_features(x, "train_x")
+    check_features(x, "train_x")
     y = _check_labels(_as_tensor(train_y, "train_y", device), x.shape[0], "train_y")
     keep, n_classes = _labelled_rows(y, n_classes, ignore_index, "train_y")
     x, y = x[keep], y[keep]
@@ -524,7 +501,7 @@ class LinearProbe:
         ignore_index: int = 255,
     ):
         if n_classes is not None:
-            _check_n_classes(n_classes)
+            check_positive_int(n_classes, "n_classes")
         if solver not in LINEAR_SOLVERS:
             raise PatchAtlasError(f"solver {solver!r}: expected one of {', '.join(LINEAR_SOLVERS)}")
         for name, value, low_open in (("lr", lr, True), ("tolerance", tolerance, True),
@@ -534,11 +511,11 @@ class LinearProbe:
         self.n_classes = n_classes
         self.solver = solver
         self.weight_decay = float(weight_decay)
-        self.max_steps = _check_positive_int(max_steps, "max_steps")
+        self.max_steps = check_positive_int(max_steps, "max_steps")
         self.tolerance = float(tolerance)
         self.lr = float(lr)
-        self.epochs = _check_positive_int(epochs, "epochs")
-        self.batch_size = _check_positive_int(batch_size, "batch_size")
+        self.epochs = check_positive_int(epochs, "epochs")
+        self.batch_size = check_positive_int(batch_size, "batch_size")
         self.batchnorm = bool(batchnorm)
         self.seed = int(seed)
         self.ignore_index = int(ignore_index)
@@ -571,9 +548,9 @@ class LinearProbe:
             loss = loss + 0.5 * self.weight_decay * (weight * weight).sum()
         return loss
 
-    def fit(self, x, y) -> "LinearProbe":
+    def fit(self, x, y) -> LinearProbe:
         feats = _as_tensor(x, "x")
-        _check_features(feats, "x")
+        check_features(feats, "x")
         device = feats.device
         labels = _check_labels(_as_tensor(y, "y", device), feats.shape[0], "y")
         keep, n_classes = _labelled_rows(labels, self.n_classes, self.ignore_index, "y")
@@ -652,7 +629,7 @@ class LinearProbe:
         """Class scores [M, n_classes] as a tensor on the model's device."""
         weight = self._require_fit()
         feats = _as_tensor(x, "x", weight.device)
-        _check_features(feats, "x")
+        check_features(feats, "x")
         if feats.shape[1] != weight.shape[1]:
             raise PatchAtlasError(
                 f"x has {feats.shape[1]} features but the probe was fitted on {weight.shape[1]}"
@@ -683,8 +660,8 @@ class ProbeProtocol:
     """
 
     knn_k: int = 1  # the local-representations code: 1-NN on dot-product similarity
-    knn_similarity: str = "dot"
-    miou_average: str = "present"  # see MIOU_AVERAGES
+    knn_similarity: str = choice_field("dot", SIMILARITIES)
+    miou_average: str = choice_field("present", MIOU_AVERAGES)
     linear_weight_decay: float = 1e-4
     linear_max_steps: int = 500
     linear_tolerance: float = 1e-5
@@ -695,21 +672,21 @@ class ProbeProtocol:
     batchnorm: bool | None = None
 
     # What the k-NN curves depend on: two curves may share a chart only if these agree.
-    KNN_FIELDS: ClassVar[tuple[str, ...]] = ("knn_k", "knn_similarity", "miou_average", "label_rule", "train_count")
+    KNN_FIELDS: ClassVar[tuple[str, ...]] = KNN_FIELDS
 
-    def validate(self) -> "ProbeProtocol":
-        _check_positive_int(self.knn_k, "--knn-k")
-        _check_similarity(self.knn_similarity)
-        check_miou_average(self.miou_average)
-        _check_positive_int(self.linear_max_steps, "--linear-max-steps")
-        _check_positive_int(self.bootstrap_resamples, "bootstrap_resamples")
+    def validate(self) -> ProbeProtocol:
+        """Raise a PatchAtlasError naming the first setting with a bad value; changes nothing."""
+        check_choices(self)
+        check_positive_int(self.knn_k, "--knn-k")
+        check_positive_int(self.linear_max_steps, "--linear-max-steps")
+        check_positive_int(self.bootstrap_resamples, "bootstrap_resamples")
         if not self.linear_weight_decay >= 0:
             raise PatchAtlasError(f"--linear-weight-decay {self.linear_weight_decay!r}: expected a number >= 0")
         if not self.linear_tolerance > 0:
             raise PatchAtlasError(f"linear_tolerance {self.linear_tolerance!r}: expected a positive number")
         return self
 
-    def for_unit(self, *, label_rule: str | None, train_count: int | None, batchnorm: bool) -> "ProbeProtocol":
+    def for_unit(self, *, label_rule: str | None, train_count: int | None, batchnorm: bool) -> ProbeProtocol:
         return replace(self, label_rule=label_rule, train_count=train_count, batchnorm=bool(batchnorm))
 
     def linear_probe(self, n_classes: int, ignore_index: int) -> LinearProbe:

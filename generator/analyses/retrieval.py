@@ -21,7 +21,7 @@ Everything is pure: tensors/arrays in, counts out, on the tokens' device.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

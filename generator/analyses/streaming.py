@@ -14,12 +14,13 @@ set, which the protocol fixes), never by the number of evaluation images:
   most ``fit_rows``), later rows are assigned to its centroids as they come and only a
   cluster × class confusion matrix grows, matched to the classes at the end.
 
-Each gives the same numbers as the whole-array function it stands for (``feature_variance``,
+Each takes a batch with ``update`` and gives what it has counted with ``result``. Each gives the
+same numbers as the whole-array function it stands for (``feature_variance``,
 ``knn_predict`` + ``segmentation_metrics``, ``kmeans`` + nearest centroid + ``hungarian_match``),
 which the tests check. Pure: tensors in, tensors and dicts out, no I/O.
 
 They are fed once per batch while a model runs, on its device. Their state lives on the device
-of the rows they get, and nothing in ``add``/``update`` reads a value back to the host, so a
+of the rows they get, and nothing in ``update`` reads a value back to the host, so a
 GPU keeps running ahead of the host: counts are added with fixed-size scatters (never
 ``torch.bincount``, which reads its input's range back on CUDA), rows that must not count go to
 a spare bin that is dropped, and the checks that need a value (labels outside the classes,
@@ -32,8 +33,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from generator.analyses._checks import check_features, check_positive_int
 from generator.analyses.clusters import (
-    _check_positive_int,
     _l2_normalized_rows,
     _nearest_centroid,
     _row_squared_norms,
@@ -42,7 +43,6 @@ from generator.analyses.clusters import (
     match_from_confusion,
 )
 from generator.analyses.probes import (
-    _check_features,
     _labelled_rows,
     check_miou_average,
     majority_vote,
@@ -118,7 +118,8 @@ class RunningMoments:
         self._m2 += chunk_m2 + delta * delta * (self.count * n / total)
         self.count = total
 
-    def variance(self) -> torch.Tensor:
+    def result(self) -> torch.Tensor:
+        """The population variance of every dimension, float64 [dim]."""
         if self.count == 0:
             raise PatchAtlasError("RunningMoments: no rows seen; the variance is undefined")
         return self._m2 / self.count
@@ -178,7 +179,7 @@ class NormHistogram:
         position = int(np.searchsorted(np.cumsum(self.counts), q * self.count, side="left"))
         return float(self.edges[min(position, len(self.edges) - 1)])
 
-    def summary(self) -> dict:
+    def result(self) -> dict:
         return {"count": self.count, "mean": self.total / max(self.count, 1), "max": self.max,
                 "median": self.quantile(0.5), "p99": self.quantile(0.99),
                 "edges": self.edges.tolist(), "counts": self.counts[1:-1].tolist(),
@@ -188,12 +189,13 @@ class NormHistogram:
 class StreamingKNN:
     """The few-shot k-NN probe with the evaluation tokens streamed.
 
-    ``add_train`` keeps the labelled train rows (the protocol's fixed few-shot set); after the
-    first ``add_eval`` no more train rows are taken. ``add_eval`` classifies a chunk against
-    them and adds its counts; ``metrics`` gives what ``segmentation_metrics`` gives on all the
+    ``update(x, y, train=True)`` keeps the labelled train rows (the protocol's fixed few-shot
+    set); after the first evaluation chunk no more train rows are taken. ``update(x, y)``
+    classifies an evaluation chunk against them and adds its counts; ``result`` gives what
+    ``segmentation_metrics`` gives on all the
     evaluation rows at once, from counts of fixed size, kept on the evaluation rows' device.
     Evaluation labels outside the classes (other than ``ignore_index``) are counted as they come
-    and refused by ``metrics``.
+    and refused by ``result``.
     """
 
     def __init__(self, n_classes: int, *, ignore_index: int = 255, k: int = 1, similarity: str = "dot",
@@ -216,10 +218,18 @@ class StreamingKNN:
             return np.zeros(shape, dtype=np.int64)
         return self._counts[:-1].reshape(shape).cpu().numpy()
 
-    def add_train(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    def update(self, x: torch.Tensor, y: torch.Tensor, *, train: bool = False) -> None:
+        """Count one chunk of rows: train rows (``train=True``, all before the first evaluation
+        chunk) go to the bank, evaluation rows are classified against it."""
+        if train:
+            self._update_train(x, y)
+        else:
+            self._update_eval(x, y)
+
+    def _update_train(self, x: torch.Tensor, y: torch.Tensor) -> None:
         if self._bank is not None:
             raise PatchAtlasError("StreamingKNN: train rows after evaluation rows; the train images come first")
-        x, y = self._rows_and_labels(x, y, "StreamingKNN.add_train")
+        x, y = self._rows_and_labels(x, y, "StreamingKNN.update(train=True)")
         if _drop_unlabelled_first(x.device):
             keep = y != self.ignore_index
             x, y = x[keep], y[keep]
@@ -227,8 +237,8 @@ class StreamingKNN:
         self._train_x.append(x)
         self._train_y.append(y)
 
-    def add_eval(self, x: torch.Tensor, y: torch.Tensor) -> None:
-        x, y = self._rows_and_labels(x, y, "StreamingKNN.add_eval")
+    def _update_eval(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        x, y = self._rows_and_labels(x, y, "StreamingKNN.update")
         if self._bank is None:
             self._bank = self._built_bank()
         if _drop_unlabelled_first(x.device):
@@ -251,7 +261,7 @@ class StreamingKNN:
         index = torch.where(labelled & in_classes, y * (n + 1) + pred, n * (n + 1))  # the spare bin last
         _add_counts(self._counts, index.to(self._counts.device))
 
-    def metrics(self) -> dict:
+    def result(self) -> dict:
         """Per-class IoU, mIoU and pixel accuracy of everything evaluated so far."""
         if self._bad_labels is not None and int(self._bad_labels) > 0:
             raise PatchAtlasError(f"StreamingKNN: labels outside [0, {self.n_classes}) that are not the ignore "
@@ -273,7 +283,7 @@ class StreamingKNN:
             x, y = x[keep], y[keep]
         if not self._train_y or y.shape[0] == 0:
             raise PatchAtlasError("StreamingKNN: no labelled train rows before the evaluation rows")
-        _check_features(x, "train_x")
+        check_features(x, "train_x")
         _labelled_rows(y, self.n_classes, self.ignore_index, "train_y")
         self._train_x, self._train_y = [], []
         return x, y
@@ -305,7 +315,7 @@ class StreamingKMeans:
                  seed: int = 0, n_init: int = 3, max_iter: int = 100, l2_normalize: bool = True):
         for name, value in (("k", k), ("n_classes", n_classes), ("fit_rows", fit_rows),
                             ("n_init", n_init), ("max_iter", max_iter)):
-            _check_positive_int(name, value)
+            check_positive_int(value, name)
         if k > fit_rows:
             raise PatchAtlasError(f"StreamingKMeans: k={k} exceeds fit_rows={fit_rows}, the most rows the "
                                   f"k-means is fitted on; lower k or raise fit_rows")
@@ -336,11 +346,11 @@ class StreamingKMeans:
             return np.zeros((self.k, self.n_classes), dtype=np.int64)
         return self._confusion[:-1].reshape(self.k, self.n_classes).cpu().numpy()
 
-    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+    def update(self, x: torch.Tensor, y: torch.Tensor) -> None:
         """Take a chunk of token rows [rows, D] and their labels [rows]."""
-        x = _rows(x, self.dim, "StreamingKMeans.add")
+        x = _rows(x, self.dim, "StreamingKMeans.update")
         if not isinstance(y, torch.Tensor) or y.is_floating_point() or y.numel() != x.shape[0]:
-            raise PatchAtlasError(f"StreamingKMeans.add: expected integer labels, one per row ({x.shape[0]}), "
+            raise PatchAtlasError(f"StreamingKMeans.update: expected integer labels, one per row ({x.shape[0]}), "
                                   f"got {type(y).__name__} {tuple(getattr(y, 'shape', ()))}")
         y = y.reshape(-1).to(x.device, torch.long)
         if self._confusion is None:
@@ -387,17 +397,17 @@ class StreamingKMeans:
         return x.to(_working_dtype(x) if x.is_floating_point() else torch.float32)
 
     def _check_inputs(self) -> None:
-        """Refuse what ``add`` counted without stopping: labels outside the classes, NaN/inf tokens
+        """Refuse what ``update`` counted without stopping: labels outside the classes, NaN/inf tokens
         (a read-back, so only at the fit and at the result)."""
         if self._problems is None:
             return
         bad_labels, non_finite = self._problems.tolist()
         if bad_labels:
             named = [label for label in self._bad_labels.tolist() if label != _NO_LABEL]
-            raise PatchAtlasError(f"StreamingKMeans.add: labels {named} outside [0, {self.n_classes}) that are "
+            raise PatchAtlasError(f"StreamingKMeans.update: labels {named} outside [0, {self.n_classes}) that are "
                                   f"not the ignore label {self.ignore_index}")
         if non_finite:
-            raise PatchAtlasError("StreamingKMeans.add: the tokens hold NaN or infinite values; clean or drop "
+            raise PatchAtlasError("StreamingKMeans.update: the tokens hold NaN or infinite values; clean or drop "
                                   "those tokens before clustering")
 
     def _fit(self) -> None:

@@ -12,11 +12,12 @@ Everything is pure: tensors in, tensors/metrics out, on the inputs' device.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
+from generator.analyses._checks import check_features, check_int, check_positive_int
 from generator.analyses.probes import (
     LinearProbe,
     knn_predict,
@@ -48,22 +49,13 @@ def _as_tensor(x, what: str, device=None) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(np.asarray(x))).to(device or "cpu")
 
 
-def _check_2d(x: torch.Tensor, what: str, min_rows: int = 1) -> None:
-    if x.ndim != 2:
-        raise PatchAtlasError(f"{what} of shape {tuple(x.shape)}: expected a 2-D array [tokens, features]")
-    if not torch.is_floating_point(x):
-        raise PatchAtlasError(f"{what} of dtype {x.dtype}: expected floating point features")
-    if x.shape[0] < min_rows:
-        raise PatchAtlasError(f"{what} has {x.shape[0]} rows: at least {min_rows} are needed")
-
-
 def feature_variance(train_x) -> torch.Tensor:
     """Population variance of every feature dimension over the train tokens: float64 [D].
 
     Only train tokens are used, so the dimensions removed from val are chosen without val.
     """
     x = _as_tensor(train_x, "train_x")
-    _check_2d(x, "train_x")
+    check_features(x, "train_x")
     return mean_and_variance(x)[1]
 
 
@@ -87,9 +79,8 @@ def variance_spectrum(var) -> tuple[torch.Tensor, torch.Tensor]:
 def top_variance_dims(var, n: int) -> torch.Tensor:
     """Indices (int64, ascending variance rank) of the ``n`` highest-variance dimensions."""
     v = _check_variance(var)
-    if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 0 <= n <= v.numel():
-        raise PatchAtlasError(f"n = {n!r}: expected an integer in [0, {v.numel()}] (the number of dimensions)")
-    return variance_spectrum(v)[1][: int(n)]
+    n = check_int(n, "n (the number of dimensions)", 0, v.numel())
+    return variance_spectrum(v)[1][:n]
 
 
 def remove_dims(x, dims):
@@ -110,8 +101,7 @@ def remove_dims(x, dims):
 
 def removal_counts_for(dim: int, counts: Sequence[int] = REMOVAL_COUNTS) -> list[int]:
     """The removal counts that leave at least one dimension of ``dim`` (N < D)."""
-    if isinstance(dim, bool) or not isinstance(dim, (int, np.integer)) or dim < 1:
-        raise PatchAtlasError(f"dim {dim!r}: expected a positive number of features")
+    check_positive_int(dim, "dim (the number of features)")
     return [int(n) for n in counts if 0 <= n < dim]
 
 
@@ -119,8 +109,8 @@ def _train_test_pair(train_x, test_x) -> tuple[torch.Tensor, torch.Tensor]:
     """Both as 2-D tensors on the train device, with the same number of features."""
     tr = _as_tensor(train_x, "train_x")
     te = _as_tensor(test_x, "test_x", tr.device)
-    _check_2d(tr, "train_x")
-    _check_2d(te, "test_x")
+    check_features(tr, "train_x")
+    check_features(te, "test_x")
     if tr.shape[1] != te.shape[1]:
         raise PatchAtlasError(f"train_x has {tr.shape[1]} features but test_x has {te.shape[1]}")
     return tr, te

@@ -7,7 +7,6 @@ as a change in the published site.
 
 from __future__ import annotations
 
-import io
 import os
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from PIL import Image
 
 from generator.errors import PatchAtlasError
 from generator.figures.palette import colorize
+from generator.png import png_bytes
 from generator.store.atomic import atomic_write_bytes
 
 __all__ = ["label_map_png", "save_png", "thumbnail", "to_png_bytes", "upsample_nearest"]
@@ -53,10 +53,7 @@ def upsample_nearest(rgb: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
 
 def to_png_bytes(rgb: np.ndarray) -> bytes:
     """Encode an RGB uint8 array [h, w, 3] as PNG (no metadata, no slow optimisation pass)."""
-    arr = np.ascontiguousarray(_check_rgb(rgb, "to_png_bytes"))
-    buffer = io.BytesIO()
-    Image.fromarray(arr).save(buffer, format="PNG", optimize=False)
-    return buffer.getvalue()
+    return png_bytes(_check_rgb(rgb, "to_png_bytes"))
 
 
 def save_png(rgb: np.ndarray, path: str | os.PathLike) -> Path:

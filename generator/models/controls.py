@@ -39,7 +39,7 @@ the descriptors do (the offset dominates the norm, so normalisation keeps distan
 from __future__ import annotations
 
 import hashlib
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import timm
@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from generator.errors import PatchAtlasError, WeightsUnavailable
+from generator.hashing import file_sha256
 from generator.models.attention import attention_output, capture_last_block_attention, last_block_attention
 from generator.models.checkpoints import (
     capture_checkpoint_filter,
@@ -307,13 +308,13 @@ class Encoder:
 
     @torch.inference_mode()
     def tokens_and_attention(self, pixels: torch.Tensor, layers: Sequence[int],
-                             norms: Sequence[str] = NORMS) -> tuple[TokenBatch, "AttentionBatch"]:
+                             norms: Sequence[str] = NORMS) -> tuple[TokenBatch, AttentionBatch]:
         """``tokens`` and ``attention`` from one forward pass (the last block's attention is
         recorded on the way; the pass runs to the last block even when it is not asked for)."""
         return self._forward(pixels, layers, norms, attention=True)
 
     def _forward(self, pixels: torch.Tensor, layers: Sequence[int], norms: Sequence[str],
-                 attention: bool) -> tuple[TokenBatch, "AttentionBatch | None"]:
+                 attention: bool) -> tuple[TokenBatch, AttentionBatch | None]:
         for norm in norms:
             if norm not in NORMS:
                 raise PatchAtlasError(f"norm {norm!r}: expected one of {', '.join(NORMS)}")
@@ -374,7 +375,7 @@ def _check_pixels(index: int, shape, is_uint8: bool, channel_axis: int) -> None:
                               "(RGB, 8 bits per channel)")
 
 
-def _attention_batch(out) -> "AttentionBatch":
+def _attention_batch(out) -> AttentionBatch:
     batch = out.q.shape[0]
     gh, gw = out.grid
     prefix = out.num_prefix_tokens
@@ -392,16 +393,6 @@ def _attention_batch(out) -> "AttentionBatch":
 class AttentionBatch:
     cls_maps: torch.Tensor | None  # [B, heads, gh, gw] CLS → patch weights; None without a CLS token
     views: dict[str, torch.Tensor]  # "queries" | "keys" | "values" → [B, gh, gw, heads·head_dim]
-
-
-def _sha256_file(path: Path) -> str:
-    import hashlib
-
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_encoder(entry: ModelEntry, *, checkpoint: str | Path | None = None,
@@ -449,7 +440,7 @@ def load_encoder(entry: ModelEntry, *, checkpoint: str | Path | None = None,
             raise WeightsUnavailable(entry.name, f"checkpoint file not found: {path}")
         model = create_model_from_checkpoint(path, entry.checkpoint_format, entry.architecture,
                                              trust_pickle=trust_pickle, model_name=entry.name, **kwargs)
-        return _encoder(entry, model, WeightsInfo("checkpoint", str(path), _sha256_file(path)), device)
+        return _encoder(entry, model, WeightsInfo("checkpoint", str(path), file_sha256(path)), device)
 
     if checkpoint is not None:
         path = Path(checkpoint).expanduser()
@@ -457,7 +448,7 @@ def load_encoder(entry: ModelEntry, *, checkpoint: str | Path | None = None,
             raise WeightsUnavailable(entry.name, f"checkpoint file not found: {path}")
         model, timm_id = _timm_model_from_file(entry, path, trust_pickle, kwargs)
         architecture = timm_id.split(".", 1)[0]
-        return _encoder(entry, model, WeightsInfo("checkpoint", str(path), _sha256_file(path),
+        return _encoder(entry, model, WeightsInfo("checkpoint", str(path), file_sha256(path),
                                                   "" if architecture == entry.architecture else architecture),
                         device)
 

@@ -143,13 +143,15 @@ def with_input_size(entry: ModelEntry, side: int) -> ModelEntry:
 
 
 def _dino(name, arch, patch, desc):
-    return ModelEntry(name, f"{arch}.dino", "CL", patch, 224, 224, 1, description=desc,
+    return ModelEntry(name=name, timm_id=f"{arch}.dino", family="CL",
+                      patch_size=patch, input_size=224, native_size=224, num_prefix_tokens=1, description=desc,
                       pos_embed_resample=DINO_POS_EMBED)
 
 
 def _dinov2(name, arch, registers, desc):
     return ModelEntry(
-        name, f"{arch}.lvd142m", "CL", 14, 224, 518, 1 + registers, num_registers=registers,
+        name=name, timm_id=f"{arch}.lvd142m", family="CL",
+        patch_size=14, input_size=224, native_size=518, num_prefix_tokens=1 + registers, num_registers=registers,
         input_policy="dynamic", description=desc,
         pos_embed_resample=TIMM_POS_EMBED if registers else DINO_POS_EMBED,
     )
@@ -159,7 +161,8 @@ def _control(construction, desc):
     # A two-block ViT-Ti/16 at 224 px: what the constructions (generator.models.controls) need
     # (width 192, one CLS token, a 14×14 grid), and cheap enough to run beside every real model.
     return ModelEntry(
-        f"control-{construction}", "vit_tiny_patch16_224", "control", 16, 224, 224, 1, pretrained=False,
+        name=f"control-{construction}", timm_id="vit_tiny_patch16_224", family="control",
+        patch_size=16, input_size=224, native_size=224, num_prefix_tokens=1, pretrained=False,
         license="apache-2.0", model_kwargs={"depth": 2}, construction=construction,
         description=f"Calibration control, weights constructed by hand: {desc}",
     )
@@ -172,7 +175,9 @@ SAT493M_STD = (0.213, 0.156, 0.143)
 def _dinov3(name, arch, desc, tag="lvd1689m"):
     stats = {"mean": SAT493M_MEAN, "std": SAT493M_STD} if tag == "sat493m" else {}
     return ModelEntry(
-        name, f"{arch}.{tag}", "CL", 16, 224, 256, 5, num_registers=4, license="dinov3-license",
+        name=name, timm_id=f"{arch}.{tag}", family="CL",
+        patch_size=16, input_size=224, native_size=256, num_prefix_tokens=5,
+        num_registers=4, license="dinov3-license",
         gated=True, input_policy="dynamic", description=desc, pos_embed_resample=None,
         qkv_bias_architecture=f"{arch}_qkvb", **stats,
     )
@@ -199,42 +204,56 @@ MODELS: dict[str, ModelEntry] = {
         _dinov3("dinov3_vitl16", "vit_large_patch16_dinov3", "DINOv3 ViT-L/16"),
         _dinov3("dinov3_vith16plus", "vit_huge_plus_patch16_dinov3", "DINOv3 ViT-H+/16"),
         _dinov3("dinov3_vitl16_sat", "vit_large_patch16_dinov3", "DINOv3 ViT-L/16 (satellite)", tag="sat493m"),
-        ModelEntry("mae_vitb16", "vit_base_patch16_224.mae", "MIM", 16, 224, 224, 1,
+        ModelEntry(name="mae_vitb16", timm_id="vit_base_patch16_224.mae", family="MIM",
+                   patch_size=16, input_size=224, native_size=224, num_prefix_tokens=1,
                    license="cc-by-nc-4.0", description="MAE ViT-B/16 (encoder, no masking)", probe_batchnorm=True),
-        ModelEntry("mae_vitl16", "vit_large_patch16_224.mae", "MIM", 16, 224, 224, 1,
+        ModelEntry(name="mae_vitl16", timm_id="vit_large_patch16_224.mae", family="MIM",
+                   patch_size=16, input_size=224, native_size=224, num_prefix_tokens=1,
                    license="cc-by-nc-4.0", description="MAE ViT-L/16 (encoder, no masking)", probe_batchnorm=True),
-        ModelEntry("mae_vith14", "vit_huge_patch14_224.mae", "MIM", 14, 224, 224, 1,
+        ModelEntry(name="mae_vith14", timm_id="vit_huge_patch14_224.mae", family="MIM",
+                   patch_size=14, input_size=224, native_size=224, num_prefix_tokens=1,
                    license="cc-by-nc-4.0", description="MAE ViT-H/14 (encoder, no masking)", probe_batchnorm=True),
-        *[ModelEntry(f"eva02_vit{size[0]}14_mim", f"eva02_{size}_patch14_224.mim_in22k", "MIM", 14, 224, 224, 1,
+        *[ModelEntry(name=f"eva02_vit{size[0]}14_mim", timm_id=f"eva02_{size}_patch14_224.mim_in22k", family="MIM",
+                     patch_size=14, input_size=224, native_size=224, num_prefix_tokens=1,
                      mean=CLIP_MEAN, std=CLIP_STD, license="mit",
                      description=f"EVA-02 ViT-{size[0].upper()}/14 MIM (IN-22k)")
           for size in ("tiny", "small", "base", "large")],
-        ModelEntry("supervised_vitb16", "vit_base_patch16_224.augreg_in21k_ft_in1k", "supervised", 16, 224, 224, 1,
+        ModelEntry(name="supervised_vitb16", timm_id="vit_base_patch16_224.augreg_in21k_ft_in1k", family="supervised",
+                   patch_size=16, input_size=224, native_size=224, num_prefix_tokens=1,
                    mean=HALF, std=HALF, description="Supervised ViT-B/16 (AugReg IN-21k → IN-1k)"),
-        ModelEntry("clip_vitb16", "vit_base_patch16_clip_224.openai", "language", 16, 224, 224, 1,
+        ModelEntry(name="clip_vitb16", timm_id="vit_base_patch16_clip_224.openai", family="language",
+                   patch_size=16, input_size=224, native_size=224, num_prefix_tokens=1,
                    mean=CLIP_MEAN, std=CLIP_STD, description="CLIP ViT-B/16 (OpenAI) image tower"),
-        ModelEntry("siglip_vitb16", "vit_base_patch16_siglip_224.webli", "language", 16, 224, 224, 0,
+        ModelEntry(name="siglip_vitb16", timm_id="vit_base_patch16_siglip_224.webli", family="language",
+                   patch_size=16, input_size=224, native_size=224, num_prefix_tokens=0,
                    mean=HALF, std=HALF, description="SigLIP ViT-B/16 image tower (no CLS token)"),
-        ModelEntry("ibot_vits16", "vit_small_patch16_224", "CL+MIM", 16, 224, 224, 1, checkpoint_format="ibot",
+        ModelEntry(name="ibot_vits16", timm_id="vit_small_patch16_224", family="CL+MIM",
+                   patch_size=16, input_size=224, native_size=224, num_prefix_tokens=1, checkpoint_format="ibot",
                    pos_embed_resample=DINO_POS_EMBED,
                    description="iBOT ViT-S/16 (teacher), original checkpoint"),
-        ModelEntry("ibot_vitb16", "vit_base_patch16_224", "CL+MIM", 16, 224, 224, 1, checkpoint_format="ibot",
+        ModelEntry(name="ibot_vitb16", timm_id="vit_base_patch16_224", family="CL+MIM",
+                   patch_size=16, input_size=224, native_size=224, num_prefix_tokens=1, checkpoint_format="ibot",
                    pos_embed_resample=DINO_POS_EMBED,
                    description="iBOT ViT-B/16 (teacher), original checkpoint"),
-        ModelEntry("ibot_vitl16", "vit_large_patch16_224", "CL+MIM", 16, 224, 224, 1, checkpoint_format="ibot",
+        ModelEntry(name="ibot_vitl16", timm_id="vit_large_patch16_224", family="CL+MIM",
+                   patch_size=16, input_size=224, native_size=224, num_prefix_tokens=1, checkpoint_format="ibot",
                    pos_embed_resample=DINO_POS_EMBED,
                    description="iBOT ViT-L/16 (teacher), original checkpoint"),
-        ModelEntry("simmim_vitb16", "beit_base_patch16_224", "MIM", 16, 224, 224, 1, license="mit",
+        ModelEntry(name="simmim_vitb16", timm_id="beit_base_patch16_224", family="MIM",
+                   patch_size=16, input_size=224, native_size=224, num_prefix_tokens=1, license="mit",
                    checkpoint_format="simmim", pos_embed_resample=None,
                    description="SimMIM ViT-B/16 (800 epochs), original checkpoint"),
-        ModelEntry("beit_vitb16_pt22k", "beit_base_patch16_224", "MIM", 16, 224, 224, 1, mean=HALF, std=HALF,
+        ModelEntry(name="beit_vitb16_pt22k", timm_id="beit_base_patch16_224", family="MIM",
+                   patch_size=16, input_size=224, native_size=224, num_prefix_tokens=1, mean=HALF, std=HALF,
                    license="apache-2.0", checkpoint_format="beit_hf", pos_embed_resample=None,
                    hub_file="microsoft/beit-base-patch16-224-pt22k/model.safetensors",
                    description="BEiT ViT-B/16 self-supervised on IN-22k (no fine-tuning)"),
-        ModelEntry("torchvision_vitb16", "vit_base_patch16_224", "supervised", 16, 224, 224, 1,
+        ModelEntry(name="torchvision_vitb16", timm_id="vit_base_patch16_224", family="supervised",
+                   patch_size=16, input_size=224, native_size=224, num_prefix_tokens=1,
                    interpolation="bilinear", license="bsd-3-clause", checkpoint_format="torchvision_vit",
                    description="torchvision vit_b_16 (IMAGENET1K_V1), as in the local-representations paper"),
-        ModelEntry("random", "vit_small_patch16_224", "random", 16, 224, 224, 1, pretrained=False,
+        ModelEntry(name="random", timm_id="vit_small_patch16_224", family="random",
+                   patch_size=16, input_size=224, native_size=224, num_prefix_tokens=1, pretrained=False,
                    description="Untrained ViT-S/16 (seeded timm initialisation): the baseline"),
         _control("position", "tokens carry position only (a sinusoidal code of row and column; no pixels), "
                              "so position decodes exactly and content not at all"),
@@ -292,20 +311,22 @@ def _written_facts() -> dict:
     return json.loads(FACTS_FILE.read_text()) if FACTS_FILE.is_file() else {}
 
 
-def _facts(entry: ModelEntry) -> dict | None:
+def written_facts(entry: ModelEntry) -> dict | None:
+    """The row's facts as facts.json holds them; None where the file has none for the row's
+    current timm id and arguments (then they are computed, at timm's cost)."""
     facts = _written_facts().get(entry.name)
     return facts if facts and facts.get("fingerprint") == _fingerprint(entry) else None
 
 
 def parameter_count(entry: ModelEntry) -> int:
     """Parameters of the architecture."""
-    facts = _facts(entry)
+    facts = written_facts(entry)
     return facts["params"] if facts else _count_parameters(entry)
 
 
 def weights_hub_id(entry: ModelEntry) -> str | None:
     """The Hub repository timm loads the row's pretrained weights from (None: none on the Hub)."""
-    facts = _facts(entry)
+    facts = written_facts(entry)
     return facts["hf_hub_id"] if facts else _timm_hub_id(entry)
 
 

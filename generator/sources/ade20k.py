@@ -12,7 +12,6 @@ trains on exactly them.
 from __future__ import annotations
 
 import hashlib
-import io
 from pathlib import Path
 
 import datasets
@@ -20,7 +19,8 @@ import numpy as np
 from PIL import Image
 
 from generator.errors import PatchAtlasError
-from generator.sources.base import SegmentationSource
+from generator.png import png_cell
+from generator.sources.base import SOURCE_FEATURES, SegmentationSource
 from generator.sources.hub import HUB_DATASETS, label_lut, remap_mask
 from generator.sources.local_folder import _open_decoded, image_to_rgb, mask_to_ids
 from generator.sources.presets import ade20k_train_val_split
@@ -56,18 +56,12 @@ def _check_available(frames: dict[str, dict[str, tuple[Path, Path]]], root: Path
                                   f"lower --source-option {option}=... or add images")
 
 
-def _png_bytes(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return buf.getvalue()
-
-
 def _image_cell(path: Path) -> dict:
     """An 8-bit RGB JPEG is kept by path (its bytes untouched); grey or CMYK ones become RGB PNGs."""
     img = _open_decoded(path, "image")
     if img.mode == "RGB":
         return {"path": str(path), "bytes": None}
-    return {"path": None, "bytes": _png_bytes(np.asarray(image_to_rgb(img, str(path))))}
+    return png_cell(np.asarray(image_to_rgb(img, str(path))))
 
 
 def _mask_cell(image_path: Path, annotation_path: Path, lut: np.ndarray) -> dict:
@@ -79,7 +73,7 @@ def _mask_cell(image_path: Path, annotation_path: Path, lut: np.ndarray) -> dict
                               f"image {image_path} is {image_size[0]}x{image_size[1]} (width x height); "
                               "annotations must match their images pixel for pixel")
     ids = remap_mask(mask_to_ids(annotation, str(annotation_path)), lut)
-    return {"path": None, "bytes": _png_bytes(ids.astype(np.uint8))}
+    return png_cell(ids.astype(np.uint8))
 
 
 def paper_ade20k_source(path: str = "", n_train: int = 72, n_val: int = 30, seed: int = 0) -> SegmentationSource:
@@ -103,10 +97,8 @@ def paper_ade20k_source(path: str = "", n_train: int = 72, n_val: int = 30, seed
             rows["image_id"].append(image_id)
             rows["image"].append(_image_cell(image_path))
             rows["mask"].append(_mask_cell(image_path, annotation_path, lut))
-    features = datasets.Features({"image_id": datasets.Value("string"), "image": datasets.Image(),
-                                  "mask": datasets.Image()})
     return SegmentationSource(
-        name=PAPER_ADE20K_NAME, dataset=datasets.Dataset.from_dict(rows, features=features),
+        name=PAPER_ADE20K_NAME, dataset=datasets.Dataset.from_dict(rows, features=SOURCE_FEATURES),
         classes=list(layout.classes), ignore_index=255, revision=digest.hexdigest()[:12], license=layout.license,
         description=f"ADE20K few-shot protocol: {len(train_ids)} train images drawn from the training split and "
                     f"{len(val_ids)} val images from the validation split (seed {seed}), 150 classes with "

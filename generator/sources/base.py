@@ -17,6 +17,13 @@ from dataclasses import dataclass, field
 
 import datasets
 
+# The three columns of the contract, as every source declares them.
+SOURCE_FEATURES = datasets.Features({
+    "image_id": datasets.Value("string"),
+    "image": datasets.Image(),
+    "mask": datasets.Image(),
+})
+
 
 @dataclass(frozen=True)
 class ClassInfo:

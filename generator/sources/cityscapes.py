@@ -5,14 +5,13 @@ From the official folder layout (``leftImg8bit/{train,val}/<city>/<id>_leftImg8b
 cities and 10 from each of the 3 val cities (72/30, seeded per city), each 1024×2048 image cut
 into 4×8 tiles of 256 px, label ids mapped to the 19 evaluation classes. Tiles stay at 256 px:
 each encoder resizes them to its input (224 in the paper; bicubic), and patch labels are read
-from the 256-px mask (generator/sources/labels.py), as the authors' code reads them. The 72·32 train tiles come first, so the few-shot split trains on
-exactly them.
+from the 256-px mask (generator/sources/labels.py), as the authors' code reads them. The 72·32
+train tiles come first, so the few-shot split trains on exactly them.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 from pathlib import Path
 
 import datasets
@@ -20,7 +19,8 @@ import numpy as np
 from PIL import Image
 
 from generator.errors import PatchAtlasError
-from generator.sources.base import SegmentationSource
+from generator.png import png_cell
+from generator.sources.base import SOURCE_FEATURES, SegmentationSource
 from generator.sources.hub import HUB_DATASETS, label_lut, remap_mask
 from generator.sources.presets import cityscapes_72_30_split, tile_256
 
@@ -46,12 +46,6 @@ def find_cityscapes_frames(root: Path) -> dict[str, tuple[Path, Path, str]]:
     return frames
 
 
-def _png(array: np.ndarray) -> Image.Image:
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return Image.open(io.BytesIO(buf.getvalue()))
-
-
 def paper_cityscapes_source(path: str = "", seed: int = 0) -> SegmentationSource:
     if not path:
         raise PatchAtlasError("paper-cityscapes needs the Cityscapes folder: --source-option path=/path/to/cityscapes")
@@ -72,13 +66,11 @@ def paper_cityscapes_source(path: str = "", seed: int = 0) -> SegmentationSource
         for index, (tile_image, tile_mask) in enumerate(zip(tiles.images, tiles.masks)):
             row, col = divmod(index, tiles.grid[1])
             rows["image_id"].append(f"{image_id}-r{row}c{col}")
-            rows["image"].append(_png(tile_image))
-            rows["mask"].append(_png(tile_mask.astype(np.uint8)))
-    features = datasets.Features({"image_id": datasets.Value("string"), "image": datasets.Image(),
-                                  "mask": datasets.Image()})
+            rows["image"].append(png_cell(tile_image))
+            rows["mask"].append(png_cell(tile_mask.astype(np.uint8)))
     tiles_per_image = len(rows["image_id"]) // max(1, len(train_ids) + len(val_ids))
     return SegmentationSource(
-        name=PAPER_CITYSCAPES_NAME, dataset=datasets.Dataset.from_dict(rows, features=features),
+        name=PAPER_CITYSCAPES_NAME, dataset=datasets.Dataset.from_dict(rows, features=SOURCE_FEATURES),
         classes=list(layout.classes), ignore_index=255, revision=digest.hexdigest()[:12], license=layout.license,
         description="Cityscapes few-shot protocol of the local-representations paper: 72 train images "
                     "(4 per train city) and 30 val images (10 per val city), tiled 4×8 at 256 px (each model "

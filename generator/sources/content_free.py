@@ -9,15 +9,14 @@ whether clusters follow the input (as they should) or the position (positional b
 from __future__ import annotations
 
 import hashlib
-import io
-from typing import Sequence
+from collections.abc import Sequence
 
 import datasets
 import numpy as np
-from PIL import Image
 
 from generator.errors import PatchAtlasError
-from generator.sources.base import ClassInfo, SegmentationSource
+from generator.png import png_cell
+from generator.sources.base import SOURCE_FEATURES, ClassInfo, SegmentationSource
 
 CONTENT_FREE_NAME = "content-free"
 CONTENT_FREE_VERSION = "1"
@@ -49,13 +48,6 @@ def content_free_images(side: int, kinds: Sequence[str] = CONTENT_FREE_KINDS, se
     return images
 
 
-def _png(array: np.ndarray) -> Image.Image:
-    # Round-trip through PNG so the dataset holds encoded images like every other source.
-    buf = io.BytesIO()
-    Image.fromarray(array).save(buf, format="PNG")
-    return Image.open(io.BytesIO(buf.getvalue()))
-
-
 def content_free_source(size: int = 224, noise_images: int = 3, seed: int = 0) -> SegmentationSource:
     """One image per constant colour plus ``noise_images`` noise images, each labelled by kind."""
     if size < 16 or noise_images < 0:
@@ -71,12 +63,11 @@ def content_free_source(size: int = 224, noise_images: int = 3, seed: int = 0) -
         suffix = f"-{noise_count}" if kind == "noise" else ""
         noise_count += kind == "noise"
         rows["image_id"].append(f"{kind}{suffix}")
-        rows["image"].append(_png(image))
-        rows["mask"].append(_png(np.full((size, size), class_id, dtype=np.uint8)))
-    features = datasets.Features({"image_id": datasets.Value("string"), "image": datasets.Image(), "mask": datasets.Image()})
+        rows["image"].append(png_cell(image))
+        rows["mask"].append(png_cell(np.full((size, size), class_id, dtype=np.uint8)))
     revision = hashlib.sha256(f"{CONTENT_FREE_VERSION}:{size}:{noise_images}:{seed}".encode()).hexdigest()[:12]
     return SegmentationSource(
-        name=CONTENT_FREE_NAME, dataset=datasets.Dataset.from_dict(rows, features=features), classes=classes,
+        name=CONTENT_FREE_NAME, dataset=datasets.Dataset.from_dict(rows, features=SOURCE_FEATURES), classes=classes,
         ignore_index=255, revision=revision, license="CC0-1.0",
         description="Inputs without content (six constant colours and uniform noise): any structure in their "
                     "cluster maps comes from the model's positional biases, not from the image.",

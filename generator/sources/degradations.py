@@ -222,7 +222,7 @@ class AffineMap:
     offset: tuple[float, float]
 
     @staticmethod
-    def identity() -> "AffineMap":
+    def identity() -> AffineMap:
         return AffineMap(((1.0, 0.0), (0.0, 1.0)), (0.0, 0.0))
 
     def __call__(self, points) -> np.ndarray:
@@ -232,7 +232,7 @@ class AffineMap:
             raise PatchAtlasError(f"points of shape {p.shape}: expected (row, col) pairs in the last axis")
         return p @ np.asarray(self.matrix).T + np.asarray(self.offset)
 
-    def inverse(self) -> "AffineMap":
+    def inverse(self) -> AffineMap:
         a = np.linalg.inv(np.asarray(self.matrix))
         b = -a @ np.asarray(self.offset)
         return AffineMap(tuple(map(tuple, a.tolist())), tuple(b.tolist()))

@@ -31,18 +31,29 @@ import os
 import re
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 from urllib.parse import urlparse
 
 import numpy as np
 from PIL import Image
 
 from generator.errors import PatchAtlasError
-from generator.sources.base import ClassInfo, SegmentationSource
+from generator.png import mask_png_bytes, png_bytes
+from generator.sources.base import SOURCE_FEATURES, ClassInfo, SegmentationSource
 from generator.sources.images import (
-    DEFAULT_MAX_PIXELS, MIN_IMAGE_SIDE, UnusableImage, check_image_limits, check_min_side, no_usable_images,
-    open_image, revision_with_skips, shown, stray_labels, to_rgb8,
+    DEFAULT_MAX_PIXELS,
+    MIN_IMAGE_SIDE,
+    UnusableImage,
+    check_image_limits,
+    check_min_side,
+    no_usable_images,
+    open_image,
+    revision_with_skips,
+    shown,
+    stray_labels,
+    to_rgb8,
 )
 
 HUB_SOURCE_NAME = "hub"
@@ -351,18 +362,6 @@ def _load_split(repo_id: str, split: str, revision: str | None, config: str | No
 # ---------------------------------------------------------------------------------------------
 # Reshaping to the source contract
 
-def _png_bytes(img: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    img.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-def _ids_to_png(ids: np.ndarray) -> bytes:
-    if ids.max(initial=0) <= 255 and ids.min(initial=0) >= 0:
-        return _png_bytes(Image.fromarray(ids.astype(np.uint8)))
-    return _png_bytes(Image.fromarray(ids.astype(np.uint16)))
-
-
 def _mask_ids(mask: Any, repo_id: str, index: int) -> np.ndarray:
     if isinstance(mask, Image.Image):
         if mask.mode not in ("L", "P", "I", "I;16", "1"):
@@ -393,7 +392,7 @@ def _image_cell(image: Any, where: str, max_pixels: int, min_side: int) -> tuple
     check_min_side(img, where, min_side)
     if img.mode == "RGB" and encoded is not None:
         return {"bytes": encoded.get("bytes"), "path": encoded.get("path")}, img.size
-    return {"bytes": _png_bytes(to_rgb8(img, where)), "path": None}, img.size
+    return {"bytes": png_bytes(to_rgb8(img, where)), "path": None}, img.size
 
 
 def shape_hub_dataset(raw, repo_id: str, split: str, image_column: str, mask_column: str,
@@ -410,12 +409,7 @@ def shape_hub_dataset(raw, repo_id: str, split: str, image_column: str, mask_col
         raise PatchAtlasError(f"Hub dataset {repo_id!r} split {split!r} has no column {', '.join(map(repr, missing))}; "
                               f"its columns are {', '.join(raw.column_names)}: set --source-option "
                               "image_column=... / mask_column=...")
-    features = datasets.Features({
-        "image_id": datasets.Value("string"),
-        "image": datasets.Image(),
-        "mask": datasets.Image(),
-        "skip_reason": datasets.Value("string"),
-    })
+    features = datasets.Features({**SOURCE_FEATURES, "skip_reason": datasets.Value("string")})
 
     if isinstance(raw.features.get(image_column), datasets.Image):
         # Pass the encoded image through untouched: decoding and re-encoding would recompress JPEGs.
@@ -440,7 +434,7 @@ def shape_hub_dataset(raw, repo_id: str, split: str, image_column: str, mask_col
                                            f"ignore index {ignore_index}; check --source-option classes=...")
         except UnusableImage as err:
             return {"image_id": image_id, "image": None, "mask": None, "skip_reason": err.reason}
-        return {"image_id": image_id, "image": image, "mask": {"bytes": _ids_to_png(ids), "path": None},
+        return {"image_id": image_id, "image": image, "mask": {"bytes": mask_png_bytes(ids), "path": None},
                 "skip_reason": ""}
 
     shaped = raw.map(convert, with_indices=True, remove_columns=raw.column_names, features=features,

@@ -35,7 +35,6 @@ image, mask or the class list changes.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import re
 from pathlib import Path
@@ -44,16 +43,26 @@ import numpy as np
 from PIL import Image
 
 from generator.errors import PatchAtlasError
-from generator.sources.base import ClassInfo, SegmentationSource
+from generator.hashing import file_sha256
+from generator.png import mask_png_bytes, png_cell
+from generator.sources.base import SOURCE_FEATURES, ClassInfo, SegmentationSource
 from generator.sources.images import (
-    DEFAULT_MAX_PIXELS, MIN_IMAGE_SIDE, UnusableImage, check_image_limits, check_min_side, no_usable_images,
-    open_image, revision_with_skips, shown, stray_labels, to_rgb8,
+    DEFAULT_MAX_PIXELS,
+    MIN_IMAGE_SIDE,
+    UnusableImage,
+    check_image_limits,
+    check_min_side,
+    no_usable_images,
+    open_image,
+    revision_with_skips,
+    shown,
+    stray_labels,
+    to_rgb8,
 )
 
 LOCAL_FOLDER_NAME = "local-folder"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 MASK_SUFFIX = ".png"
-_HASH_CHUNK = 1 << 20
 # Single-channel modes whose pixel values can be class ids as stored.
 _INDEX_MODES = ("L", "P", "1", "I", "I;16", "I;16L", "I;16B", "I;16N")
 
@@ -62,15 +71,7 @@ CLASSES_EXAMPLE = ('[{"id": 0, "name": "road", "super_name": "flat", "is_backgro
 
 
 # ---------------------------------------------------------------------------------------------
-# Hashing (streamed: a file is never held whole in memory for its digest)
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(_HASH_CHUNK), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
+# Hashing
 
 def folder_revision(root: Path, files: list[Path]) -> str:
     """sha256 over (relative path, size, content sha256) of ``files``, in path order; 12 hex digits."""
@@ -167,12 +168,6 @@ def check_mask_values(ids: np.ndarray, class_ids: set[int], ignore_index: int, w
                                    f"{ignore_index}")
 
 
-def _png_bytes(img: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    img.save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
 def _open_decoded(path: Path, what: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
     return open_image(path, str(path), max_pixels=max_pixels, what=what)
 
@@ -191,14 +186,8 @@ def _pair_cells(image_path: Path, mask_path: Path, class_ids: set[int], ignore_i
     check_mask_values(mask_ids, class_ids, ignore_index, str(mask_path))
     rgb = to_rgb8(img, str(image_path))
     # An 8-bit RGB file is kept by path (decoded on use); anything converted is stored as PNG.
-    image_cell = {"path": str(image_path), "bytes": None} if img.mode == "RGB" else {"path": None,
-                                                                                      "bytes": _png_bytes(rgb)}
-    # Masks are re-encoded without a palette, so any reader sees class ids, never colours.
-    if mask_ids.max(initial=0) <= 255:
-        mask_img = Image.fromarray(mask_ids.astype(np.uint8))
-    else:
-        mask_img = Image.fromarray(mask_ids.astype(np.uint16))
-    return image_cell, {"path": None, "bytes": _png_bytes(mask_img)}
+    image_cell = {"path": str(image_path), "bytes": None} if img.mode == "RGB" else png_cell(rgb)
+    return image_cell, {"path": None, "bytes": mask_png_bytes(mask_ids)}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -294,13 +283,8 @@ def local_folder_source(
 
     revision = revision_with_skips(
         folder_revision(root, [classes_path, *image_files.values(), *mask_files.values()]), skipped)
-    features = datasets.Features({
-        "image_id": datasets.Value("string"),
-        "image": datasets.Image(),
-        "mask": datasets.Image(),
-    })
     dataset = datasets.Dataset.from_dict({"image_id": ids, "image": image_cells, "mask": mask_cells},
-                                         features=features)
+                                         features=SOURCE_FEATURES)
     return SegmentationSource(
         name=source_name,
         dataset=dataset,

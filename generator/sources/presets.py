@@ -18,9 +18,9 @@ city never changes the images picked in another, and the same seed always gives 
 from __future__ import annotations
 
 import zlib
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import Iterable, Sequence
 
 import numpy as np
 from PIL import Image

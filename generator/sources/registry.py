@@ -8,8 +8,9 @@ and the parameters before anything is loaded.
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from generator.errors import PatchAtlasError, UnknownName
 from generator.sources.ade20k import PAPER_ADE20K_NAME, paper_ade20k_source

@@ -24,7 +24,8 @@ import numpy as np
 from PIL import Image
 
 from generator.errors import PatchAtlasError
-from generator.sources.base import ClassInfo, SegmentationSource
+from generator.png import png_cell
+from generator.sources.base import SOURCE_FEATURES, ClassInfo, SegmentationSource
 
 # Bumped whenever the drawing code changes what any scene looks like; part of the revision.
 SYNTHETIC_VERSION = "1"
@@ -67,7 +68,7 @@ class _Frame:
     size: int
 
     @classmethod
-    def of(cls, size: int) -> "_Frame":
+    def of(cls, size: int) -> _Frame:
         centres = np.arange(size, dtype=np.float32) + 0.5
         yy, xx = np.meshgrid(centres, centres, indexing="ij")
         return cls(yy, xx, size)
@@ -351,14 +352,9 @@ def synthetic_scenes(n_images: int = 16, size: int = 224, seed: int = 0) -> Segm
     for index in range(n_images):
         rgb, mask = render_scene(index, size, seed)
         ids.append(f"scene-{index:04d}")
-        images.append(Image.fromarray(rgb))
-        masks.append(Image.fromarray(mask))
-    features = datasets.Features({
-        "image_id": datasets.Value("string"),
-        "image": datasets.Image(),
-        "mask": datasets.Image(),
-    })
-    dataset = datasets.Dataset.from_dict({"image_id": ids, "image": images, "mask": masks}, features=features)
+        images.append(png_cell(rgb))
+        masks.append(png_cell(mask))
+    dataset = datasets.Dataset.from_dict({"image_id": ids, "image": images, "mask": masks}, features=SOURCE_FEATURES)
     return SegmentationSource(
         name=SYNTHETIC_NAME,
         dataset=dataset,

@@ -16,10 +16,12 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from generator.errors import PatchAtlasError
+from generator.store.layout import TEMPORARY_SUFFIX, temporary_prefix
 
 _DISK_FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
 # Writers that wrap the system call (Arrow's Parquet writer) keep only its message, not its errno.
@@ -74,7 +76,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     final = Path(path)
     try:
         final.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+        fd, tmp_name = tempfile.mkstemp(prefix=temporary_prefix(final), suffix=TEMPORARY_SUFFIX, dir=final.parent)
     except OSError as err:
         raise (_describe(final, err) or err) from err
     os.close(fd)

@@ -26,32 +26,30 @@ import json
 import os
 import shutil
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 from filelock import FileLock, Timeout
 
 from generator.errors import PatchAtlasError
-from generator.store.manifest import file_sha256, set_aside_unreadable
+from generator.hashing import file_sha256
+from generator.store.layout import (  # noqa: F401 (the names are re-exported)
+    HOLDER_NAME,
+    LOCK_NAME,
+    MANIFEST_FILE,
+    RANK_GLOB,
+    RENDER_STAGING_GLOB,
+    RENDER_STAGING_PREFIX,
+    RUN_DEPENDENT,
+    SWAP_LEFTOVER_GLOB,
+    TEMPORARY_GLOB,
+    holder_path,
+    lock_path,
+    manifest_path,
+    rank_lock_path,
+)
+from generator.store.manifest import set_aside_unreadable
 
-LOCK_NAME = ".patchatlas.lock"
-HOLDER_NAME = f"{LOCK_NAME}.holder"
-RANK_GLOB = f"{LOCK_NAME}.rank-*-of-*"
-# The names generator.store.atomic gives its temporary files: ".<final name>.<random>.tmp".
-TEMPORARY_GLOB = ".*.tmp"
-# generator.site.run_render builds docs/ and site/ in a staging folder ".render-<random>" of
-# --out, then swaps each in, keeping the previous tree as ".<name>.old" until the new one is placed.
-RENDER_STAGING_PREFIX = ".render-"
-RENDER_STAGING_GLOB = f"{RENDER_STAGING_PREFIX}*"
-SWAP_LEFTOVER_GLOB = ".*.old"
-
-# What two runs of the same command may leave differently under --out, however often either was
-# killed: the lock holder's PID and command, and when each manifest entry was recorded. Every
-# other byte is the same; ``comparable_digests`` masks exactly these.
-RUN_DEPENDENT = {
-    HOLDER_NAME: "the PID and command of the last holder",
-    "manifest.json": "updated_at (when each unit was recorded)",
-}
 # A worker's check of the folder's lock holds it for microseconds; another worker checking at
 # the same moment waits this long rather than taking the other's check for a build.
 WORKER_CHECK_S = 2.0
@@ -60,7 +58,7 @@ WORKER_CHECK_S = 2.0
 def _prepare(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
-        with open(out / LOCK_NAME, "a"):
+        with open(lock_path(out), "a"):
             pass
     except OSError as err:
         raise PatchAtlasError(f"output folder {out}: cannot be written ({err.strerror}); "
@@ -70,7 +68,7 @@ def _prepare(out: Path) -> None:
 def _in_use(out: Path, holder: str | None = None) -> PatchAtlasError:
     if holder is None:
         try:
-            holder = (out / HOLDER_NAME).read_text().strip()
+            holder = holder_path(out).read_text().strip()
         except OSError:
             holder = ""
     return PatchAtlasError(f"output folder {out} is in use by {holder or 'another patchatlas process'} (it holds "
@@ -112,7 +110,7 @@ def comparable_digests(out: str | os.PathLike) -> dict[str, str]:
         rel = path.relative_to(out).as_posix()
         if rel == HOLDER_NAME:
             continue
-        if rel == "manifest.json":
+        if rel == MANIFEST_FILE:
             try:
                 data = json.loads(path.read_text(encoding="utf-8"))
                 data["updated_at"] = {key: "<time>" for key in data.get("updated_at", {})}
@@ -142,10 +140,10 @@ def output_lock(out: str | os.PathLike, *, worker: tuple[int, int] | None = None
     """Hold ``out`` for this process; ``worker=(rank, world_size)`` for a distributed extract's worker."""
     out = Path(out)
     _prepare(out)
-    folder_lock = FileLock(out / LOCK_NAME, timeout=0)
+    folder_lock = FileLock(lock_path(out), timeout=0)
     if worker:
         rank, world_size = worker
-        rank_lock = FileLock(out / f"{LOCK_NAME}.rank-{rank}-of-{world_size}", timeout=0)
+        rank_lock = FileLock(rank_lock_path(out, rank, world_size), timeout=0)
         try:
             rank_lock.acquire()
         except Timeout:
@@ -157,7 +155,7 @@ def output_lock(out: str | os.PathLike, *, worker: tuple[int, int] | None = None
             except Timeout:
                 raise _in_use(out) from None
             folder_lock.release()
-            yield out / LOCK_NAME
+            yield lock_path(out)
         finally:
             rank_lock.release()
         return
@@ -169,9 +167,9 @@ def output_lock(out: str | os.PathLike, *, worker: tuple[int, int] | None = None
         running = _running_worker(out)
         if running:
             raise _in_use(out, f"the workers of a distributed extract ({running} is running)")
-        (out / HOLDER_NAME).write_text(f"PID {os.getpid()} ({' '.join(sys.argv[:3])})")
+        holder_path(out).write_text(f"PID {os.getpid()} ({' '.join(sys.argv[:3])})")
         remove_stale_staging(out)
-        set_aside_unreadable(out / "manifest.json")
-        yield out / LOCK_NAME
+        set_aside_unreadable(manifest_path(out))
+        yield lock_path(out)
     finally:
         folder_lock.release()

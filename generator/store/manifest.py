@@ -11,10 +11,14 @@ On disk (JSON)::
      "entries": {"<key>": {"status": "done" | "skipped", "params": {...}, "params_hash": "...",
                            "files": {"<path relative to the unit's root>": "<sha256>"},
                            "reason": "<why, for skips>", ...}},
-     "updated_at": {"<key>": "<ISO time>"}}
+     "updated_at": {"<key>": "<ISO time>"},
+     "file_stats": {"<path relative to the manifest's folder>": [size, mtime_ns, inode, "<sha256>"]}}
 
 Entries hold only what a rerun reproduces; when they were written lives apart, under
-``updated_at``, so two builds of the same inputs record the same entries.
+``updated_at``, so two builds of the same inputs record the same entries. ``file_stats`` is a
+cache of file hashes: a file whose size, modification time and inode are those recorded when it
+was hashed is not read again, so a rerun over finished units reads no table. Any rewrite (the
+atomic writes replace the inode; an edit in place moves mtime) makes it hash the file again.
 """
 
 from __future__ import annotations
@@ -23,13 +27,15 @@ import hashlib
 import json
 import logging
 import os
-from datetime import datetime, timezone
+from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path, PurePath
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
 from generator.errors import PatchAtlasError
+from generator.hashing import file_sha256
 from generator.store.atomic import atomic_write_json
 
 log = logging.getLogger(__name__)
@@ -38,16 +44,6 @@ MANIFEST_VERSION = 1
 # Where an unreadable manifest is moved by the run that finds it (``set_aside_unreadable``).
 UNREADABLE_SUFFIX = ".unreadable"
 STATUSES = ("done", "skipped")
-_READ_BLOCK = 1 << 20
-
-
-def file_sha256(path: str | os.PathLike) -> str:
-    """The SHA-256 of a file's bytes, read in blocks so large tables never sit in memory."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(_READ_BLOCK), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def to_json_value(value: Any, where: str = "value") -> Any:
@@ -106,13 +102,15 @@ def _check_entry(key: str, entry: dict) -> dict:
 class Manifest:
     """The manifest of one output folder, loaded into memory; ``save()`` writes it back."""
 
-    def __init__(self, path: str | os.PathLike, entries: dict | None = None, updated_at: dict | None = None):
+    def __init__(self, path: str | os.PathLike, entries: dict | None = None, updated_at: dict | None = None,
+                 file_stats: dict | None = None):
         self.path = Path(path)
         self._entries: dict[str, dict] = dict(entries or {})
         self._updated_at: dict[str, str] = dict(updated_at or {})
+        self._file_stats: dict[str, list] = dict(file_stats or {})
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "Manifest":
+    def load(cls, path: str | os.PathLike) -> Manifest:
         """The manifest at ``path``; an empty one when the file does not exist yet."""
         path = Path(path)
         if not path.exists():
@@ -133,11 +131,41 @@ class Manifest:
         for key, entry in entries.items():
             if "updated_at" in entry:
                 updated_at.setdefault(key, entry.pop("updated_at"))
-        return cls(path, entries, updated_at)
+        # A damaged cache costs only rehashing; it never makes the manifest unreadable.
+        file_stats = data.get("file_stats")
+        return cls(path, entries, updated_at, file_stats if isinstance(file_stats, dict) else None)
 
     def save(self) -> Path:
         return atomic_write_json(self.path, {"version": MANIFEST_VERSION, "entries": self._entries,
-                                             "updated_at": self._updated_at})
+                                             "updated_at": self._updated_at, "file_stats": self._file_stats})
+
+    def sha256(self, path: str | os.PathLike) -> str:
+        """``file_sha256(path)``, read from the cache while the file's size, mtime and inode are
+        those it had when hashed (``save()`` keeps the cache)."""
+        path = Path(path)
+        stat = path.stat()
+        name = self._cache_name(path)
+        signature = [stat.st_size, stat.st_mtime_ns, stat.st_ino]
+        cached = self._file_stats.get(name)
+        if isinstance(cached, list) and len(cached) == 4 and cached[:3] == signature:
+            return cached[3]
+        return self.remember_sha256(path, file_sha256(path))
+
+    def remember_sha256(self, path: str | os.PathLike, digest: str) -> str:
+        """Cache ``digest`` as the hash of ``path`` as it is now: for a file just written and
+        hashed by its writer, so that no later step reads it again to hash it."""
+        stat = os.stat(path)
+        self._file_stats[self._cache_name(Path(path))] = [stat.st_size, stat.st_mtime_ns, stat.st_ino, digest]
+        return digest
+
+    def _cache_name(self, path: Path) -> str:
+        """A file's name in the cache: relative to the manifest's folder when inside it (so the
+        folder can move), else absolute (a checkpoint elsewhere)."""
+        absolute = os.path.abspath(path)
+        root = os.path.abspath(self.path.parent)
+        if absolute.startswith(root + os.sep):
+            return Path(os.path.relpath(absolute, root)).as_posix()
+        return absolute
 
     def get(self, key: str) -> dict | None:
         return self._entries.get(key)
@@ -149,13 +177,13 @@ class Manifest:
         from ``params`` when absent.
         """
         self._entries[key] = _check_entry(key, entry)
-        self._updated_at[key] = datetime.now(timezone.utc).isoformat(timespec="seconds")
+        self._updated_at[key] = datetime.now(UTC).isoformat(timespec="seconds")
 
     def remove(self, key: str) -> None:
         self._entries.pop(key, None)
         self._updated_at.pop(key, None)
 
-    def merge(self, other: "Manifest") -> None:
+    def merge(self, other: Manifest) -> None:
         """Take ``other``'s entries that this manifest lacks or holds in an older state.
 
         Used to fold the manifests of a distributed run's workers into the main one: workers
@@ -187,7 +215,7 @@ class Manifest:
             if not path.is_file():
                 log.warning("%s: recorded in %s but missing; %s is recomputed", path, self.path.name, key)
                 return False
-            if file_sha256(path) != digest:
+            if self.sha256(path) != digest:
                 log.warning("%s: changed since it was written (its sha256 is not the one %s recorded); "
                             "%s is recomputed", path, self.path.name, key)
                 return False

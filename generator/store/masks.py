@@ -14,6 +14,7 @@ import numpy as np
 from PIL import Image
 
 from generator.errors import PatchAtlasError
+from generator.png import png_bytes
 
 
 def palette_mask_png(mask_png: bytes, colours: np.ndarray, ignore_index: int | None = None,
@@ -43,6 +44,4 @@ def palette_mask_png(mask_png: bytes, colours: np.ndarray, ignore_index: int | N
     # Built from the raw bytes: converting L to P would quantise values to palette entries.
     paletted = Image.frombytes("P", (ids.shape[1], ids.shape[0]), np.ascontiguousarray(ids, dtype=np.uint8).tobytes())
     paletted.putpalette(table.reshape(-1).tolist())
-    buffer = io.BytesIO()
-    paletted.save(buffer, format="PNG")
-    return buffer.getvalue()
+    return png_bytes(paletted)

@@ -16,9 +16,9 @@ readers take one path or the list of a config's shards, in order.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Mapping, Sequence, Union
 
 import numpy as np
 import pyarrow as pa
@@ -29,8 +29,8 @@ from generator.store.atomic import atomic_path
 from generator.store.schema import (
     DEFAULT_EMBEDDING_DTYPE,
     PREFIX_KINDS,
-    check_embedding_dtype,
     attention_schema,
+    check_embedding_dtype,
     image_schema,
     patch_schema,
     prefix_schema,
@@ -45,7 +45,7 @@ MAX_ROW_GROUP_ROWS = 128 * 1024
 IMAGES_PER_ROW_GROUP = 64
 _INT16 = np.iinfo(np.int16)
 FLOAT16_MAX = float(np.finfo(np.float16).max)
-PathOrPaths = Union[str, os.PathLike, Sequence[Union[str, os.PathLike]]]
+PathOrPaths = str | os.PathLike | Sequence[str | os.PathLike]
 
 
 def default_row_group_rows(dim: int, dtype: str = DEFAULT_EMBEDDING_DTYPE) -> int:

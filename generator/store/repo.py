@@ -39,8 +39,8 @@ import markupsafe
 from generator.assets import data_cards_dir
 from generator.errors import PatchAtlasError
 from generator.store.atomic import atomic_write_text
+from generator.store.layout import IMAGES_CONFIG
 
-IMAGES_CONFIG = "images"
 PREFIX_CONFIG_SUFFIX = "-prefix"
 ATTENTION_CONFIG_SUFFIX = "-attention"
 PREFIX_DIR = "prefix"
