@@ -61,11 +61,12 @@ RANK_GLOB = f"{LOCK_NAME}.rank-*-of-*"
 TEMPORARY_SUFFIX = ".tmp"
 TEMPORARY_GLOB = f".*{TEMPORARY_SUFFIX}"
 # What two runs of the same command may leave differently, however often either was killed:
-# the lock holder's PID and command, and when each manifest entry was recorded. Every other
-# byte is the same (generator.store.lock.comparable_digests masks exactly these).
+# the lock holder's PID and command, and in the manifest when each unit was recorded and the
+# hash cache (size, mtime, inode of each file hashed). Every other byte is the same
+# (generator.store.lock.comparable_digests masks exactly these).
 RUN_DEPENDENT = {
     HOLDER_NAME: "the PID and command of the last holder",
-    MANIFEST_FILE: "updated_at (when each unit was recorded)",
+    MANIFEST_FILE: ("updated_at", "file_stats"),
 }
 
 

@@ -103,7 +103,7 @@ def remove_stale_staging(out: Path) -> list[Path]:
 
 def comparable_digests(out: str | os.PathLike) -> dict[str, str]:
     """SHA-256 of every file under ``out`` (relative path → digest), ``RUN_DEPENDENT`` masked:
-    the holder file is left out, the manifest is hashed with its times blanked."""
+    the holder file is left out, the manifest is hashed without its run-dependent fields."""
     out = Path(out)
     digests = {}
     for path in sorted(p for p in out.rglob("*") if p.is_file()):
@@ -113,7 +113,8 @@ def comparable_digests(out: str | os.PathLike) -> dict[str, str]:
         if rel == MANIFEST_FILE:
             try:
                 data = json.loads(path.read_text(encoding="utf-8"))
-                data["updated_at"] = {key: "<time>" for key in data.get("updated_at", {})}
+                for field in RUN_DEPENDENT[MANIFEST_FILE]:
+                    data.pop(field, None)
                 body = json.dumps(data, sort_keys=True).encode()
             except (ValueError, TypeError, AttributeError):
                 body = path.read_bytes()  # unreadable: compared as it is
