@@ -14,7 +14,11 @@ TORCH_PINS := torch==2.14.1 torchvision==0.29.1
 FLOOR_VENV ?= .venv-ds3
 DATASETS_FLOOR := datasets[vision]==3.0.*
 
-.PHONY: install browser datasets-floor demo test clean
+# The random-kill test in its full form: 12 SIGKILLs at seeded moments of a tiny build (with the
+# HTML site), each resumed and compared byte for byte with an uninterrupted build (nightly).
+CRASH_KILLS ?= 12
+
+.PHONY: install browser datasets-floor demo test crash-test clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +52,9 @@ datasets-floor: $(FLOOR_VENV)/.installed
 test: install browser datasets-floor
 	$(BIN)/ruff check .
 	PATCHATLAS_DATASETS_FLOOR_PYTHON=$(abspath $(FLOOR_VENV))/bin/python $(BIN)/python -m pytest -q
+
+crash-test: install
+	PATCHATLAS_CRASH_KILLS=$(CRASH_KILLS) $(BIN)/python -m pytest -q -s tests/test_crash_random.py
 
 clean:
 	rm -rf $(OUT)

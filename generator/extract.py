@@ -539,7 +539,8 @@ def _extract_unit(source: SegmentationSource, entry: ModelEntry, options: Extrac
         done = _extract_record(manifest, key)
         if options.variants:
             _variants_unit(source, entry, options, out, manifest, tokens_hash, None)
-        run_stream_unit(source, entry, options, out, manifest, tokens_hash, None, done.layers)
+        run_stream_unit(source, entry, options, out, manifest, tokens_hash, None, done.layers,
+                        spans=[(shard.start, shard.stop) for shard in shards])
         return ModelOutcome(entry.name, "reused", configs=[c.name for c in done.configs])
     layers = resolve_layers(options.layers, geometry.depth)
     encoder: Encoder | None = None
@@ -586,7 +587,7 @@ def _extract_unit(source: SegmentationSource, entry: ModelEntry, options: Extrac
         _variants_unit(source, entry, options, out, manifest, tokens_hash, encoder)
     if not worker:  # one ordered pass over all images: the merging run does it after a distributed one
         run_stream_unit(source, entry, options, out, manifest, tokens_hash, encoder, layers,
-                        fused=layerwise)
+                        fused=layerwise, spans=[(shard.start, shard.stop) for shard in shards])
     del encoder, layerwise
     if torch.cuda.is_available():
         torch.cuda.empty_cache()

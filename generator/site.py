@@ -30,6 +30,7 @@ from generator.explorer import write_explorer_assets
 from generator.figures.maps import thumbnail, to_png_bytes, upsample_nearest
 from generator.figures.palette import PALETTE, colorize
 from generator.figures.plots import heatmap_rgb, histogram_png, line_chart_png, stacked_bars_png
+from generator.store.atomic import disk_full_error, is_disk_full
 from generator.store.layout import (
     ATTENTION_ARRAYS_FILE,
     IMAGES_CONFIG,
@@ -599,6 +600,7 @@ def run_render(out: Path, options: RenderOptions) -> Path:
     """The stage: ``<out>/docs`` (Markdown + figures) and, unless disabled, ``<out>/site`` (HTML)."""
     out = Path(out)
     options.validate()
+    # A killed render's staging folder is removed by the next lock holder (store/lock.py).
     staging = Path(tempfile.mkdtemp(prefix=RENDER_STAGING_PREFIX, dir=out))
     try:
         docs = docs_dir(staging)
@@ -609,6 +611,12 @@ def run_render(out: Path, options: RenderOptions) -> Path:
         _swap_in(docs, docs_dir(out))
         if options.build_html:
             _swap_in(site_dir(staging), site_dir(out))
+    except OSError as err:
+        # The swaps are renames, which a full disk does not stop: the write that failed came
+        # before them, so the previous docs/ and site/ are intact.
+        if is_disk_full(err):
+            raise disk_full_error(site_dir(out) if options.build_html else docs_dir(out), err) from err
+        raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return site_dir(out) if options.build_html else docs_dir(out)

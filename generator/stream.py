@@ -19,6 +19,7 @@ protocol (``ProbeProtocol``, recorded in the file) stay the same.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -42,7 +43,8 @@ from generator.store.manifest import Manifest, params_hash
 if TYPE_CHECKING:  # for annotations only: extract imports this module
     from generator.extract import ExtractOptions
 
-STREAM_VERSION = "3"
+# 4: a pass of its own cuts its batches at the extraction's shard boundaries.
+STREAM_VERSION = "4"
 # Rows the layer-wise k-means is fitted on (the first ones: the train images' tokens); enough for
 # k = the number of classes, small enough that the fit stays a fraction of the pass.
 KMEANS_FIT_ROWS = 65536
@@ -93,11 +95,13 @@ def plan_stream(source: SegmentationSource, entry: ModelEntry, options: ExtractO
 
 def run_stream_unit(source: SegmentationSource, entry: ModelEntry, options: ExtractOptions, out: Path,
                     manifest: Manifest, tokens_hash: str, encoder: Encoder | None, published: list[int],
-                    fused: LayerwiseAccumulator | None = None) -> None:
+                    fused: LayerwiseAccumulator | None = None,
+                    spans: Sequence[tuple[int, int]] | None = None) -> None:
     """Compute (or reuse) the layer-wise results of the unpublished layers of one (source, model).
 
     ``fused`` is an accumulator the extraction pass fed with every image: its results are used
-    as they are, and no pass of its own runs.
+    as they are, and no pass of its own runs. ``spans`` are the image ranges the extraction
+    passes over one at a time (its shards); a pass of its own cuts its batches within them.
     """
     plan = plan_stream(source, entry, options, out, manifest, tokens_hash, published)
     if plan is None:
@@ -108,7 +112,7 @@ def run_stream_unit(source: SegmentationSource, entry: ModelEntry, options: Extr
         encoder = encoder or encoder_if_available(entry, options)
         if encoder is None:
             return
-        results = layerwise_results(source, encoder, plan.layers, options)
+        results = layerwise_results(source, encoder, plan.layers, options, spans)
     atomic_write_json(plan.path, {"source": source.name, "model": entry.name, "streamed": True,
                                   "protocol": plan.params["protocol"], "layers": results})
     manifest.set(plan.key, {"status": "done", "params": plan.params, "params_hash": params_hash(plan.params),
@@ -198,14 +202,25 @@ class LayerwiseAccumulator:
 
 
 def layerwise_results(source: SegmentationSource, encoder: Encoder, layers: list[int],
-                      options: ExtractOptions) -> list[dict]:
+                      options: ExtractOptions, spans: Sequence[tuple[int, int]] | None = None) -> list[dict]:
     """A pass of its own over the source, for when extraction did not feed the accumulators
-    (its shards were already written, or a distributed run wrote them)."""
+    (its shards were already written, or a distributed run wrote them).
+
+    The accumulators' sums depend on where batches start, so the images go in batches cut as
+    the extraction cuts them, within each span (shard) of ``spans``: the results are then the
+    bytes the fused pass gives, whichever pass a (resumed) build took.
+    """
+    spans = list(spans or [(0, len(source))])
     accumulator = LayerwiseAccumulator(source, layers, encoder, options)
-    batches = labelled_batches(source.dataset, options.batch_size, encoder, options.label_rule,
-                               source.ignore_index, decode=options.decode)
-    total = -(-len(source) // options.batch_size)
-    for _image_ids, images, labels in tqdm(batches, total=total, disable=not options.progress,
-                                          desc=f"{encoder.entry.name} layer-wise", unit="batch"):
-        accumulator.update(accumulator.seen, labels, encoder.tokens(encoder.preprocess(images), layers, list(NORMS)))
+    total = sum(-(-(stop - start) // options.batch_size) for start, stop in spans)
+    progress = tqdm(total=total, disable=not options.progress, desc=f"{encoder.entry.name} layer-wise",
+                    unit="batch")
+    with progress:
+        for start, stop in spans:
+            batches = labelled_batches(source.dataset.select(range(start, stop)), options.batch_size, encoder,
+                                       options.label_rule, source.ignore_index, decode=options.decode)
+            for _image_ids, images, labels in batches:
+                accumulator.update(accumulator.seen, labels,
+                                   encoder.tokens(encoder.preprocess(images), layers, list(NORMS)))
+                progress.update()
     return accumulator.result()

@@ -71,3 +71,49 @@ def test_workers_run_together_but_never_beside_a_build(tmp_path):
                 pass
     with output_lock(tmp_path, worker=(0, 2)):  # every lock let go
         pass
+
+
+def test_the_holder_removes_what_a_killed_run_of_any_stage_left(tmp_path):
+    from generator.store.layout import RENDER_STAGING_PREFIX
+
+    kept = {"datasets/s/m/L01-prenorm/train-00000-of-00001.parquet": b"PAR1", "docs/index.md": b"# old",
+            "manifest.d/rank-0000-of-0002.json": b"{}"}
+    for rel, data in kept.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_bytes(data)
+    left = [tmp_path / "datasets/s/m/L01-prenorm/.train-00000-of-00001.parquet.ab12.tmp",  # extract
+            tmp_path / "variants/s/m/.degraded-blur-2.npz.x.tmp", tmp_path / "results/s/m/.layerwise.json.y.tmp",
+            tmp_path / "manifest.d/.rank-0001-of-0002.json.z.tmp", tmp_path / ".manifest.json.q.tmp",
+            tmp_path / f"{RENDER_STAGING_PREFIX}k3j9/docs/index.md", tmp_path / ".docs.old/index.md"]
+    for path in left:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"half")
+    # A swap killed between moving the previous site aside and placing the new one.
+    (tmp_path / ".site.old").mkdir()
+    (tmp_path / ".site.old/index.html").write_bytes(b"<html>previous</html>")
+
+    with output_lock(tmp_path):
+        pass
+
+    files = {p.relative_to(tmp_path).as_posix(): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()
+             and not p.name.startswith(LOCK_NAME)}
+    assert files == {**kept, "site/index.html": b"<html>previous</html>"}
+    assert not list(tmp_path.glob(f"{RENDER_STAGING_PREFIX}*")) and not list(tmp_path.glob(".*.old"))
+
+
+def test_a_second_build_is_told_which_lock_file_is_held(tmp_path):
+    with output_lock(tmp_path):
+        with pytest.raises(PatchAtlasError, match=f"holds {tmp_path / LOCK_NAME}"):
+            with output_lock(tmp_path):
+                pass
+
+
+def test_an_unreadable_manifest_is_moved_aside_and_named(tmp_path, caplog):
+    from generator.store.manifest import UNREADABLE_SUFFIX, Manifest
+
+    (tmp_path / "manifest.json").write_text('{"version": 1, "entries": {"extract/s/m": {"status": "do')
+    with output_lock(tmp_path):
+        assert Manifest.load(tmp_path / "manifest.json").get("extract/s/m") is None
+    assert (tmp_path / f"manifest.json{UNREADABLE_SUFFIX}").read_text().endswith('"do')
+    assert f"{tmp_path / 'manifest.json'}: the manifest is unreadable" in caplog.text
+    assert "moved aside" in caplog.text

@@ -312,30 +312,35 @@ def test_layerwise_curves_ride_on_the_extraction_pass_and_equal_a_pass_of_their_
     def extract(out, curve_layers):
         assert main(["extract", "--out", str(out), "--models", "tiny_random", "--source", "synthetic-scenes",
                      "--source-option", f"n_images={N_IMAGES}", "--source-option", "size=64", "--layers", "last",
-                     "--curve-layers", curve_layers, "--batch-size", "2", "--shard-mb", repr(SHARD_MB),
+                     "--curve-layers", curve_layers, "--batch-size", "3", "--shard-mb", repr(SHARD_MB),
                      "--device", "cpu", "--quiet"]) == 0
         path = out / "results/synthetic-scenes/tiny_random/layerwise.json"
-        return json.loads(path.read_text()) if path.exists() else None
+        return path.read_bytes() if path.exists() else None
 
     separate_passes = []
     real_pass = generator.stream.layerwise_results
     monkeypatch.setattr(generator.stream, "layerwise_results",
                         lambda *a, **kw: separate_passes.append(a[2]) or real_pass(*a, **kw))
 
-    fused = extract(tmp_path / "fused", "all")
+    # Shards of 2 images and batches of 3: the extraction cuts its batches within each shard.
+    fused_bytes = extract(tmp_path / "fused", "all")
     assert separate_passes == []  # three shards, every image seen once by the extraction pass
+    fused = json.loads(fused_bytes)
     assert [row["layer"] for row in fused["layers"]] == [1]
 
-    # Shards written first without curves; asking for them later needs a pass of its own.
+    # Shards written first without curves; asking for them later needs a pass of its own, which
+    # cuts its batches as the extraction did: the same bytes, not merely close floats.
     assert extract(tmp_path / "separate", "last") is None
-    separate = extract(tmp_path / "separate", "all")
+    separate_bytes = extract(tmp_path / "separate", "all")
     assert separate_passes == [[1]]
+    assert separate_bytes == fused_bytes
+    separate = json.loads(separate_bytes)
     a, b = fused["layers"][0], separate["layers"][0]
     assert a["knn_miou"] == b["knn_miou"] and a["per_class_iou"] == b["per_class_iou"]
     assert a["n_train_images"] == b["n_train_images"] > 0 and a["n_val_images"] == b["n_val_images"] > 0
     assert a["prenorm_norms"]["counts"] == b["prenorm_norms"]["counts"]
     assert a["kmeans"] == b["kmeans"] and a["kmeans"]["k"] == 8
-    np.testing.assert_allclose(a["variance_spectrum"], b["variance_spectrum"], rtol=1e-9)
+    assert a["variance_spectrum"] == b["variance_spectrum"]
     # Same published tables either way: the extra layer is counted, never written.
     for rel in ("datasets/synthetic-scenes/tiny_random",):
         fused_files = sorted(p.relative_to(tmp_path / "fused") for p in (tmp_path / "fused" / rel).rglob("*.parquet"))

@@ -524,3 +524,21 @@ def test_float16_tables_refuse_tokens_beyond_float16_range_and_keep_the_old_file
     with pytest.raises(PatchAtlasError, match="NaN/inf"):
         to_host(torch.tensor([[1.0, float("nan")]]), "float32", "model x")
     assert to_host(torch.from_numpy(ok), "float16", "model x").dtype == np.float16
+
+
+def test_a_recorded_file_changed_by_hand_is_named_and_not_reused(tmp_path, caplog):
+    from generator.store.manifest import Manifest, file_sha256
+
+    result = tmp_path / "results/s/m/scores.json"
+    result.parent.mkdir(parents=True)
+    result.write_text('{"miou": 0.5}')
+    manifest = Manifest(tmp_path / "manifest.json")
+    manifest.set("analyze/s/m", {"status": "done", "params": {"k": 2},
+                                 "files": {"results/s/m/scores.json": file_sha256(result)}})
+    assert manifest.is_done("analyze/s/m", {"k": 2}, tmp_path) and not caplog.text
+    result.write_text('{"miou": 0.9}')
+    assert not manifest.is_done("analyze/s/m", {"k": 2}, tmp_path)
+    assert f"{result}: changed since it was written" in caplog.text and "analyze/s/m is recomputed" in caplog.text
+    result.unlink()
+    assert not manifest.is_done("analyze/s/m", {"k": 2}, tmp_path)
+    assert f"{result}: recorded in manifest.json but missing" in caplog.text

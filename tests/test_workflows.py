@@ -162,6 +162,15 @@ def test_nightly_deploys_the_site_to_pages(nightly_wf):
     assert all(v in ("read", "none") for v in nightly_wf["jobs"]["build"]["permissions"].values())
 
 
+def test_nightly_runs_the_random_kill_test(nightly_wf):
+    job = nightly_wf["jobs"]["crash-test"]
+    assert [s["run"].strip() for s in job["steps"] if "run" in s] == ["make crash-test"]
+    makefile = (ROOT / "Makefile").read_text()
+    assert re.search(r"^crash-test:.*\n\tPATCHATLAS_CRASH_KILLS=\$\(CRASH_KILLS\) .*tests/test_crash_random.py",
+                     makefile, re.M)
+    assert re.search(r"^CRASH_KILLS \?= (\d+)", makefile, re.M).group(1) == "12"
+
+
 def test_every_action_is_pinned_to_a_release(nightly_wf, tests_wf):
     for step in all_steps(nightly_wf) + all_steps(tests_wf):
         if "uses" in step:

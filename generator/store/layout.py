@@ -13,6 +13,7 @@ Every stage finds the files of the stages before it here, so a path or a key is 
                                      kmeans.json, kmeans-k<k>.npz, maps.json + .npz, probes.json
       docs/   site/                  the rendered Markdown and the built HTML
       .render-XXXX/                  a render's staging folder, swapped in whole
+      .docs.old/  .site.old/         the previous tree while a swap is under way
       .patchatlas.lock*              the folder's lock (generator.store.lock)
       .<name>.XXXX.tmp               a file being written (generator.store.atomic)
 
@@ -47,6 +48,9 @@ DOCS_DIR = "docs"
 SITE_DIR = "site"
 # Inside a render's staging folder: the docs and site it builds before they are swapped in.
 RENDER_STAGING_PREFIX = ".render-"
+RENDER_STAGING_GLOB = f"{RENDER_STAGING_PREFIX}*"
+# A swap keeps the previous docs/ or site/ as ".<name>.old" until the new one is in place.
+SWAP_LEFTOVER_GLOB = ".*.old"
 
 # The folder's lock, who holds it, and the per-rank locks of a distributed run's workers.
 LOCK_NAME = ".patchatlas.lock"
@@ -56,6 +60,14 @@ RANK_GLOB = f"{LOCK_NAME}.rank-*-of-*"
 # push never uploads one, and matched by one glob, so a cleanup finds them all.
 TEMPORARY_SUFFIX = ".tmp"
 TEMPORARY_GLOB = f".*{TEMPORARY_SUFFIX}"
+# What two runs of the same command may leave differently, however often either was killed:
+# the lock holder's PID and command, and in the manifest when each unit was recorded and the
+# hash cache (size, mtime, inode of each file hashed). Every other byte is the same
+# (generator.store.lock.comparable_digests masks exactly these).
+RUN_DEPENDENT = {
+    HOLDER_NAME: "the PID and command of the last holder",
+    MANIFEST_FILE: ("updated_at", "file_stats"),
+}
 
 
 def temporary_prefix(final: Path) -> str:

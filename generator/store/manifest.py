@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -37,7 +38,11 @@ from generator.errors import PatchAtlasError
 from generator.hashing import file_sha256
 from generator.store.atomic import atomic_write_json
 
+log = logging.getLogger(__name__)
+
 MANIFEST_VERSION = 1
+# Where an unreadable manifest is moved by the run that finds it (``set_aside_unreadable``).
+UNREADABLE_SUFFIX = ".unreadable"
 STATUSES = ("done", "skipped")
 
 
@@ -205,6 +210,28 @@ class Manifest:
         root = Path(root)
         for rel, digest in entry.get("files", {}).items():
             path = root / rel
-            if not path.is_file() or self.sha256(path) != digest:
+            # Only a unit recorded with these very parameters gets here, so a file that is gone
+            # or has other bytes was changed behind the build's back: say so, then recompute.
+            if not path.is_file():
+                log.warning("%s: recorded in %s but missing; %s is recomputed", path, self.path.name, key)
+                return False
+            if self.sha256(path) != digest:
+                log.warning("%s: changed since it was written (its sha256 is not the one %s recorded); "
+                            "%s is recomputed", path, self.path.name, key)
                 return False
         return True
+
+
+def set_aside_unreadable(path: str | os.PathLike) -> Path | None:
+    """Move an unreadable (corrupted, truncated) manifest to ``<name>.unreadable``, so the run
+    rebuilds what it recorded rather than trusting it; returns where it went, or None."""
+    path = Path(path)
+    try:
+        Manifest.load(path)
+        return None
+    except PatchAtlasError as err:
+        aside = path.with_name(path.name + UNREADABLE_SUFFIX)
+        os.replace(path, aside)
+        log.warning("%s: the manifest is unreadable (%s); moved aside to %s, and everything it recorded is "
+                    "checked and rebuilt", path, err.__cause__ or err, aside.name)
+        return aside
