@@ -103,7 +103,7 @@ def test_a_noop_rerun_reads_no_token_table_and_hashes_no_file(built, monkeypatch
 
     monkeypatch.setattr(pq, "read_table", recording_read_table)
     monkeypatch.setattr(manifest_module, "file_sha256", no_hashing)
-    monkeypatch.setattr("generator.extract.file_sha256", no_hashing)
+    monkeypatch.setattr("generator.extract.engine.file_sha256", no_hashing)
     assert main(built["args"]) == 0
     images = str(dataset_repo_dir(out, SOURCE) / "images")
     # Only the render reads: the gallery's first images, from the images config.
