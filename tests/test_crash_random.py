@@ -214,7 +214,7 @@ def test_a_full_disk_while_rendering_keeps_the_previous_site(reference, work, tm
     inject.write_text(textwrap.dedent(f"""
         import errno, runpy, sys
         sys.path.insert(0, {str(TESTS)!r})
-        import generator.site as site
+        import generator.site.build as site
         real, calls = site._write_page, []
         def write_page(path, text):
             calls.append(path)

@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parent.parent / "generator"
 # Which group each module (or package) of generator/ belongs to.
 GROUP_OF = {
     "__init__": "base", "errors": "base", "assets": "base", "concurrency": "base", "options": "base",
-    "png": "base", "hashing": "base",
+    "png": "base", "hashing": "base", "templating": "base",
     "analyses": "analyses", "figures": "figures", "sources": "sources", "store": "store",
     "models": "models",
     "batches": "extract", "stream": "extract", "extract": "extract",

@@ -16,9 +16,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from generator import site as site_module
 from generator.cli import main
 from generator.models.registry import MODELS
+from generator.site import contexts as site_contexts
 from generator.site import gallery_strip, with_interval
 from generator.sources.content_free import content_free_source
 from generator.sources.synthetic import synthetic_scenes
@@ -114,13 +114,13 @@ def built(tmp_path_factory):
     # Its own build, not conftest's shared tiny_builds: reference rows and a recorder around the site's charts.
     mp.setitem(MODELS, TINY_CONTROL.name, TINY_CONTROL)
     charts = []
-    real_line_chart = site_module.line_chart_png
+    real_line_chart = site_contexts.line_chart_png
 
     def recording_line_chart(series, path, **kwargs):
         charts.append({"series": series, **kwargs})
         return real_line_chart(series, path, **kwargs)
 
-    mp.setattr(site_module, "line_chart_png", recording_line_chart)
+    mp.setattr(site_contexts, "line_chart_png", recording_line_chart)
     root = tmp_path_factory.mktemp("reference-build")
     ckpt = root / "tiny_reg.safetensors"
     save_untrained_weights(TINY_REGISTERS, ckpt, seed=3)

@@ -28,7 +28,6 @@ appears: it would work only on the machine that built the folder.
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path, PurePosixPath
@@ -40,6 +39,7 @@ from generator.assets import data_cards_dir
 from generator.errors import PatchAtlasError
 from generator.store.atomic import atomic_write_text
 from generator.store.layout import IMAGES_CONFIG
+from generator.templating import environment
 
 PREFIX_CONFIG_SUFFIX = "-prefix"
 ATTENTION_CONFIG_SUFFIX = "-attention"
@@ -137,32 +137,6 @@ class ConfigCardInfo:
     resize: str = "squash"  # how images became the input (generator/sources/geometry.py)
 
 
-def yaml_str(value) -> markupsafe.Markup:
-    """A double-quoted scalar that YAML and Python both read back as exactly ``value``.
-
-    JSON string syntax is a subset of both; characters JSON leaves raw but YAML would fold or
-    reject (NEL, line/paragraph separators, other non-printables) are escaped as well.
-    """
-    text = json.dumps(str(value), ensure_ascii=False)
-    escaped = "".join(
-        ch if ch.isprintable() else (f"\\u{ord(ch):04x}" if ord(ch) <= 0xFFFF else f"\\U{ord(ch):08x}")
-        for ch in text)
-    return markupsafe.Markup(escaped)
-
-
-_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+!|~])")
-
-
-def md(value) -> markupsafe.Markup:
-    """Text shown as text in Markdown: HTML specials become entities, Markdown specials are escaped."""
-    return markupsafe.Markup(_MD_SPECIAL.sub(r"\\\1", str(markupsafe.escape(str(value)))))
-
-
-def md_inline(value) -> markupsafe.Markup:
-    """``md`` on one line, for headings and table cells."""
-    return md(" ".join(str(value).split()))
-
-
 def _only_filtered(value):
     # With autoescaping off, a string printed without a filter could break the YAML or inject
     # HTML; Markup marks the output of the filters above.
@@ -173,13 +147,7 @@ def _only_filtered(value):
 
 
 def _environment() -> jinja2.Environment:
-    env = jinja2.Environment(
-        loader=jinja2.FileSystemLoader(str(data_cards_dir())), autoescape=False,
-        undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True, keep_trailing_newline=True,
-        finalize=_only_filtered,
-    )
-    env.filters.update(yaml_str=yaml_str, md=md, md_inline=md_inline)
-    return env
+    return environment(data_cards_dir(), autoescape=False, finalize=_only_filtered)
 
 
 def _check_data_files(config: str, pattern: str) -> None:
