@@ -15,9 +15,9 @@ beside the index:
   the ``load_dataset`` config behind it.
 
 The browser fetches the index, then one ``.bin`` per model and layer shown, when it is shown.
-The PCA of each config is fitted on its tokens (at most ``FIT_ROWS`` of them, from the first
-shard: the gallery images are the first images, so they are always among them); the error is
-measured against the full stored tokens of the gallery.
+The PCA of each config is fitted on its tokens (at most ``FIT_ROWS`` of them, from the shards
+read to find the gallery images: the gallery images are the first images, so usually the first
+shard alone); the error is measured against the full stored tokens of the gallery.
 """
 
 from __future__ import annotations
@@ -66,18 +66,29 @@ def _colormap(name: str) -> list[int]:
 
 
 def _gallery_tokens(repo: Path, cfg: dict, gallery_ids: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(fit rows [≤ FIT_ROWS, D], gallery tokens [n, gh, gw, D]) of one config, from its first shard."""
-    table = read_patch_table(repo / cfg["paths"][0])
-    ids, tokens, _ = patch_grid(table)
-    position = {image_id: i for i, image_id in enumerate(ids)}
-    missing = [image_id for image_id in gallery_ids if image_id not in position]
+    """(fit rows [≤ FIT_ROWS, D], gallery tokens [n, gh, gw, D]) of one config.
+
+    Shards are read in order until every gallery image is found (the gallery's images are the
+    first images, so that is the first shard unless shards are small); the PCA is fitted on the
+    tokens of the shards read.
+    """
+    found: dict[str, np.ndarray] = {}
+    rows = []
+    for rel in cfg["paths"]:
+        ids, tokens, _ = patch_grid(read_patch_table(repo / rel))
+        rows.append(tokens.reshape(-1, tokens.shape[-1]))
+        wanted = set(gallery_ids)
+        found.update({image_id: tokens[i] for i, image_id in enumerate(ids) if image_id in wanted})
+        if len(found) == len(wanted):
+            break
+    missing = [image_id for image_id in gallery_ids if image_id not in found]
     if missing:
-        raise PatchAtlasError(f"{repo / cfg['paths'][0]}: gallery image {missing[0]!r} is not in the first shard of "
-                              f"{cfg['name']}; rerun `patchatlas extract` for this output folder")
-    rows = tokens.reshape(-1, tokens.shape[-1])
+        raise PatchAtlasError(f"{repo}: gallery image {missing[0]!r} is in no shard of {cfg['name']}; "
+                              f"rerun `patchatlas extract` for this output folder")
+    rows = np.concatenate(rows)
     if len(rows) > FIT_ROWS:  # a fixed draw: the same tokens give the same assets
         rows = rows[np.sort(np.random.default_rng(0).choice(len(rows), FIT_ROWS, replace=False))]
-    return rows, tokens[[position[i] for i in gallery_ids]]
+    return rows, np.stack([found[i] for i in gallery_ids])
 
 
 def reduce_config(fit_rows: np.ndarray, gallery: np.ndarray, n_components: int = N_COMPONENTS,

@@ -112,6 +112,7 @@ def test_pages_state_the_measured_error_and_weight_and_link_the_configs(built):
 
 def test_a_gallery_image_missing_from_the_tokens_is_named(built):
     cfg = _config(built, "tiny_reg", 2, "postnorm")
-    with pytest.raises(PatchAtlasError, match=r"gallery image 'no-such-image' is not in the first shard of "
+    with pytest.raises(PatchAtlasError, match=r"gallery image 'no-such-image' is in no shard of "
                                               r"tiny_reg-L02-postnorm"):
         _gallery_tokens(built / "datasets" / DATASET, cfg, ["no-such-image"])
+
