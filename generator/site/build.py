@@ -104,10 +104,11 @@ def render_docs(out: Path, docs: Path, options: RenderOptions) -> list[Path]:
         datasets=downloads_context(out, manifest), page_depth=""))
     pages.append(docs / "downloads.md")
     models = model_rows(manifest)
+    facts = recorded_models(manifest)  # every extract record read once, not once per model page
     for model in models:
         if model.status != "done":
             continue
-        entry = recorded_models(manifest)[model.name]
+        entry = facts[model.name]
         per_source = {name: ctx for name, ctx in contexts.items() if model.name in ctx["families"]}
         page = env.get_template("model.md.j2").render(model=model, entry=entry, contexts=per_source, page_depth="../")
         _write_page(docs / "models" / f"{model.name}.md", page)
